@@ -1,0 +1,318 @@
+"""`adaptive-inference build`: a TOML config in, a verified family directory out.
+
+Order of work: parse and validate the whole config (so a typo fails in a second, not after
+training) → load and split the data → train the base model, or reuse it from the cache keyed by
+(base section, data, seed) → the ``full`` variant → each configured variant in order through the
+method registry → manifest, report.md and pareto.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compression import data as datasets
+from compression import encoding, export, profile, registry, report
+from compression.errors import ConfigError
+from compression.family import (
+    BATCH_SIZES,
+    SCHEMA_VERSION,
+    Artifact,
+    Variant,
+    fill_initializers,
+    load_family,
+    write_artifact,
+    write_manifest,
+)
+from compression.models import DEFAULT_CNN, DEFAULT_MLP, Spec, build_model, validate
+from compression.registry import BuildContext, Built, MethodOutput
+from compression.train import TrainConfig, accuracy, seed_everything, train
+
+log = logging.getLogger(__name__)
+
+_TOP_KEYS = {"family", "seed", "data", "base", "variants"}
+_DATA_KEYS = {"spec", "val_fraction", "test_fraction"}
+_BASE_KEYS = {"arch", "train"}
+_VARIANT_KEYS = {"name", "method", "base", "params"}
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    name: str
+    method: str
+    base: str
+    params: Any  # the method's frozen config dataclass
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    family: str
+    seed: int
+    data_spec: str
+    val_fraction: float
+    test_fraction: float
+    arch: Spec
+    train: TrainConfig
+    variants: tuple[VariantConfig, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["variants"] = [{"name": v.name, "method": v.method, "base": v.base,
+                          "params": asdict(v.params)} for v in self.variants]
+        return d
+
+
+def load_config(path: str | Path, *, data_spec: str | None = None,
+                seed: int | None = None) -> BuildConfig:
+    """Parse and validate a TOML build config; CLI overrides win over the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
+    _only(raw, _TOP_KEYS, str(path))
+    data = raw.get("data", {})
+    _only(data, _DATA_KEYS, f"{path} [data]")
+    base = raw.get("base", {})
+    _only(base, _BASE_KEYS, f"{path} [base]")
+    train_cfg = _dataclass_from(TrainConfig, base.get("train", {}), f"{path} [base.train]")
+    arch_table = base.get("arch", {})
+    defaults = DEFAULT_MLP if arch_table.get("kind") == "mlp" else DEFAULT_CNN
+    arch = validate({**defaults, **arch_table})
+
+    variants: list[VariantConfig] = []
+    seen = {"full"}
+    for i, v in enumerate(raw.get("variants", [])):
+        where = f"{path} variants[{i}]"
+        _only(v, _VARIANT_KEYS, where)
+        name, method = v.get("name"), v.get("method")
+        if not isinstance(name, str) or not name or name in seen:
+            raise ConfigError(f"{where}: name {name!r} must be a unique non-empty string")
+        if v.get("base", "full") not in seen:
+            raise ConfigError(f"{where}: base {v.get('base')!r} must name an earlier variant; "
+                              f"earlier: {sorted(seen)}")
+        params = registry.get(str(method)).parse(v.get("params", {}))
+        variants.append(VariantConfig(name, str(method), v.get("base", "full"), params))
+        seen.add(name)
+
+    val_f, test_f = float(data.get("val_fraction", 0.1)), float(data.get("test_fraction", 0.2))
+    if not (0 < val_f < 0.5 and 0 < test_f < 0.5):
+        raise ConfigError(f"{path} [data]: fractions must lie in (0, 0.5), got "
+                          f"val_fraction={val_f!r}, test_fraction={test_f!r}")
+    return BuildConfig(
+        family=str(raw.get("family", path.stem)),
+        seed=int(seed if seed is not None else raw.get("seed", 0)),
+        data_spec=data_spec or str(data.get("spec", "mnist5k")),
+        val_fraction=val_f, test_fraction=test_f,
+        arch=arch, train=train_cfg, variants=tuple(variants))
+
+
+def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | None = None,
+          cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Build the family described by ``cfg`` into ``out`` (replaced if it exists)."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    ds = datasets.load(cfg.data_spec)
+    splits = datasets.split(ds, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                            test_fraction=cfg.test_fraction)
+    arch = _arch_for(cfg.arch, splits)
+    model = _base_model(cfg, arch, splits, ds.fingerprint(), base_checkpoint, cache_dir, progress)
+
+    ctx = BuildContext(splits=splits, seed=cfg.seed, train=cfg.train, built={}, progress=progress)
+    variants: list[Variant] = []
+    sections: list[str] = []
+    t0 = time.perf_counter()
+    full_out = MethodOutput(model=model, spec=arch)
+    variants.append(_finish(ctx, tmp, "full", "full", None, {}, full_out, t0))
+    for vc in cfg.variants:
+        log.info("variant %s: method %s on %s", vc.name, vc.method, vc.base)
+        t0 = time.perf_counter()
+        seed_everything(cfg.seed)
+        result = registry.get(vc.method).apply(ctx, ctx.variant(vc.base), vc.params)
+        variants.append(_finish(ctx, tmp, vc.name, vc.method, vc.base, asdict(vc.params), result, t0))
+        if result.report_md:
+            sections.append(f"## {vc.name}\n\n{result.report_md.strip()}\n")
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "family": cfg.family,
+        "dataset": {"spec": cfg.data_spec, "fingerprint": ds.fingerprint(),
+                    "splits": {"train": len(splits.y_train), "val": len(splits.y_val),
+                               "test": len(splits.y_test)}},
+        "input": {"name": export.INPUT_NAME, "datatype": "FP32", "shape": list(splits.input_shape),
+                  "range": [0.0, 1.0],
+                  "normalization": {**splits.normalization(), "in_graph": True}},
+        "output": {"name": export.OUTPUT_NAME, "datatype": "FP32",
+                   "classes": [str(i) for i in range(splits.num_classes)]},
+        "build": {"seed": cfg.seed, "seconds": round(time.perf_counter() - t_start, 1),
+                  "host": _host(), "config": cfg.as_json()},
+        "variants": variants,
+    }
+    write_manifest(tmp, manifest)
+    report.write(tmp, manifest, variants, sections)
+    load_family(tmp)  # verify what we wrote, exactly as the server will
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("family %r written to %s in %.0f s", cfg.family, out, time.perf_counter() - t_start)
+    return out
+
+
+# --- base model ------------------------------------------------------------------------------
+
+def _arch_for(arch: Spec, splits: datasets.Splits) -> Spec:
+    """The config's architecture, fitted to the data's shape, class count and normalisation."""
+    return validate({**arch, "input": list(splits.input_shape), "num_classes": splits.num_classes,
+                     "normalize": splits.normalization()})
+
+
+def _base_model(cfg: BuildConfig, arch: Spec, splits: datasets.Splits, fingerprint: str,
+                checkpoint: str | Path | None, cache_dir: str | Path | None,
+                progress: bool) -> nn.Module:
+    seed_everything(cfg.seed)
+    model = build_model(arch)
+    if checkpoint is not None:
+        _load_state(model, Path(checkpoint))
+        log.info("base model: loaded %s (test accuracy %.4f)", checkpoint,
+                 accuracy(model, splits.x_test, splits.y_test))
+        return model.eval()
+    key = hashlib.sha256(json.dumps(
+        {"arch": arch, "train": asdict(cfg.train), "data": fingerprint, "seed": cfg.seed,
+         "split": [cfg.val_fraction, cfg.test_fraction], "torch": torch.__version__},
+        sort_keys=True).encode()).hexdigest()[:24]
+    cache = Path(cache_dir or os.environ.get("ADAPTIVE_CACHE",
+                                             Path.home() / ".cache" / "adaptive-inference"))
+    cached = cache / f"base-{key}.safetensors"
+    if cached.is_file():
+        model.load_state_dict(load_file(cached))
+        log.info("base model: reused cached %s", cached)
+        return model.eval()
+    result = train(model, splits, cfg.train, seed=cfg.seed, desc="base", progress=progress)
+    log.info("base model: trained %d epochs, val accuracy %.4f", result.epochs_run,
+             result.best_val_accuracy)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(cached))
+    return model.eval()
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    """A user's state_dict: safetensors, or a torch file loaded with ``weights_only=True``."""
+    if not path.is_file():
+        raise ConfigError(f"--base-checkpoint {str(path)!r}: file not found")
+    try:
+        state = (load_file(str(path)) if path.suffix == ".safetensors"
+                 else torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
+    except Exception as exc:  # any loader/shape error becomes one clear message
+        raise ConfigError(f"--base-checkpoint {str(path)!r}: does not fit the base "
+                          f"architecture ({exc})") from exc
+
+
+# --- one variant -----------------------------------------------------------------------------
+
+def _finish(ctx: BuildContext, root: Path, name: str, method: str, base: str | None,
+            params: dict[str, Any], result: MethodOutput, t0: float) -> Variant:
+    """Write a method's output, read it back as the server will, and measure it."""
+    shape = ctx.input_shape
+    if result.stages is not None:
+        artifacts = [write_artifact(root, f"{name}/stage_{i}.onnx", g.SerializeToString(),
+                                    role="stage", stage=i) for i, g in enumerate(result.stages)]
+        graph = result.stages[-1]
+        served = graph
+    else:
+        if result.graph is None and result.model is None:
+            raise ValueError(f"method {method!r} returned neither a model nor a graph")
+        graph = result.graph if result.graph is not None else export.to_onnx(result.model, shape)
+        if result.graph is None and result.model is not None:
+            export.check_against_torch(result.model, graph, shape)
+        artifacts = _write_graph(root, name, graph, result)
+        served = _read_back(root, artifacts)
+    if result.accuracy is not None:
+        acc = result.accuracy
+    else:
+        acc = float((export.run(export.session(served), ctx.splits.x_test).argmax(1)
+                     == ctx.splits.y_test).mean())
+    latency = result.latency_ms or profile.onnx_latency(served, shape)
+    model = result.model
+    params_count = result.params_count if result.params_count is not None else (
+        profile.count_params(model) if model is not None else 0)
+    macs = result.macs if result.macs is not None else (
+        profile.count_macs(model, shape) if model is not None else 0)
+    ctx.built[name] = Built(name=name, model=model, spec=result.spec, graph=served, accuracy=acc)
+    v = Variant(name=name, method=method, params=params, artifacts=artifacts,
+                accuracy=round(acc, 6), params_count=int(params_count), macs=int(macs),
+                size_bytes=sum(a.bytes for a in artifacts), latency_ms=latency, base=base,
+                exits=result.exits, details=result.details,
+                build_seconds=round(time.perf_counter() - t0, 1))
+    log.info("variant %s: accuracy %.4f, %d params, %.1f M MACs, %d bytes, p50 %.3f ms (%.0f s)",
+             name, acc, v.params_count, v.macs / 1e6, v.size_bytes, v.p50(1), v.build_seconds)
+    return v
+
+
+def _write_graph(root: Path, name: str, graph: onnx.ModelProto,
+                 result: MethodOutput) -> list[Artifact]:
+    if result.weights_codec is None:
+        return [write_artifact(root, f"{name}/model.onnx", graph.SerializeToString())]
+    # Encode the weight matrices and conv kernels; biases, BN and scalars stay dense in the graph.
+    tensors = {k: v for k, v in export.initializers(graph).items()
+               if v.dtype == np.float32 and v.ndim >= 2}
+    blob = encoding.encode(result.weights_codec, tensors, **result.codec_options)
+    return [write_artifact(root, f"{name}/model.onnx",
+                           export.skeleton(graph, tensors).SerializeToString()),
+            write_artifact(root, f"{name}/weights.aiw", blob, role="weights",
+                           codec=result.weights_codec)]
+
+
+def _read_back(root: Path, artifacts: list[Artifact]) -> onnx.ModelProto:
+    """The served graph, rebuilt from the written files by the same path the server uses."""
+    graph = onnx.load_from_string((root / artifacts[0].path).read_bytes())
+    for a in artifacts[1:]:
+        fill_initializers(graph, encoding.decode((root / a.path).read_bytes(), source=a.path),
+                          source=a.path)
+    return graph
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _only(table: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+
+
+def _dataclass_from(cls: type, table: dict[str, Any], where: str) -> Any:
+    _only(table, {f.name for f in fields(cls)}, where)
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _host() -> dict[str, Any]:
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "batch_sizes": list(BATCH_SIZES)}

@@ -1,0 +1,89 @@
+"""ONNX export of a variant's inference graph, its check against torch, and weightless skeletons.
+
+Every graph takes ``input`` FP32 [N, C, H, W] (pixels in [0, 1]) with a dynamic batch axis and
+returns ``logits`` FP32 [N, classes]. We use the TorchScript exporter (``dynamo=False``): on these
+small CNNs it exports in ~0.2 s against ~7 s for the dynamo exporter, with identical graphs for ORT.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+def to_onnx(model: nn.Module, input_shape: Sequence[int], *,
+            output_names: Sequence[str] = (OUTPUT_NAME,),
+            input_name: str = INPUT_NAME) -> onnx.ModelProto:
+    """Export ``model`` (eval mode) for inputs [N, *input_shape]; every axis 0 is dynamic."""
+    model = model.eval()
+    example = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    dynamic = {name: {0: "batch"} for name in (input_name, *output_names)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buf, input_names=[input_name],
+                          output_names=list(output_names), dynamic_axes=dynamic,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    graph = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(graph)
+    return graph
+
+
+def session(graph: onnx.ModelProto | bytes, *, threads: int = 1,
+            providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An ORT session with ``threads`` intra-op threads (1 for reproducible build-time profiles)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    data = graph if isinstance(graph, bytes) else graph.SerializeToString()
+    return ort.InferenceSession(data, sess_options=opts, providers=list(providers))
+
+
+def run(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """First output of ``sess`` over ``x`` in batches, concatenated."""
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def check_against_torch(model: nn.Module, graph: onnx.ModelProto, input_shape: Sequence[int],
+                        *, batch: int = 8, atol: float = 1e-4, rtol: float = 1e-3) -> None:
+    """`torch.testing.assert_close` between torch and ORT logits on a random batch."""
+    x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(x)
+    got = torch.from_numpy(run(session(graph), x.numpy()))
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+
+
+def skeleton(graph: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``graph`` whose named initializers keep dims and dtype but no data; an encoded
+    weights artifact fills them back in at load time (`compression.family.fill_initializers`)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(graph)
+    wanted = set(names)
+    for init in out.graph.initializer:
+        if init.name in wanted:
+            name, dims, dtype = init.name, list(init.dims), init.data_type
+            init.Clear()
+            init.name, init.data_type = name, dtype
+            init.dims.extend(dims)
+    return out
+
+
+def initializers(graph: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializer name → array, for codecs to encode."""
+    return {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}

@@ -1,0 +1,147 @@
+"""The method seam: compression methods register here; the builder dispatches by name.
+
+Each method lives in one module with a frozen config dataclass and one ``apply``::
+
+    @dataclass(frozen=True)
+    class Int8Config:
+        calibration_images: int = 256
+
+    @register("int8", Int8Config)
+    def apply(ctx: BuildContext, base: Built, config: Int8Config) -> MethodOutput: ...
+
+A new method adds its module to `METHOD_MODULES`; the builder never changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from torch import nn
+
+from compression.data import Splits
+from compression.errors import ConfigError
+from compression.family import Exit, LatencyTable
+from compression.models import Spec
+from compression.train import TrainConfig
+
+# Modules that register methods, imported on first lookup.
+METHOD_MODULES: tuple[str, ...] = ()
+
+
+@dataclass
+class Built:
+    """A variant built earlier in this run, usable as another variant's ``base``."""
+
+    name: str
+    model: nn.Module | None  # torch inference model (None for graph-only variants such as int8)
+    spec: Spec | None  # its architecture spec, when expressible
+    graph: onnx.ModelProto  # the dense graph it serves
+    accuracy: float
+
+
+@dataclass
+class BuildContext:
+    """What a method may use: data, seed, the base training settings and earlier variants."""
+
+    splits: Splits
+    seed: int
+    train: TrainConfig
+    built: dict[str, Built]
+    progress: bool = True
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.splits.input_shape
+
+    def variant(self, name: str) -> Built:
+        if name not in self.built:
+            raise ConfigError(f"variant base {name!r} is not built before this variant; "
+                              f"built so far: {list(self.built)}")
+        return self.built[name]
+
+    def calibration_images(self, n: int) -> np.ndarray:
+        """``n`` training images, a seeded sample: calibration for quantization and thresholds."""
+        rng = np.random.default_rng(self.seed)
+        idx = rng.choice(len(self.splits.x_train), size=min(n, len(self.splits.x_train)),
+                         replace=False)
+        return self.splits.x_train[np.sort(idx)]
+
+
+@dataclass
+class MethodOutput:
+    """What a method returns; the builder writes, verifies and measures it.
+
+    Give ``model`` (exported to ONNX by the builder) or ``graph`` (a graph built directly, e.g.
+    int8). ``weights_codec`` stores the graph as a skeleton plus weights encoded by that codec
+    (see `compression.encoding`). An early-exit network gives ``stages`` and ``exits`` and its
+    own ``accuracy``/``latency_ms``.
+    """
+
+    model: nn.Module | None = None
+    spec: Spec | None = None
+    graph: onnx.ModelProto | None = None
+    weights_codec: str | None = None
+    codec_options: dict[str, Any] = field(default_factory=dict)
+    params_count: int | None = None  # override, e.g. non-zero weights of a sparse model
+    macs: int | None = None  # override when the torch model is not what runs
+    details: dict[str, Any] = field(default_factory=dict)  # JSON: goes into the manifest
+    report_md: str = ""  # a markdown section for report.md (comparisons, sweeps)
+    stages: list[onnx.ModelProto] | None = None
+    exits: list[Exit] | None = None
+    accuracy: float | None = None
+    latency_ms: LatencyTable | None = None
+
+
+Apply = Callable[[BuildContext, Built, Any], MethodOutput]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    apply: Apply
+
+    def parse(self, params: Mapping[str, Any]) -> Any:
+        """Build the frozen config from a TOML table; unknown keys and bad types → ConfigError."""
+        fields = {f.name: f for f in dataclasses.fields(self.config_cls)}
+        unknown = set(params) - set(fields)
+        if unknown:
+            raise ConfigError(f"method {self.name!r}: unknown parameter(s) {sorted(unknown)}; "
+                              f"valid: {sorted(fields)}")
+        try:
+            return self.config_cls(**params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"method {self.name!r}: {exc}") from exc
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_cls: type) -> Callable[[Apply], Apply]:
+    def deco(fn: Apply) -> Apply:
+        _METHODS[name] = Method(name, config_cls, fn)
+        return fn
+    return deco
+
+
+def get(name: str) -> Method:
+    _import_all()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def names() -> list[str]:
+    _import_all()
+    return sorted(_METHODS)
+
+
+def _import_all() -> None:
+    for module in METHOD_MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,1 @@
+"""KServe v2 protocol definitions (`.proto`) and the code generated from them."""

@@ -1,0 +1,1 @@
+"""Online half of the product: the gRPC server that routes each request to a variant."""
