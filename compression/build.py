@@ -144,7 +144,9 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
     variants: list[Variant] = []
     sections: list[str] = []
     t0 = time.perf_counter()
-    full_out = MethodOutput(model=model, spec=arch)
+    # Eager torch beside ORT for the full model: the report's case for serving on ORT.
+    full_out = MethodOutput(model=model, spec=arch, details={
+        "spec": arch, "torch_latency_ms": profile.torch_latency(model, splits.input_shape)})
     variants.append(_finish(ctx, tmp, "full", "full", None, {}, full_out, t0))
     for vc in cfg.variants:
         log.info("variant %s: method %s on %s", vc.name, vc.method, vc.base)

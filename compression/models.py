@@ -197,3 +197,29 @@ def example_input(spec: Spec, batch: int = 1) -> torch.Tensor:
     """A deterministic input batch of the spec's shape, for tracing and checks."""
     g = torch.Generator().manual_seed(0)
     return torch.rand((batch, *spec["input"]), generator=g)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm2d that directly follows a Conv2d (in the same
+    Sequential) folded into that conv's weight and bias, the BN replaced by ``nn.Identity``.
+
+    The ONNX exporter folds BN anyway; methods that must control the exact exported weight values
+    (weight sharing, whose per-layer codebook a per-channel BN rescale would break) fold first.
+    Uses the running statistics, i.e. eval-mode behaviour.
+    """
+    out = copy.deepcopy(model).eval()
+    for seq in out.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for i in range(1, len(children)):
+            (_, conv), (bn_name, bn) = children[i - 1], children[i]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [C_out]
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            setattr(seq, bn_name, nn.Identity())
+    return out

@@ -31,7 +31,11 @@ from compression.models import Spec
 from compression.train import TrainConfig
 
 # Modules that register methods, imported on first lookup.
-METHOD_MODULES: tuple[str, ...] = ()
+METHOD_MODULES: tuple[str, ...] = (
+    "compression.low_rank",
+    "compression.depthwise",
+    "compression.early_exit",
+)
 
 
 @dataclass

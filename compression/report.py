@@ -67,7 +67,8 @@ def write(root: Path, manifest: dict[str, Any], variants: Sequence[Variant],
         f"({host['processor']}), torch {host['torch']}, ONNX Runtime {host['onnxruntime']}. "
         "Latency: ONNX Runtime, 1 intra-op thread.\n",
         markdown_table(COLUMNS, rows(variants)), "\n\n## Latency by batch size\n",
-        markdown_table(latency_header, latency_rows), "\n\n![pareto](pareto.png)\n\n",
+        markdown_table(latency_header, latency_rows), "\n", _torch_vs_ort(variants),
+        "\n![pareto](pareto.png)\n\n",
         *sections,
     ]
     (root / "report.md").write_text("\n".join(text))
@@ -75,6 +76,20 @@ def write(root: Path, manifest: dict[str, Any], variants: Sequence[Variant],
         pareto_plot(variants, root / "pareto.png")
     except ImportError:  # matplotlib is a dependency, but the family is valid without the plot
         log.warning("matplotlib missing: pareto.png not written")
+
+
+def _torch_vs_ort(variants: Sequence[Variant]) -> str:
+    """The full model on eager torch against ONNX Runtime, both on one thread."""
+    full = next((v for v in variants if v.name == "full"), None)
+    if full is None or "torch_latency_ms" not in full.details:
+        return ""
+    eager = full.details["torch_latency_ms"]
+    body = [[f"batch {b}", f"{full.p50(b):.3f} / {full.p95(b):.3f}",
+             f"{eager[str(b)]['p50']:.3f} / {eager[str(b)]['p95']:.3f}",
+             f"{eager[str(b)]['p50'] / max(full.p50(b), 1e-9):.2f}x"] for b in BATCH_SIZES]
+    return ("\n## `full` on ONNX Runtime against eager torch (1 thread)\n\n"
+            + markdown_table(["", "ORT p50 / p95 ms", "torch p50 / p95 ms", "ORT speed-up"], body)
+            + "\n")
 
 
 def pareto_plot(variants: Sequence[Variant], path: Path) -> None:

@@ -1,0 +1,132 @@
+"""``depthwise``: every standard k×k conv with more than one input channel becomes a depthwise
+separable pair (MobileNet), and the converted network is trained by distillation from its base.
+
+A conv [O, I, k, k] (k²·I·O weights) becomes a depthwise k×k conv (groups = I, k²·I weights)
+followed by a 1×1 pointwise conv (I·O weights), BN-ReLU after each. Per layer the weights shrink
+by (k²·I + I·O) / (k²·I·O) = 1/O + 1/k², and so do the MACs. The first conv has one input
+channel, so it has nothing to separate and stays standard. The architecture is the base spec with
+``conv = "depthwise"``, so the variant stays expressible as a spec; the new weights start from
+PyTorch's init and learn from the base model's soft targets (Hinton et al. 2015).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression import report
+from compression.models import StagedCNN, build_model
+from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.train import LossFn, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DepthwiseConfig:
+    """Distillation settings for training the converted network."""
+
+    epochs: int = 8
+    lr: float = 3e-3
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft-target loss; 1 - alpha on the hard labels
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be ≥ 1, got {self.epochs!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+
+
+def kd_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
+    """α·T²·KL(teacher_T ‖ student_T) + (1-α)·CE(student, y): the T² keeps soft-target gradients
+    on the scale of the hard-label ones whatever T is (Hinton et al. 2015, section 2)."""
+    teacher = teacher.eval()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.log_softmax(teacher(x) / temperature, dim=1)
+        out = model(x)
+        kl = F.kl_div(F.log_softmax(out / temperature, dim=1), soft, log_target=True,
+                      reduction="batchmean")
+        return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(out, y)
+
+    return loss
+
+
+def conv_records(before: StagedCNN, after: StagedCNN) -> list[dict[str, Any]]:
+    """Per block: its conv weights (and biases, if any) before and after the conversion.
+
+    Blocks pair up one to one because both models come from the same spec apart from ``conv``.
+    BN parameters are listed apart: the 1/O + 1/k² law is about the convolutions.
+    """
+    records = []
+    pairs = zip(_blocks(before), _blocks(after), strict=True)
+    for i, ((name, old), (_, new)) in enumerate(pairs):
+        old_convs = [m for m in old.modules() if isinstance(m, nn.Conv2d)]
+        new_convs = [m for m in new.modules() if isinstance(m, nn.Conv2d)]
+        c = old_convs[0]
+        rec: dict[str, Any] = {
+            "block": name, "index": i, "in_channels": c.in_channels,
+            "out_channels": c.out_channels, "kernel": list(c.kernel_size),
+            "converted": len(new_convs) == 2,
+            "params_before": sum(p.numel() for m in old_convs for p in m.parameters()),
+            "params_after": sum(p.numel() for m in new_convs for p in m.parameters()),
+            "bn_params_before": _bn_params(old), "bn_params_after": _bn_params(new),
+        }
+        rec["ratio"] = round(rec["params_after"] / rec["params_before"], 6)
+        records.append(rec)
+    return records
+
+
+def _blocks(model: StagedCNN) -> list[tuple[str, nn.Module]]:
+    """The conv-BN-ReLU blocks in order (the Sequentials holding a Conv2d, pools skipped)."""
+    return [(f"stages.{s}.{j}", block) for s, stage in enumerate(model.stages)
+            for j, block in enumerate(stage)
+            if any(isinstance(m, nn.Conv2d) for m in block.modules())]
+
+
+def _bn_params(block: nn.Module) -> int:
+    return sum(p.numel() for m in block.modules() if isinstance(m, nn.BatchNorm2d)
+               for p in m.parameters())
+
+
+@register("depthwise", DepthwiseConfig)
+def apply(ctx: BuildContext, base: Built, config: DepthwiseConfig) -> MethodOutput:
+    if base.model is None or base.spec is None or base.spec.get("kind") != "cnn":
+        raise ValueError(f"depthwise needs a cnn base with a spec; {base.name!r} has "
+                         f"spec {None if base.spec is None else base.spec.get('kind')!r}")
+    spec = {**base.spec, "conv": "depthwise",
+            "stages": [{k: v for k, v in st.items() if k != "conv"} for st in base.spec["stages"]]}
+    model = build_model(spec)
+    records = conv_records(base.model, model)  # type: ignore[arg-type]
+    result = train(model, ctx.splits, ctx.train.scaled(epochs=config.epochs, lr=config.lr),
+                   seed=ctx.seed, loss_fn=kd_loss(base.model, config.temperature, config.alpha),
+                   desc="depthwise distill", progress=ctx.progress)
+    log.info("depthwise: trained %d epochs, best val accuracy %.4f", result.epochs_run,
+             result.best_val_accuracy)
+    details = {"layers": records, "epochs_run": result.epochs_run,
+               "best_val_accuracy": round(result.best_val_accuracy, 6),
+               "teacher": base.name}
+    return MethodOutput(model=model.eval(), spec=spec, details=details,
+                        report_md=_report(records, base.name))
+
+
+def _report(records: list[dict[str, Any]], teacher: str) -> str:
+    rows = [[r["block"], f"{r['in_channels']}→{r['out_channels']}",
+             "×".join(map(str, r["kernel"])), "yes" if r["converted"] else "no (1 input channel)",
+             r["params_before"], r["params_after"], f"{r['ratio']:.4f}"] for r in records]
+    return (f"Depthwise separable blocks trained by distillation from `{teacher}`. Conv weights "
+            "per block (BN listed in the manifest apart; ratio = 1/O + 1/k² for converted "
+            "blocks):\n\n"
+            + report.markdown_table(["block", "channels", "kernel", "converted", "params before",
+                                     "params after", "ratio"], rows))

@@ -1,0 +1,618 @@
+"""``early-exit``: the base CNN with a small classifier after every stage, served stage by stage.
+
+The network (BranchyNet, Teerapittayanon et al. 2016)::
+
+    input ─ normalize ─ stage 0 ─ stage 1 ─ … ─ stage S-1 ─ head  (exit S-1, the normal head)
+                           │         │
+                        exit 0    exit 1     (pool → flatten → linear)
+
+Two trainings, both reported: heads alone on the frozen base backbone, and joint training (a
+weighted sum of every exit's cross-entropy, early exits also distilling from the last) that starts
+from the base weights and the frozen run's heads. ``serve`` picks which one ships.
+
+Served form: one ONNX graph per stage (`StageSegment`). Stage 0 takes ``input`` (FP32 pixels in
+[0, 1], [N, C, H, W]); stage i > 0 takes ``features``, stage i-1's output. Every stage but the last
+outputs ``features`` (for the next stage) and ``logits`` ([N, classes], its exit); the last stage
+outputs ``logits`` only. The server runs stages in order and stops at exit i when the exit's
+confidence (`confidence`) passes its threshold.
+
+Thresholds are calibrated on the validation split, exit by exit in order, on the samples still
+running: exit i lets go its most confident samples as long as, on exactly those samples, it is at
+least as accurate as the target (by default: the last exit's accuracy on the same samples, minus
+``target_drop``) — so the policy loses at most ``target_drop`` against running the full depth.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression import export, profile, report
+from compression.errors import ConfigError
+from compression.family import BATCH_SIZES, Exit, LatencyTable
+from compression.models import StagedCNN
+from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.train import LossFn, train
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("max_prob", "entropy")
+FEATURES = "features"
+# Common thresholds for the accuracy/latency curve (applied to every early exit alike).
+CURVE = {"max_prob": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999),
+         "entropy": (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001)}
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Exit heads, the two trainings, and the calibration of the exit policy."""
+
+    head_pool: int = 4  # exit head: max-pool the stage output to about pool×pool, then linear
+    head_hidden: int = 0  # > 0: one hidden ReLU layer of this width in each early head
+    frozen_epochs: int = 2  # heads alone on the frozen base backbone
+    frozen_lr: float = 3e-3
+    joint_epochs: int = 3  # everything, from the base weights and the frozen run's heads
+    joint_lr: float = 1e-3
+    exit_weights: tuple[float, ...] = ()  # loss weight per exit; empty = 1 for every exit
+    distill: float = 0.5  # weight of each early exit's KD loss from the last exit (0 = off)
+    temperature: float = 3.0
+    serve: str = "joint"  # which training ships: "joint" or "frozen"
+    criterion: str = "max_prob"  # confidence: max softmax probability, or entropy (BranchyNet)
+    target_accuracy: float = 0.0  # > 0: each exit's accuracy on the samples it lets go
+    target_drop: float = 0.0  # else: last exit's accuracy on those samples minus this
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
+        if self.head_pool < 1:
+            raise ValueError(f"head_pool must be ≥ 1, got {self.head_pool!r}")
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be ≥ 0, got {self.head_hidden!r}")
+        if self.frozen_epochs < 1 or self.joint_epochs < 0:
+            raise ValueError(f"frozen_epochs must be ≥ 1 and joint_epochs ≥ 0, got "
+                             f"{self.frozen_epochs!r}, {self.joint_epochs!r}")
+        if self.frozen_lr <= 0 or self.joint_lr <= 0:
+            raise ValueError(f"frozen_lr and joint_lr must be > 0, got {self.frozen_lr!r}, "
+                             f"{self.joint_lr!r}")
+        if any(w < 0 for w in self.exit_weights) or (self.exit_weights
+                                                       and sum(self.exit_weights) == 0):
+            raise ValueError(f"exit_weights must be ≥ 0 and not all 0, got {self.exit_weights!r}")
+        if self.distill < 0 or self.temperature <= 0:
+            raise ValueError(f"distill must be ≥ 0 and temperature > 0, got {self.distill!r}, "
+                             f"{self.temperature!r}")
+        if self.serve not in ("joint", "frozen"):
+            raise ValueError(f"serve must be 'joint' or 'frozen', got {self.serve!r}")
+        if self.serve == "joint" and self.joint_epochs == 0:
+            raise ValueError("serve = 'joint' needs joint_epochs ≥ 1")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ValueError(f"target_accuracy must lie in [0, 1], got {self.target_accuracy!r}")
+        if not 0.0 <= self.target_drop < 1.0:
+            raise ValueError(f"target_drop must lie in [0, 1), got {self.target_drop!r}")
+
+
+# --- the network ------------------------------------------------------------------------------
+
+class ExitHead(nn.Module):
+    """A small classifier on a stage's output: max-pool → flatten → [linear → ReLU] → linear.
+
+    [N, C, H, W] → [N, C, ⌊H/k⌋, ⌊W/k⌋] (k = H // pool) → [N, classes]. Max-pooling to a small
+    grid keeps where strokes are, which global average pooling of early features would lose.
+    """
+
+    def __init__(self, channels: int, hw: tuple[int, int], num_classes: int, pool: int,
+                 hidden: int = 0) -> None:
+        super().__init__()
+        kh, kw = max(1, hw[0] // pool), max(1, hw[1] // pool)
+        d = channels * (hw[0] // kh) * (hw[1] // kw)
+        layers: list[nn.Module] = [nn.MaxPool2d((kh, kw)), nn.Flatten()]
+        if hidden:
+            layers += [nn.Linear(d, hidden), nn.ReLU(inplace=True)]
+            d = hidden
+        layers.append(nn.Linear(d, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class EarlyExitNet(nn.Module):
+    """A `StagedCNN`'s normalize and stages, plus ``heads[i]`` after stage i (the last head is the
+    base model's own). ``forward`` returns the logits of ``monitor`` (one exit, for the training
+    loop's validation); `exit_logits` returns every exit's."""
+
+    def __init__(self, base: StagedCNN, feature_shapes: Sequence[Sequence[int]], num_classes: int,
+                 pool: int, hidden: int) -> None:
+        super().__init__()
+        self.normalize = copy.deepcopy(base.normalize)
+        self.stages = copy.deepcopy(base.stages)
+        heads: list[nn.Module] = [ExitHead(c, (h, w), num_classes, pool, hidden)
+                                  for c, h, w in feature_shapes[:-1]]
+        self.heads = nn.ModuleList([*heads, copy.deepcopy(base.head)])
+        self.monitor = len(self.heads) - 1
+        self.frozen_backbone = False
+
+    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.normalize(x)
+        out = []
+        for stage, head in zip(self.stages, self.heads, strict=True):
+            x = stage(x)
+            out.append(head(x))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exit_logits(x)[self.monitor]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [*self.stages.parameters(), *self.heads[-1].parameters()]
+
+    def train(self, mode: bool = True) -> EarlyExitNet:
+        # A frozen backbone must also keep its BN running statistics: hold it in eval mode.
+        super().train(mode)
+        if self.frozen_backbone:
+            self.stages.eval()
+            self.heads[-1].eval()
+        return self
+
+
+class StageSegment(nn.Module):
+    """What one stage graph computes: ([normalize →] stage i → features, head i → logits)."""
+
+    def __init__(self, net: EarlyExitNet, index: int) -> None:
+        super().__init__()
+        self.pre = net.normalize if index == 0 else nn.Identity()
+        self.stage = net.stages[index]
+        self.head = net.heads[index]
+        self.last = index == len(net.stages) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.stage(self.pre(x))
+        logits = self.head(features)
+        return logits if self.last else (features, logits)
+
+
+def stage_io(index: int, num_stages: int) -> tuple[str, tuple[str, ...]]:
+    """(input name, output names) of stage ``index``: the contract the server relies on."""
+    inp = export.INPUT_NAME if index == 0 else FEATURES
+    outs = (export.OUTPUT_NAME,) if index == num_stages - 1 else (FEATURES, export.OUTPUT_NAME)
+    return inp, outs
+
+
+def feature_shapes(base: StagedCNN, input_shape: Sequence[int]) -> list[list[int]]:
+    """[C, H, W] after each stage, from a dry run."""
+    shapes = []
+    with torch.no_grad():
+        x = base.normalize(torch.zeros((1, *input_shape)))
+        for stage in base.stages:
+            x = stage(x)
+            shapes.append(list(x.shape[1:]))
+    return shapes
+
+
+def export_stages(net: EarlyExitNet, input_shape: Sequence[int]) -> list[onnx.ModelProto]:
+    """One ONNX graph per stage, named per `stage_io`, dynamic batch axis."""
+    net = net.eval()
+    shapes = feature_shapes(net, input_shape)  # type: ignore[arg-type]
+    graphs = []
+    for i in range(len(net.stages)):
+        inp, outs = stage_io(i, len(net.stages))
+        shape = input_shape if i == 0 else shapes[i - 1]
+        graphs.append(export.to_onnx(StageSegment(net, i), shape, output_names=outs,
+                                     input_name=inp))
+    return graphs
+
+
+# --- running the chain ------------------------------------------------------------------------
+
+class StageChain:
+    """ORT sessions of the stage graphs, run one after another as the server does."""
+
+    def __init__(self, graphs: Sequence[onnx.ModelProto | bytes], threads: int = 1) -> None:
+        self.sessions: list[ort.InferenceSession] = [export.session(g, threads=threads)
+                                                     for g in graphs]
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def run(self, x: np.ndarray, upto: int | None = None) -> list[np.ndarray]:
+        """Logits of exits 0..upto (default: all) for one batch."""
+        last = len(self.sessions) - 1 if upto is None else upto
+        out = []
+        feed = x
+        for sess in self.sessions[:last + 1]:
+            res = sess.run(None, {sess.get_inputs()[0].name: feed})
+            if len(res) == 2:
+                feed, logits = res
+            else:
+                logits = res[0]
+            out.append(logits)
+        return out
+
+    def all_logits(self, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+        """Every exit's logits over a whole array, batched."""
+        parts = [self.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return [np.concatenate([p[e] for p in parts]) for e in range(len(self.sessions))]
+
+
+def check_against_torch(net: EarlyExitNet, graphs: Sequence[onnx.ModelProto],
+                        input_shape: Sequence[int], *, batch: int = 8) -> None:
+    """Every exit's chained-ORT logits equal the torch network's (`assert_close`)."""
+    x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = net.eval().exit_logits(x)
+    got = StageChain(graphs).run(x.numpy())
+    for e, (g, t) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(torch.from_numpy(g), t, atol=1e-4, rtol=1e-3,
+                                   msg=lambda m, e=e: f"exit {e}: {m}")
+
+
+# --- confidence and calibration ---------------------------------------------------------------
+
+def confidence(logits: np.ndarray, criterion: str) -> np.ndarray:
+    """Per row: max softmax probability, or the softmax entropy (nats) for ``entropy``.
+
+    Computed in float64 so a server recomputing it gets the same side of each threshold.
+    """
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    if criterion == "max_prob":
+        return p.max(axis=1)
+    return -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+
+
+def leaves(conf: np.ndarray, threshold: float, criterion: str) -> np.ndarray:
+    """Whether each sample leaves at an exit: prob ≥ threshold, or entropy ≤ threshold."""
+    return conf >= threshold if criterion == "max_prob" else conf <= threshold
+
+
+def never_threshold(criterion: str) -> float:
+    """A threshold no sample passes (an exit the calibration shuts)."""
+    return 1.5 if criterion == "max_prob" else -1.0
+
+
+def last_threshold(criterion: str, num_classes: int) -> float:
+    """The last exit's threshold: every sample passes (max_prob 0; entropy ≥ ln(classes))."""
+    return 0.0 if criterion == "max_prob" else math.log(num_classes) + 1e-6
+
+
+def assign_exits(exit_logits: Sequence[np.ndarray], thresholds: Sequence[float],
+                 criterion: str) -> np.ndarray:
+    """For each sample, the first exit whose confidence passes its threshold (the last always)."""
+    n = len(exit_logits[0])
+    where = np.full(n, len(exit_logits) - 1)
+    running = np.ones(n, dtype=bool)
+    for e, (lg, t) in enumerate(zip(exit_logits[:-1], thresholds[:-1], strict=True)):
+        go = running & leaves(confidence(lg, criterion), t, criterion)
+        where[go] = e
+        running &= ~go
+    return where
+
+
+def policy_predictions(exit_logits: Sequence[np.ndarray], where: np.ndarray) -> np.ndarray:
+    stacked = np.stack([lg.argmax(1) for lg in exit_logits])  # [exits, N]
+    return stacked[where, np.arange(len(where))]
+
+
+def calibrate(exit_logits: Sequence[np.ndarray], y: np.ndarray, criterion: str, *,
+              target_accuracy: float = 0.0, target_drop: float = 0.0) -> list[float]:
+    """Per-exit thresholds on a calibration split; see the module docstring for the rule.
+
+    Exit by exit on the samples still running: sort them by confidence, and take the longest
+    most-confident prefix (cut only between distinct confidences) whose accuracy meets the target.
+    The threshold sits halfway between the last sample taken and the first one left, so a
+    recomputation that differs in the last bits does not move a sample across it.
+    """
+    n_exits = len(exit_logits)
+    num_classes = exit_logits[0].shape[1]
+    final_correct = exit_logits[-1].argmax(1) == y
+    running = np.ones(len(y), dtype=bool)
+    thresholds: list[float] = []
+    for lg in exit_logits[:-1]:
+        idx = np.flatnonzero(running)
+        score = confidence(lg[idx], criterion)
+        if criterion == "entropy":
+            score = -score  # higher = more confident, for both criteria below
+        order = np.argsort(-score, kind="stable")
+        s = score[order]
+        correct = (lg[idx].argmax(1) == y[idx])[order]
+        count = np.arange(1, len(s) + 1)
+        if target_accuracy > 0:
+            ok = np.cumsum(correct) >= target_accuracy * count
+        else:  # no worse than the last exit on the same samples, up to target_drop
+            ok = np.cumsum(correct) >= np.cumsum(final_correct[idx][order]) - target_drop * count
+        boundary = np.append(s[:-1] > s[1:], True)  # a cut after j separates distinct scores
+        good = np.flatnonzero(ok & boundary)
+        if len(good) == 0:
+            thresholds.append(never_threshold(criterion))
+            continue
+        j = int(good[-1])
+        cut = (s[j] + s[j + 1]) / 2 if j + 1 < len(s) else s[j] - 1e-9
+        threshold = float(cut if criterion == "max_prob" else -cut)
+        thresholds.append(threshold)
+        running[idx[leaves(confidence(lg[idx], criterion), threshold, criterion)]] = False
+    thresholds.append(last_threshold(criterion, num_classes))
+    assert len(thresholds) == n_exits
+    return thresholds
+
+
+def exit_shares(where: np.ndarray, n_exits: int) -> list[float]:
+    return [float(np.mean(where == e)) for e in range(n_exits)]
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def joint_loss(weights: Sequence[float], distill: float, temperature: float) -> LossFn:
+    """Σ wᵢ·CE(exit i) + distill·T²·Σ_{i<last} KL(last_T ‖ exit i_T), the last exit detached."""
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        outs = model.exit_logits(x)  # type: ignore[operator]
+        total = sum(w * F.cross_entropy(o, y) for w, o in zip(weights, outs, strict=True))
+        if distill > 0:
+            soft = F.log_softmax(outs[-1].detach() / temperature, dim=1)
+            for o in outs[:-1]:
+                total = total + distill * temperature**2 * F.kl_div(
+                    F.log_softmax(o / temperature, dim=1), soft, log_target=True,
+                    reduction="batchmean")
+        return total  # type: ignore[return-value]
+
+    return loss
+
+
+def heads_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the early exits only (the frozen run: the last head is the base's)."""
+    outs = model.exit_logits(x)  # type: ignore[operator]
+    return sum(F.cross_entropy(o, y) for o in outs[:-1])  # type: ignore[return-value]
+
+
+def torch_exit_logits(net: EarlyExitNet, x: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
+    net.eval()
+    with torch.no_grad():
+        parts = [net.exit_logits(torch.from_numpy(x[i:i + batch_size]))
+                 for i in range(0, len(x), batch_size)]
+    return [torch.cat([p[e] for p in parts]).numpy() for e in range(len(net.heads))]
+
+
+def train_frozen(ctx: BuildContext, net: EarlyExitNet, config: EarlyExitConfig) -> None:
+    """Early heads only; the backbone (and its BN statistics) stay exactly the base model's."""
+    for p in net.backbone_parameters():
+        p.requires_grad_(False)
+    net.frozen_backbone, net.monitor = True, 0  # keep the epoch whose first exit is best
+    heads = [p for h in net.heads[:-1] for p in h.parameters()]
+    train(net, ctx.splits, ctx.train.scaled(epochs=config.frozen_epochs, lr=config.frozen_lr),
+          seed=ctx.seed, loss_fn=heads_loss, params=heads, desc="early-exit heads (frozen)",
+          progress=ctx.progress)
+    for p in net.backbone_parameters():
+        p.requires_grad_(True)
+    net.frozen_backbone, net.monitor = False, len(net.heads) - 1
+
+
+def train_joint(ctx: BuildContext, net: EarlyExitNet, config: EarlyExitConfig) -> None:
+    """Everything at once; the validation epoch pick watches the last exit, so joint training is
+    kept only where it costs the full-depth answer least."""
+    weights = config.exit_weights or (1.0,) * len(net.heads)
+    train(net, ctx.splits, ctx.train.scaled(epochs=config.joint_epochs, lr=config.joint_lr),
+          seed=ctx.seed, loss_fn=joint_loss(weights, config.distill, config.temperature),
+          desc="early-exit joint", progress=ctx.progress)
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+def cumulative_latency(chain: StageChain, input_shape: Sequence[int],
+                       batch_sizes: Sequence[int] = BATCH_SIZES) -> list[LatencyTable]:
+    """Per exit: p50/p95 of running stages 0..exit chained (ORT, 1 thread), per batch size."""
+    rng = np.random.default_rng(0)
+    tables: list[LatencyTable] = [{} for _ in range(len(chain))]
+    for b in batch_sizes:
+        x = rng.random((b, *input_shape), dtype=np.float32)
+        for e in range(len(chain)):
+            tables[e][str(b)] = profile.time_fn(lambda x=x, e=e: chain.run(x, upto=e))
+    return tables
+
+
+def measured_policy_latency(chain: StageChain, full: ort.InferenceSession, x: np.ndarray,
+                            thresholds: Sequence[float], criterion: str) -> dict[str, float]:
+    """Mean per-request latency (batch 1) of the exit policy and of ``full``, interleaved sample
+    by sample so that load from other processes hits both alike."""
+    full_name = full.get_inputs()[0].name
+    t_policy: list[float] = []
+    t_full: list[float] = []
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        t0 = time.perf_counter()
+        full.run(None, {full_name: xi})
+        t_full.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        feed = xi
+        for e, sess in enumerate(chain.sessions):
+            res = sess.run(None, {sess.get_inputs()[0].name: feed})
+            if e == len(chain) - 1 or leaves(confidence(res[-1], criterion), thresholds[e],
+                                             criterion)[0]:
+                break
+            feed = res[0]
+        t_policy.append(time.perf_counter() - t0)
+    mean_policy, mean_full = 1e3 * float(np.mean(t_policy)), 1e3 * float(np.mean(t_full))
+    return {"policy_mean_ms": round(mean_policy, 4), "full_mean_ms": round(mean_full, 4),
+            "speedup": round(mean_full / mean_policy, 3), "samples": len(x)}
+
+
+# --- the method -------------------------------------------------------------------------------
+
+@register("early-exit", EarlyExitConfig)
+def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutput:
+    if not isinstance(base.model, StagedCNN):
+        raise ConfigError(f"early-exit needs a staged cnn base; {base.name!r} is "
+                          f"{type(base.model).__name__}")
+    n_exits = len(base.model.stages)
+    if n_exits < 3:
+        raise ConfigError(f"early-exit needs ≥ 3 stages for ≥ 3 exits; {base.name!r} has {n_exits}")
+    if config.exit_weights and len(config.exit_weights) != n_exits:
+        raise ConfigError(f"early-exit exit_weights has {len(config.exit_weights)} entries; "
+                          f"the network has {n_exits} exits")
+    shape, splits = ctx.input_shape, ctx.splits
+    shapes = feature_shapes(base.model, shape)
+    frozen = EarlyExitNet(base.model, shapes, splits.num_classes, config.head_pool,
+                          config.head_hidden)
+    train_frozen(ctx, frozen, config)
+    joint = None
+    if config.joint_epochs > 0:
+        joint = copy.deepcopy(frozen)
+        train_joint(ctx, joint, config)
+    net = joint if config.serve == "joint" and joint is not None else frozen
+
+    graphs = export_stages(net, shape)
+    check_against_torch(net, graphs, shape)
+    chain = StageChain(graphs)
+    val, test = chain.all_logits(splits.x_val), chain.all_logits(splits.x_test)
+    thresholds = calibrate(val, splits.y_val, config.criterion,
+                           target_accuracy=config.target_accuracy, target_drop=config.target_drop)
+    val_where = assign_exits(val, thresholds, config.criterion)
+    test_where = assign_exits(test, thresholds, config.criterion)
+    val_shares, test_shares = exit_shares(val_where, n_exits), exit_shares(test_where, n_exits)
+    test_acc = float((policy_predictions(test, test_where) == splits.y_test).mean())
+    exit_acc = [float((lg.argmax(1) == splits.y_test).mean()) for lg in test]
+
+    latencies = cumulative_latency(chain, shape)
+    full = ctx.built.get("full", base)
+    measured = measured_policy_latency(chain, export.session(full.graph), splits.x_test,
+                                       thresholds, config.criterion)
+    expected = sum(s * lat["1"]["p50"] for s, lat in zip(test_shares, latencies, strict=True))
+    full_p50 = profile.onnx_latency(full.graph, shape, batch_sizes=(1,))["1"]["p50"]
+    exits = [Exit(index=e, accuracy=round(exit_acc[e], 6), latency_ms=latencies[e],
+                  threshold=thresholds[e], exit_share=round(val_shares[e], 6),
+                  criterion=config.criterion) for e in range(n_exits)]
+
+    trainings = {"frozen": _exit_accuracies(frozen, splits.x_test, splits.y_test)}
+    if joint is not None:
+        trainings["joint"] = _exit_accuracies(joint, splits.x_test, splits.y_test)
+    other = {name: _policy_summary(m, ctx, config) for name, m in
+             (("frozen", frozen), ("joint", joint)) if m is not None}
+    curve = _curve(test, splits.y_test, latencies, config.criterion, full.accuracy, full_p50)
+    macs = [profile.count_macs(StageSegment(net, i), shape if i == 0 else shapes[i - 1])
+            for i in range(n_exits)]
+    details = {
+        "stages": [{"index": i, "artifact": f"stage_{i}.onnx", "input": stage_io(i, n_exits)[0],
+                    "input_shape": list(shape) if i == 0 else shapes[i - 1],
+                    "outputs": list(stage_io(i, n_exits)[1]),
+                    "features_shape": shapes[i] if i < n_exits - 1 else None,
+                    "macs": macs[i], "macs_cumulative": sum(macs[:i + 1]),
+                    "params": profile.count_params(StageSegment(net, i))}
+                   for i in range(n_exits)],
+        "io_contract": (
+            "Run stage_0 on 'input' (FP32 [N,C,H,W], pixels in [0,1]); stage i>0 takes 'features',"
+            " the previous stage's 'features' output. Every stage but the last outputs "
+            "['features', 'logits']; the last outputs ['logits'] only. After stage i compute the "
+            "exit's confidence from its 'logits' (float64 softmax: max probability, or entropy in "
+            "nats) and answer from exit i when max_prob ≥ threshold (entropy ≤ threshold); the "
+            "last exit always answers."),
+        "served_training": "joint" if net is joint else "frozen",
+        "policy": {
+            "criterion": config.criterion, "thresholds": thresholds,
+            "target": (f"accuracy ≥ {config.target_accuracy}" if config.target_accuracy > 0 else
+                       f"last exit's accuracy on the same samples − {config.target_drop}"),
+            "test_accuracy": round(test_acc, 6), "val_exit_shares": _r(val_shares),
+            "test_exit_shares": _r(test_shares),
+            "expected_mean_latency_ms_b1": round(expected, 4),
+            "full_p50_ms_b1": full_p50, "expected_speedup_vs_full": round(full_p50 / expected, 3),
+            "measured": measured,
+        },
+        "latency_ms_note": ("latency_ms is the full-depth chain (worst case: every stage and "
+                            "every early head); the policy's mean is under policy."),
+        "trainings": trainings,
+        "calibrated_policy_by_training": other,
+        "threshold_curve": curve,
+    }
+    log.info("early-exit: policy test accuracy %.4f (full %.4f), shares %s, measured mean "
+             "%.3f ms vs full %.3f ms (%.2fx)", test_acc, full.accuracy, _r(test_shares),
+             measured["policy_mean_ms"], measured["full_mean_ms"], measured["speedup"])
+    return MethodOutput(model=net.eval(), stages=graphs, exits=exits, accuracy=test_acc,
+                        latency_ms=latencies[-1], macs=sum(macs), details=details,
+                        report_md=_report(details, exits, full.accuracy))
+
+
+def _r(xs: Sequence[float], nd: int = 4) -> list[float]:
+    return [round(float(v), nd) for v in xs]
+
+
+def _exit_accuracies(net: EarlyExitNet, x: np.ndarray, y: np.ndarray) -> list[float]:
+    return [round(float((lg.argmax(1) == y).mean()), 6) for lg in torch_exit_logits(net, x)]
+
+
+def _policy_summary(net: EarlyExitNet, ctx: BuildContext,
+                    config: EarlyExitConfig) -> dict[str, Any]:
+    """The same calibration on one training's torch logits, to compare the two trainings."""
+    val = torch_exit_logits(net, ctx.splits.x_val)
+    test = torch_exit_logits(net, ctx.splits.x_test)
+    th = calibrate(val, ctx.splits.y_val, config.criterion,
+                   target_accuracy=config.target_accuracy, target_drop=config.target_drop)
+    where = assign_exits(test, th, config.criterion)
+    acc = float((policy_predictions(test, where) == ctx.splits.y_test).mean())
+    return {"thresholds": _r(th, 6), "test_accuracy": round(acc, 6),
+            "test_exit_shares": _r(exit_shares(where, len(test)))}
+
+
+def _curve(test: Sequence[np.ndarray], y: np.ndarray, latencies: Sequence[LatencyTable],
+           criterion: str, full_acc: float, full_p50: float) -> list[dict[str, Any]]:
+    """Accuracy and expected batch-1 latency with one common threshold on every early exit."""
+    rows = []
+    for t in CURVE[criterion]:
+        th = [t] * (len(test) - 1) + [last_threshold(criterion, test[0].shape[1])]
+        where = assign_exits(test, th, criterion)
+        shares = exit_shares(where, len(test))
+        mean = sum(s * lat["1"]["p50"] for s, lat in zip(shares, latencies, strict=True))
+        acc = float((policy_predictions(test, where) == y).mean())
+        rows.append({"threshold": t, "test_accuracy": round(acc, 6),
+                     "drop_pt": round(100 * (full_acc - acc), 3), "test_exit_shares": _r(shares),
+                     "expected_mean_ms_b1": round(mean, 4),
+                     "speedup_vs_full": round(full_p50 / mean, 3)})
+    return rows
+
+
+def _report(details: dict[str, Any], exits: Sequence[Exit], full_acc: float) -> str:
+    pol, tr = details["policy"], details["trainings"]
+    names = list(tr)
+    acc_rows = [[f"exit {e}" + (" (last)" if e == len(exits) - 1 else ""),
+                 *[f"{100 * tr[n][e]:.2f}%" for n in names]] for e in range(len(exits))]
+    by_training = details["calibrated_policy_by_training"]
+    acc_rows.append(["calibrated policy",
+                     *[f"{100 * by_training[n]['test_accuracy']:.2f}% (shares "
+                       f"{by_training[n]['test_exit_shares']})" for n in names]])
+    exit_rows = [[e.index, f"{100 * e.accuracy:.2f}%", f"{e.threshold:.6g}", f"{e.exit_share:.3f}",
+                  *[f"{e.latency_ms[str(b)]['p50']:.3f} / {e.latency_ms[str(b)]['p95']:.3f}"
+                    for b in BATCH_SIZES]] for e in exits]
+    curve_rows = [[r["threshold"], f"{100 * r['test_accuracy']:.2f}%", f"{-r['drop_pt']:+.2f}",
+                   " / ".join(f"{s:.3f}" for s in r["test_exit_shares"]),
+                   f"{r['expected_mean_ms_b1']:.3f}", f"{r['speedup_vs_full']:.2f}x"]
+                  for r in details["threshold_curve"]]
+    m = pol["measured"]
+    return "\n".join([
+        f"Served: the **{details['served_training']}** training. Calibrated policy "
+        f"({pol['criterion']}, target: {pol['target']}): test accuracy "
+        f"{100 * pol['test_accuracy']:.2f}% vs full {100 * full_acc:.2f}% "
+        f"({100 * (pol['test_accuracy'] - full_acc):+.2f} pt); test exit shares "
+        f"{pol['test_exit_shares']}. Mean batch-1 latency measured request by request on the "
+        f"test split: {m['policy_mean_ms']:.3f} ms vs full {m['full_mean_ms']:.3f} ms "
+        f"(**{m['speedup']:.2f}x**); expected from shares × cumulative p50: "
+        f"{pol['expected_mean_latency_ms_b1']:.3f} ms ({pol['expected_speedup_vs_full']:.2f}x).\n",
+        "### Joint vs frozen-backbone training (test accuracy per exit)\n",
+        report.markdown_table(["exit", *names], acc_rows),
+        "\n### Exits as served (threshold calibrated on validation; latency cumulative, ms)\n",
+        report.markdown_table(["exit", "accuracy", "threshold", "val share",
+                               *[f"p50/p95 b{b}" for b in BATCH_SIZES]], exit_rows),
+        f"\n### Accuracy/latency over a common {pol['criterion']} threshold (test split)\n",
+        report.markdown_table(["threshold", "accuracy", "Δ vs full pt", "exit shares",
+                               "expected mean ms b1", "speed-up"], curve_rows),
+    ])
