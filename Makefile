@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint family bench clean
+.PHONY: setup demo test lint family bench protos clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,17 @@ lint: $(STAMP)
 # The default family, built into families/mnist5k (cached base model reused on rebuilds).
 family: $(STAMP)
 	$(BIN)/adaptive-inference build configs/mnist5k.toml --out families/mnist5k
+
+# Serving benchmarks (results in docs/serving.md): router decision time, then gRPC overhead.
+bench: $(STAMP)
+	$(BIN)/python bench/router.py
+	$(BIN)/python bench/overhead.py
+
+# Regenerate protos/generated/ from protos/*.proto (the generated files are committed).
+# The -I mapping makes the generated modules import each other as protos.generated.*.
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos/generated=protos --python_out=. \
+		--grpc_python_out=. --pyi_out=. protos/grpc_service.proto protos/adaptive.proto
 
 clean:
 	rm -rf $(VENV) families results .pytest_cache .ruff_cache

@@ -1,1 +1,29 @@
-"""What users import and run: the `AdaptiveClient` library and the `adaptive-inference` CLI."""
+"""What users import and run: the `AdaptiveClient` library and the `adaptive-inference` CLI.
+
+``from client import AdaptiveClient, InferResult`` and the typed errors (``NotFound``,
+``InvalidArgument``, ``BudgetExceeded``, ``Overloaded``, ``Unavailable``, ``AdaptiveError``).
+Imported lazily, so the CLI's ``build`` never loads grpc.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "AdaptiveClient": "client.client", "InferResult": "client.client",
+    "VariantInfo": "client.client",
+    "AdaptiveError": "server.errors", "InvalidArgument": "server.errors",
+    "NotFound": "server.errors", "BudgetExceeded": "server.errors",
+    "Overloaded": "server.errors", "Unavailable": "server.errors",
+    "InternalError": "server.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

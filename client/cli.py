@@ -38,6 +38,60 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import ServeOptions, main
+    from server.engine import Settings
+
+    opts = ServeOptions(
+        host=args.host, port=args.port, metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, workers=args.workers,
+        backend=args.backend, device=args.device, intra_op_threads=args.intra_op_threads,
+        **({"threads": args.threads} if args.threads else {}),
+        settings=Settings(max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
+                          max_queue=args.max_queue, on_miss=args.on_miss,
+                          threads_per_batch=args.intra_op_threads,
+                          deadline_margin_ms=args.deadline_margin_ms,
+                          inline_below_ms=args.inline_below_ms))
+    return main(args.family, opts)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from client.client import AdaptiveClient
+    from client.images import read_images
+
+    with AdaptiveClient(args.target) as client:
+        shape = list(client.metadata().inputs[0].shape)[1:]
+        x = read_images(args.file, shape)
+        r = client.infer(x, budget_ms=args.budget_ms, variant=args.variant, timeout=args.timeout)
+    where = r.variant if r.exit is None else f"{r.variant} (exit {r.exit})"
+    budget = "no budget" if r.budget_ms is None else (
+        f"budget {r.budget_ms:.3f} ms {'met' if r.met else 'MISSED'}")
+    print(f"{where}: {r.latency_ms:.3f} ms round trip (queue {r.queue_ms or 0:.3f} ms, "
+          f"compute {r.compute_ms or 0:.3f} ms), {budget}")
+    for i, (c, p) in enumerate(zip(r.classes, r.probabilities.max(axis=1), strict=True)):
+        print(f"  [{i}] class {int(c)}  p={p:.3f}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from client.client import AdaptiveClient
+
+    with AdaptiveClient(args.target) as client:
+        status = client.health(args.service, timeout=args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.demo import run_demo
+
+    print(run_demo(Path(args.family), Path(args.config),
+                   max_queue_delay_ms=args.max_queue_delay_ms))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaptive-inference",
                                 description="Build and serve an adaptive model family.")
@@ -58,6 +112,61 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a family's variant table from its manifest")
     i.add_argument("family", help="family directory")
     i.set_defaults(handler=_inspect)
+
+    s = sub.add_parser("serve", help="serve a family over KServe v2 gRPC, routing by budget")
+    s.add_argument("family", help="family directory (from build)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
+    s.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus /metrics port (default 8002; 0: any; -1: off)")
+    s.add_argument("--metrics-host", help="address for /metrics (default: --host)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT), metrics aggregated")
+    s.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime",
+                   help="torch runs only variants that record a torch spec; others stay on ORT")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="ORT execution provider (auto: CUDA when available)")
+    s.add_argument("--max-batch", type=int, default=32, help="samples per batch (default 32)")
+    s.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                   help="hold a request up to this long for a fuller batch, never past what its "
+                        "deadline allows (default 0: batch only what queued meanwhile)")
+    s.add_argument("--max-queue", type=int, default=1024,
+                   help="samples queued per variant before RESOURCE_EXHAUSTED (default 1024)")
+    s.add_argument("--on-miss", choices=["best-effort", "reject"], default="best-effort",
+                   help="when no variant fits the budget: run the fastest, or fail at once "
+                        "with DEADLINE_EXCEEDED")
+    s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
+    s.add_argument("--intra-op-threads", type=int, default=1,
+                   help="ORT threads per batch (default 1)")
+    s.add_argument("--inline-below-ms", type=float, default=0.0,
+                   help="run a batch on the event loop instead of the thread pool when its "
+                        "variant is idle and it is predicted under this many ms (default 0: "
+                        "never; ~0.2 saves the thread hand-off on tiny models)")
+    s.add_argument("--deadline-margin-ms", type=float, default=0.5,
+                   help="kept back from the gRPC deadline for the reply (default 0.5)")
+    s.set_defaults(handler=_serve)
+
+    f = sub.add_parser("infer", help="classify an image file on a running server")
+    f.add_argument("file", help="FILE.npy ([H,W], [C,H,W] or [N,C,H,W]) or an image (PNG, JPEG)")
+    f.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    f.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
+    f.add_argument("--variant", help="pin a variant (or VARIANT@EXIT) instead of routing")
+    f.add_argument("--timeout", type=float, help="gRPC deadline in seconds")
+    f.set_defaults(handler=_infer)
+
+    h = sub.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 if SERVING)")
+    h.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    h.add_argument("--service", default="", help="service name (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    h.set_defaults(handler=_health)
+
+    d = sub.add_parser("demo", help="build the demo family if needed, serve it, drive mixed-"
+                                    "budget load of rising rate, print what the router did")
+    d.add_argument("--family", default="families/demo", help="where the demo family lives")
+    d.add_argument("--config", default="configs/demo.toml", help="config to build it from")
+    d.add_argument("--max-queue-delay-ms", type=float, default=1.0,
+                   help="batching delay for the demo server (default 1)")
+    d.set_defaults(handler=_demo)
     return p
 
 
@@ -66,12 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from compression.errors import BuildError
+    from server.errors import AdaptiveError, InvalidArgument, NotFound
 
     try:
         return int(args.handler(args))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except AdaptiveError as exc:  # a serving error: the server's message, named by its status
+        print(f"error: {exc.code}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidArgument | NotFound) else 1
+    except OSError as exc:  # cannot bind a port, unreadable input file
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,12 @@ METHOD_MODULES: tuple[str, ...] = (
     "compression.low_rank",
     "compression.depthwise",
     "compression.early_exit",
+    "compression.pruning",
+    "compression.channel_pruning",
+    "compression.distillation",
+    "compression.quantization",
+    "compression.clustering",
+    "compression.binary",
 )
 
 

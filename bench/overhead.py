@@ -1,0 +1,128 @@
+"""Serving overhead: end-to-end p50 of the fastest variant over gRPC minus its in-process ONNX
+Runtime time, beside a bare gRPC echo with the same payloads, measured in the same run.
+
+Both servers run as their own processes (`adaptive-inference serve`, bench/echo_server.py); one
+client sends sequential requests, alternating between them in blocks so both see the same machine
+load. Target: overhead ≤ 1.5 × echo p50.
+
+    .venv/bin/python bench/overhead.py [--family DIR] [--requests 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from client.client import build_request
+from client.process import SERVING, ServerProcess
+from compression.family import load_family
+from protos.generated import grpc_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_echo(response_bytes: int) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"),
+                             str(response_bytes)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    m = re.match(r"port (\d+)", proc.stdout.readline())
+    if m is None:
+        raise RuntimeError("echo server did not print its port")
+    return proc, int(m.group(1))
+
+
+def ort_p50_ms(family_dir: Path, variant: str, x: np.ndarray, n: int) -> float:
+    fam = load_family(family_dir)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(fam.graph(variant).SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+    for _ in range(50):
+        sess.run(None, {"input": x})
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sess.run(None, {"input": x})
+        ts.append(time.perf_counter() - t0)
+    return float(np.percentile(ts, 50) * 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="families/quick",
+                    help="family dir (built from configs/quick.toml if missing)")
+    ap.add_argument("--requests", type=int, default=3000, help="per server")
+    ap.add_argument("--block", type=int, default=250, help="requests per alternation block")
+    args = ap.parse_args()
+    family_dir = ROOT / args.family
+    if not (family_dir / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "client.cli", "build", "configs/quick.toml",
+                        "--out", str(family_dir), "--no-progress"], cwd=ROOT, check=True)
+    fam = load_family(family_dir)
+    fastest = min(fam.variants.values(), key=lambda v: v.p50(1) if not v.exits else 1e9).name
+    x = np.random.default_rng(0).random((1, *fam.input_shape), dtype=np.float32)
+    request = build_request(fam.name, x, variant=fastest, budget_ms=1000.0)
+
+    serve = [str(family_dir), "--port", "0", "--metrics-port", "-1"]
+    procs = {"pool": ServerProcess(serve),  # the default: thread-pool inference
+             "inline": ServerProcess([*serve, "--inline-below-ms", "0.2"])}
+    ports = {k: p.port() for k, p in procs.items()}
+    for p in procs.values():
+        p.wait_for(SERVING)
+    with grpc.insecure_channel(f"127.0.0.1:{ports['pool']}") as ch:
+        probe = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request)
+    echo = start_echo(probe.ByteSize())
+    raw = request.SerializeToString()
+    channels = {k: grpc.insecure_channel(f"127.0.0.1:{port}") for k, port in ports.items()}
+    channels["echo"] = grpc.insecure_channel(f"127.0.0.1:{echo[1]}")
+    calls = {k: (grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer, request)
+             for k, ch in channels.items() if k != "echo"}
+    calls["echo"] = (channels["echo"].unary_unary("/bench.Echo/Call"), raw)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    try:
+        for fn, payload in calls.values():  # warm every connection
+            for _ in range(200):
+                fn(payload)
+        while len(times["echo"]) < args.requests:  # blocks in turn: same machine load for all
+            for k, (fn, payload) in calls.items():
+                for _ in range(args.block):
+                    t0 = time.perf_counter()
+                    resp = fn(payload)
+                    times[k].append(time.perf_counter() - t0)
+                if k != "echo":
+                    assert resp.model_version == fastest
+    finally:
+        for ch in channels.values():
+            ch.close()
+        for p in procs.values():
+            p.stop()
+        echo[0].terminate()
+        echo[0].wait(timeout=30)
+    ort_ms = ort_p50_ms(family_dir, fastest, x, args.requests)
+    echo_p50 = float(np.percentile(times["echo"], 50) * 1e3)
+    print(f"family {fam.name!r}, fastest variant {fastest!r}, batch 1, "
+          f"{args.requests} sequential requests per server, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"  in-process ORT p50            {ort_ms:8.3f} ms")
+    print(f"  bare gRPC echo p50            {echo_p50:8.3f} ms  (p99 "
+          f"{np.percentile(times['echo'], 99) * 1e3:.3f} ms)")
+    for k, label in (("pool", "server, thread pool (default)"),
+                     ("inline", "server, --inline-below-ms 0.2")):
+        p50 = float(np.percentile(times[k], 50) * 1e3)
+        overhead = p50 - ort_ms
+        print(f"  {label:<30}{p50:8.3f} ms  (p99 {np.percentile(times[k], 99) * 1e3:.3f} ms)"
+              f"  overhead {overhead:.3f} ms = {overhead / echo_p50:.2f}x echo (target ≤ 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

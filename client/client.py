@@ -1,0 +1,236 @@
+"""`AdaptiveClient`: send images with a latency budget, get logits and the routing decision back.
+
+Speaks the KServe v2 protocol (any KServe v2 server answers `infer`; the variant and exit fields
+are filled by ours). gRPC failures become the typed errors of `server.errors` (``NotFound``,
+``InvalidArgument``, ``BudgetExceeded``, ``Unavailable``, …), matched by status code.
+
+Budget and deadline: ``budget_ms`` travels as the ``latency_budget_ms`` request parameter and is
+what the router plans for. The gRPC deadline follows it: ``timeout`` if given, else twice the
+budget plus 50 ms, so a best-effort answer that misses its budget still arrives (and is reported
+as missed) instead of being cut off; without a budget the deadline is ``timeout`` or none.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.generated import adaptive_pb2 as apb
+from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
+from protos.generated import grpc_service_pb2 as pb
+from server.errors import AdaptiveError, InvalidArgument, from_code
+
+BUDGET_PARAM = "latency_budget_ms"
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One answered request."""
+
+    outputs: np.ndarray  # logits [N, classes]
+    classes: np.ndarray  # predicted class index per sample [N]
+    variant: str  # the variant that answered
+    exit: int | None  # deepest early exit used (early-exit network), else None
+    latency_ms: float  # round trip seen by the client
+    queue_ms: float | None  # server side: time in the batch queue
+    compute_ms: float | None  # server side: the batch's compute time
+    budget_ms: float | None  # the budget the server planned for
+    exits: tuple[int, ...] | None = None  # per-sample exits when N > 1
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits [N, classes]."""
+        z = np.exp(self.outputs - self.outputs.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    @property
+    def met(self) -> bool | None:
+        """Did the answer arrive inside the requested budget (None without a budget)?"""
+        return None if self.budget_ms is None else self.latency_ms <= self.budget_ms
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """One row of the server's variant table."""
+
+    name: str
+    variant: str
+    method: str
+    exit: int | None
+    accuracy: float
+    predicted_p50_ms: float
+    predicted_p95_ms: float
+    queue_ms: float
+
+
+def as_batch(images: np.ndarray) -> np.ndarray:
+    """[C, H, W] or [N, C, H, W] → contiguous float32 [N, C, H, W]; uint8 pixels scaled to [0, 1]."""
+    x = np.asarray(images)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise InvalidArgument(f"batch shape {list(x.shape)!r}: expected [N, C, H, W] or [C, H, W]")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def build_request(model: str, x: np.ndarray, *, budget_ms: float | None = None,
+                  variant: str | None = None, input_name: str = "input",
+                  request_id: str | None = None) -> pb.ModelInferRequest:
+    """A ModelInferRequest with ``x`` as raw FP32 and the budget as a request parameter."""
+    req = pb.ModelInferRequest(model_name=model, model_version=variant or "",
+                               id=request_id or str(next(_ids)))
+    t = req.inputs.add()
+    t.name, t.datatype = input_name, "FP32"
+    t.shape.extend(x.shape)
+    req.raw_input_contents.append(x.tobytes())
+    if budget_ms is not None:
+        req.parameters[BUDGET_PARAM].double_param = float(budget_ms)
+    return req
+
+
+def parse_response(resp: pb.ModelInferResponse, latency_ms: float) -> InferResult:
+    out = resp.outputs[0]
+    shape = tuple(out.shape)
+    if resp.raw_output_contents:
+        logits = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(shape)
+    else:
+        logits = np.asarray(out.contents.fp32_contents, np.float32).reshape(shape)
+    p = resp.parameters
+
+    def num(key: str) -> float | None:
+        return p[key].double_param if key in p else None
+
+    exits = (tuple(int(e) for e in p["exits"].string_param.split(","))
+             if "exits" in p else None)
+    return InferResult(
+        outputs=logits, classes=logits.argmax(axis=1),
+        variant=p["variant"].string_param if "variant" in p else resp.model_version,
+        exit=int(p["exit"].int64_param) if "exit" in p else None,
+        latency_ms=latency_ms, queue_ms=num("queue_ms"), compute_ms=num("compute_ms"),
+        budget_ms=num(BUDGET_PARAM), exits=exits)
+
+
+def deadline_s(budget_ms: float | None, timeout: float | None) -> float | None:
+    """The gRPC deadline for a request (see the module docstring)."""
+    if timeout is not None:
+        return timeout
+    return None if budget_ms is None else 2 * budget_ms / 1e3 + 0.05
+
+
+def error_from(exc: grpc.RpcError) -> AdaptiveError:
+    """The typed error for a failed call."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return from_code(code.name, details or code.name)
+
+
+class AdaptiveClient:
+    """A blocking client for one adaptive inference server."""
+
+    def __init__(self, target: str, *, model: str | None = None,
+                 options: list[tuple[str, Any]] | None = None) -> None:
+        self.target = target
+        self._channel = grpc.insecure_channel(
+            target, options=options or [("grpc.max_receive_message_length", 64 << 20)])
+        self._infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._adaptive = adaptive_pb2_grpc.AdaptiveServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._model = model
+        self._input_name = "input"
+
+    # --- the main call -------------------------------------------------------------------------
+
+    def infer(self, batch: np.ndarray, budget_ms: float | None = None, variant: str | None = None,
+              timeout: float | None = None) -> InferResult:
+        """Classify ``batch`` ([N, C, H, W] or [C, H, W]) inside ``budget_ms`` if given;
+        ``variant`` pins a variant (or ``variant@exit``) instead of letting the server choose."""
+        if budget_ms is not None and not budget_ms > 0:
+            raise InvalidArgument(f"budget_ms {budget_ms!r}: must be positive")
+        x = as_batch(batch)
+        req = build_request(self.model, x, budget_ms=budget_ms, variant=variant,
+                            input_name=self._input_name)
+        t0 = time.perf_counter()
+        try:
+            resp = self._infer.ModelInfer(req, timeout=deadline_s(budget_ms, timeout))
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        return parse_response(resp, (time.perf_counter() - t0) * 1e3)
+
+    # --- discovery -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """The model (family) name, asked from the server once."""
+        if self._model is None:
+            self._model = self._call(self._adaptive.ModelVariants,
+                                     apb.ModelVariantsRequest()).name
+        return self._model
+
+    def metadata(self) -> pb.ModelMetadataResponse:
+        return self._call(self._infer.ModelMetadata, pb.ModelMetadataRequest(name=self.model))
+
+    def variants(self, batch_size: int = 1) -> list[VariantInfo]:
+        """The server's variant table with predicted latencies now."""
+        resp = self._call(self._adaptive.ModelVariants,
+                          apb.ModelVariantsRequest(name=self.model, batch_size=batch_size))
+        return [VariantInfo(c.name, c.variant, c.method, None if c.exit < 0 else c.exit,
+                            c.accuracy, c.predicted_p50_ms, c.predicted_p95_ms, c.queue_ms)
+                for c in resp.candidates]
+
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, … or UNREACHABLE."""
+        try:
+            resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                      timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def ready(self) -> bool:
+        """Health SERVING (loaded, warmed up, re-measured)?"""
+        return self.health() == "SERVING"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server reports SERVING (streams health, no polling loop)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""),
+                                        timeout=timeout)
+            for resp in stream:
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    stream.cancel()
+                    return
+        except grpc.FutureTimeoutError:
+            raise from_code("UNAVAILABLE", f"{self.target}: not reachable in {timeout} s"
+                            ) from None
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        raise from_code("UNAVAILABLE", f"{self.target}: health stream ended before SERVING")
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, method: Any, request: Any, timeout: float = 10.0) -> Any:
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdaptiveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

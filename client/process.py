@@ -1,0 +1,83 @@
+"""`adaptive-inference serve` as a child process: start it, learn its ports from its log, stop it.
+
+The demo and the benchmarks run the server in its own process (as in production: no GIL shared
+with the load generator); the tests use the same helper to exercise the real command.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from server.errors import Unavailable
+
+LISTENING = r"listening on \S+ \(port (\d+)\)"
+WORKERS = r"\d+ workers on \S+:(\d+)"
+METRICS = r"metrics on http://\S+:(\d+)/metrics"
+SERVING = r"SERVING family"
+
+
+class ServerProcess:
+    """A running ``serve`` command; its log lines are read on a thread (and copied to ``log``)."""
+
+    def __init__(self, args: Sequence[str], *, log: IO[str] | None = None,
+                 cwd: str | Path | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, cwd=cwd)
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._copy = log
+        self.log: list[str] = []
+        threading.Thread(target=self._read, name="serve-log", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # always drained, so the child never blocks on its pipe
+            if self._copy is not None:
+                self._copy.write(line)
+                self._copy.flush()
+            self._lines.put(line)
+        self._lines.put("")  # end of output
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 120) -> list[re.Match[str]]:
+        """Block until ``pattern`` appeared ``count`` more times in the log."""
+        found: list[re.Match[str]] = []
+        while len(found) < count:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise Unavailable(f"serve: no {pattern!r} in its log after {timeout} s") from None
+            if line == "":
+                tail = "".join(self.log[-20:])
+                raise Unavailable(f"serve exited ({self.proc.wait()}) before {pattern!r}:\n{tail}")
+            self.log.append(line)
+            m = re.search(pattern, line)
+            if m:
+                found.append(m)
+        return found
+
+    def port(self, pattern: str = LISTENING) -> int:
+        return int(self.wait_for(pattern)[0].group(1))
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (graceful: in-flight requests finish) and wait; SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,371 @@
+"""Server assembly: `create_server` (used by tests, the demo and benchmarks) and `main` (the CLI).
+
+Start-up order: bind and start gRPC with health NOT_SERVING → load the family (sha256 verified)
+→ create the runners → warm up and re-measure every variant on this host → start the batchers →
+health SERVING. Inference runs in a thread pool; the event loop only decodes, routes and encodes.
+
+``--workers N`` forks N processes that each run this whole server on the same port
+(SO_REUSEPORT; the kernel spreads connections). The fork happens before any gRPC object or
+thread exists, and before prometheus_client is imported, so that every worker writes its metrics
+through the multiprocess directory the parent aggregates on ``--metrics-port``. Hence the
+function-level imports of grpc-using and prometheus modules below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from compression.family import Family, load_family
+from server.engine import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything `adaptive-inference serve` configures besides the family."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_host: str | None = None  # default: host
+    metrics_port: int | None = 8002  # None: no metrics endpoint
+    workers: int = 1
+    backend: str = "onnxruntime"
+    device: str = "auto"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    intra_op_threads: int = 1
+    monitor_interval_s: float = 0.5
+    settings: Settings = field(default_factory=Settings)
+
+
+class AdaptiveServer:
+    """A started server: gRPC, health, metrics endpoint, and (once ready) the engine."""
+
+    def __init__(self, grpc_server: Any, port: int, state: Any, health: Any, monitor: Any,
+                 executor: ThreadPoolExecutor) -> None:
+        self.grpc = grpc_server
+        self.port = port
+        self.state = state
+        self.health = health
+        self.monitor = monitor
+        self.executor = executor
+        self.metrics_port: int | None = None
+        self.metrics_http: Any = None
+        self.ready_event = asyncio.Event()
+        self.failure: BaseException | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def engine(self) -> Any:
+        return self.state.engine
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Return once SERVING; raise what broke start-up if it failed."""
+        await asyncio.wait_for(self.ready_event.wait(), timeout)
+        if self.failure is not None:
+            raise RuntimeError(f"server start-up failed: {self.failure}") from self.failure
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting, let in-flight requests finish for ``grace`` seconds, release all."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.state.engine is not None:
+            await self.state.engine.stop()
+        self.monitor.stop()
+        if self.metrics_http is not None:
+            from server.metrics import stop_http
+
+            stop_http(self.metrics_http)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("server on port %d stopped", self.port)
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0", *,
+                        options: ServeOptions = ServeOptions(), metrics_address: str | None = None,
+                        registry: Any = None, reuse_port: bool = False,
+                        startup_gate: asyncio.Event | None = None
+                        ) -> tuple[AdaptiveServer, int]:
+    """Start a server for ``family`` on ``address`` (port 0: any free port); returns at once
+    with the server NOT_SERVING and loads, warms up and re-measures in the background.
+
+    ``metrics_address`` ``"host:port"`` serves /metrics from ``registry`` (a fresh one if None).
+    ``startup_gate``: stay NOT_SERVING until it is set too (lets tests observe that phase).
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+    from grpc_reflection.v1alpha import reflection
+
+    from protos.generated import adaptive_pb2, adaptive_pb2_grpc, grpc_service_pb2_grpc
+    from protos.generated import grpc_service_pb2 as pb
+    from server.metrics import Metrics, serve_http
+    from server.monitor import Monitor
+    from server.servicer import AdaptiveServicer, InferenceServicer, ServingState
+
+    state = ServingState(margin_ms=options.settings.deadline_margin_ms)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0),
+                                      ("grpc.max_receive_message_length", 64 << 20)])
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(state), server)
+    adaptive_pb2_grpc.add_AdaptiveServiceServicer_to_server(AdaptiveServicer(state), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    services = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                adaptive_pb2.DESCRIPTOR.services_by_name["AdaptiveService"].full_name)
+    reflection.enable_server_reflection(
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    for name in ("", *services):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind": in use, or not a local address
+        raise OSError(f"cannot listen on {address!r} (address in use or not local?)") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address!r} (address in use or not local?)")
+    await server.start()
+    log.info("listening on %s (port %d), NOT_SERVING until warmed up",
+             address.rsplit(":", 1)[0] + f":{port}", port)
+
+    monitor = Monitor(options.monitor_interval_s)
+    monitor.start()
+    executor = ThreadPoolExecutor(max_workers=max(options.threads, 1),
+                                  thread_name_prefix="infer")
+    srv = AdaptiveServer(server, port, state, health, monitor, executor)
+    metrics = Metrics(registry)
+    if metrics_address is not None:
+        host, _, mport = metrics_address.rpartition(":")
+        srv.metrics_http, srv.metrics_port = serve_http(int(mport), host, metrics.registry)
+
+    async def load() -> None:
+        try:
+            await _load(family, options, state, metrics, monitor, executor)
+            if startup_gate is not None:
+                await startup_gate.wait()
+            for name in ("", *services):
+                await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            srv._tasks.append(asyncio.create_task(_gauges(state, options.monitor_interval_s)))
+            log.info("SERVING family %r", state.spec.name if state.spec else "?")
+        except Exception as exc:
+            log.exception("start-up failed; staying NOT_SERVING")
+            srv.failure = exc
+        finally:
+            srv.ready_event.set()
+
+    srv._tasks.append(asyncio.create_task(load()))
+    return srv, port
+
+
+async def _load(family: str | Path | Family, options: ServeOptions, state: Any, metrics: Any,
+                monitor: Any, executor: ThreadPoolExecutor) -> None:
+    from server.codec import ModelSpec
+    from server.engine import Engine
+    from server.runtime import load_runners, providers
+
+    loop = asyncio.get_running_loop()
+    if not isinstance(family, Family):
+        log.info("loading family from %s", family)
+        family = await loop.run_in_executor(executor, load_family, family)
+    fam: Family = family
+    log.info("family %r: %d variants verified (%s)", fam.name, len(fam.variants),
+             ", ".join(fam.variants))
+    runners = await loop.run_in_executor(
+        executor, lambda: load_runners(fam, backend=options.backend, device=options.device,
+                                       threads=options.intra_op_threads))
+    log.info("runners created: backend %s, providers %s", options.backend,
+             providers(options.device))
+    engine = Engine(fam, runners, executor=executor, metrics=metrics, monitor=monitor,
+                    settings=options.settings)
+    await loop.run_in_executor(executor, engine.warm_up)
+    log.info("warm-up and latency re-measurement done")
+    engine.start()
+    state.spec = ModelSpec(name=fam.name, input_name=fam.manifest["input"]["name"],
+                           input_shape=tuple(fam.input_shape),
+                           output_name=fam.manifest["output"]["name"],
+                           num_classes=fam.num_classes)
+    state.versions = [*fam.variants, *(c.name for c in engine.router.candidates
+                                       if c.name not in fam.variants)]
+    state.engine = engine
+    engine.update_gauges()
+
+
+async def _gauges(state: Any, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)  # a sampling period, not a wait for an event
+        try:
+            state.engine.update_gauges()
+        except Exception:
+            log.warning("updating gauges failed", exc_info=True)
+
+
+# --- running a server in a background thread (tests, demo, benchmarks) -------------------------
+
+@dataclass
+class RunningServer:
+    server: AdaptiveServer
+    port: int
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def call(self, coro: Any, timeout: float | None = 30) -> Any:
+        """Run a coroutine on the server's loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def serve_in_thread(family: str | Path | Family, *, options: ServeOptions = ServeOptions(),
+                    metrics: bool = True, wait_ready: bool = True, ready_timeout: float = 120,
+                    startup_gate: asyncio.Event | None = None) -> Iterator[RunningServer]:
+    """A server on 127.0.0.1, any free ports, its event loop in a daemon thread; stopped on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
+    thread.start()
+    running: RunningServer | None = None
+    try:
+        srv, port = asyncio.run_coroutine_threadsafe(create_server(
+            family, "127.0.0.1:0", options=options,
+            metrics_address="127.0.0.1:0" if metrics else None,
+            startup_gate=startup_gate), loop).result(60)
+        running = RunningServer(srv, port, loop)
+        if wait_ready:
+            running.call(srv.wait_ready(ready_timeout), timeout=ready_timeout + 5)
+        yield running
+    finally:
+        if running is not None:
+            running.call(running.server.stop(0.5))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+# --- main: one process, or N forked workers --------------------------------------------------
+
+def main(family_dir: str | Path, options: ServeOptions) -> int:
+    """Serve until SIGINT/SIGTERM. Returns the exit status."""
+    family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
+    if options.workers <= 1:
+        return asyncio.run(_serve(family, options, reuse_port=False, metrics=True))
+    return _serve_workers(family, options)
+
+
+async def _serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool
+                 ) -> int:
+    address = f"{options.host}:{options.port}"
+    maddr = (f"{options.metrics_host or options.host}:{options.metrics_port}"
+             if metrics and options.metrics_port is not None else None)
+    srv, _port = await create_server(family, address, options=options, metrics_address=maddr,
+                                     reuse_port=reuse_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.create_task(srv.ready_event.wait())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if srv.failure is not None:
+        status = 1
+    else:
+        await stopping
+        log.info("signal received, stopping")
+    ready.cancel()
+    stopping.cancel()
+    await srv.stop(grace=2.0)
+    return status
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the parent dies, even by SIGKILL, so no orphan keeps
+    serving on the shared port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _serve_workers(family: Family, options: ServeOptions) -> int:
+    """Fork ``options.workers`` servers on one port; aggregate their metrics here."""
+    mp_dir = tempfile.mkdtemp(prefix="adaptive-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir  # before prometheus_client is imported
+    # Hold the port with SO_REUSEPORT so port 0 resolves once and every worker binds the same.
+    holder = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((options.host, options.port))
+    port = holder.getsockname()[1]
+    child_opts = replace(options, port=port,
+                         threads=max(options.threads // options.workers, 1))
+    pids: list[int] = []
+    for _ in range(options.workers):
+        pid = os.fork()
+        if pid == 0:  # worker: a whole server, metrics through the multiprocess directory
+            holder.close()
+            _die_with_parent()
+            code = 1
+            try:
+                code = asyncio.run(_serve(family, child_opts, reuse_port=True, metrics=False))
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    log.info("%d workers on %s:%d: pids %s", options.workers, options.host, port, pids)
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from server.metrics import serve_http, stop_http
+
+    httpd = None
+    if options.metrics_port is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=mp_dir)
+        httpd, _ = serve_http(options.metrics_port, options.metrics_host or options.host,
+                              registry)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    status = 0
+    for _ in pids:
+        pid, wstatus = os.wait()
+        multiprocess.mark_process_dead(pid, mp_dir)
+        code = os.waitstatus_to_exitcode(wstatus)
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.error("worker %d exited with %d", pid, code)
+            status = 1
+    holder.close()
+    if httpd is not None:
+        stop_http(httpd)
+    shutil.rmtree(mp_dir, ignore_errors=True)  # the workers' metric files die with them
+    return status

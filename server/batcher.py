@@ -1,0 +1,240 @@
+"""Dynamic batching: one queue per variant, one batch of it computing at a time.
+
+Requests wait in the variant's queue while its previous batch computes, so batches grow with load
+by themselves. ``max_queue_delay_ms`` > 0 additionally holds the first request up to that long for
+company, but never past the moment its deadline requires it to start: the batch is dispatched by
+``min(first arrival + delay, earliest deadline − predicted compute of the batch)``. A batch never
+exceeds ``max_batch`` samples (a single larger request runs alone). The batch runs in the worker
+thread pool; the event loop only queues and wakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import BudgetExceeded, Overloaded, Unavailable
+from server.latency import QueueState
+from server.router import Clock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    """One request waiting in a queue."""
+
+    x: np.ndarray  # [n, C, H, W] float32
+    deadline: float | None  # clock seconds; None: no budget
+    max_exit: int | None  # early-exit network: deepest exit allowed
+    enqueued: float
+    future: asyncio.Future[Result] = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a request gets back from its batch."""
+
+    logits: np.ndarray  # [n, classes]
+    exits: np.ndarray | None  # [n] exit index per sample (early-exit network only)
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """What the execute function returns: one entry per item, in order, and the compute time of
+    each latency-model unit it ran as ``(unit, batch size, ms)``."""
+
+    logits: Sequence[np.ndarray]
+    exits: Sequence[np.ndarray | None]
+    timings: Sequence[tuple[str, int, float]] = ()
+
+
+Execute = Callable[[list[Item]], BatchOutput]  # runs in a worker thread
+OnBatch = Callable[[list[Item], float, BatchOutput], None]  # (items, dispatch time, output)
+
+
+class Batcher:
+    """A variant's queue and its batching loop; `submit` from the event loop."""
+
+    def __init__(self, name: str, execute: Execute, executor: Executor, *, clock: Clock,
+                 max_batch: int = 32, max_delay_ms: float = 0.0, max_queue: int = 1024,
+                 predict_ms: Callable[[int], float] = lambda n: 0.0,
+                 drop_expired: bool = False, on_batch: OnBatch | None = None,
+                 inline_ok: Callable[[int], bool] | None = None) -> None:
+        self.name = name
+        self._execute = execute
+        self._executor = executor
+        self._clock = clock
+        self.max_batch = max(int(max_batch), 1)
+        self.max_delay_s = max(float(max_delay_ms), 0.0) / 1e3
+        self.max_queue = max_queue
+        self._predict_ms = predict_ms
+        self._drop_expired = drop_expired
+        self._on_batch = on_batch
+        self._inline_ok = inline_ok
+        self._queue: collections.deque[Item] = collections.deque()
+        self._queued = 0  # samples in _queue
+        self._running = 0  # samples in the batch computing now
+        self._running_since = 0.0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- the router's view (a `QueueView`, read live: no snapshot per request) -----------------
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def running_for_ms(self) -> float:
+        return (self._clock() - self._running_since) * 1e3 if self._running else 0.0
+
+    def state(self) -> QueueState:
+        return QueueState(self.queued, self.running, self.running_for_ms)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(),
+                                                                name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(Unavailable("server is shutting down"))
+        self._queued = 0
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def submit(self, x: np.ndarray, *, deadline: float | None,
+                     max_exit: int | None = None) -> Result:
+        """Queue ``x`` and wait for its share of a batch. Cancelling the caller drops the item."""
+        if self._task is None:
+            raise Unavailable(f"variant {self.name!r} is not running")
+        if self._queued + x.shape[0] > self.max_queue:
+            raise Overloaded(f"variant {self.name!r}: queue full ({self._queued} samples queued, "
+                             f"limit {self.max_queue})")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        item = Item(x, deadline, max_exit, self._clock(), future)
+        if (self._inline_ok is not None and not self._running and not self._queue
+                and self._inline_ok(item.n)):
+            return self._run_inline(item)
+        self._queue.append(item)
+        self._queued += x.shape[0]
+        self._arrived.set()
+        return await future  # cancellation marks the future cancelled; the loop skips it
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.max_delay_s > 0:
+                await self._hold()
+            items = self._take()
+            if not items:
+                continue
+            t0 = self._clock()
+            self._running, self._running_since = sum(i.n for i in items), t0
+            try:
+                out = await loop.run_in_executor(self._executor, self._execute, items)
+            except Exception as exc:  # a runner failure fails this batch, not the server
+                log.exception("variant %s: batch of %d failed", self.name, self._running)
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            finally:
+                self._running = 0
+            compute_ms = (self._clock() - t0) * 1e3
+            batch = sum(i.n for i in items)
+            for item, logits, exits in zip(items, out.logits, out.exits, strict=True):
+                if not item.future.done():
+                    item.future.set_result(Result(logits, exits, (t0 - item.enqueued) * 1e3,
+                                                  compute_ms, batch))
+            if self._on_batch is not None:
+                self._on_batch(items, t0, out)
+
+    def _run_inline(self, item: Item) -> Result:
+        """Opt-in (``inline_ok``): an idle variant whose batch is predicted to take less than a
+        thread hand-off runs on the event loop thread itself, blocking the loop about that long
+        and saving the two thread wake-ups of the pool."""
+        t0 = self._clock()
+        out = self._execute([item])
+        compute_ms = (self._clock() - t0) * 1e3
+        if self._on_batch is not None:
+            self._on_batch([item], t0, out)
+        return Result(out.logits[0], out.exits[0], (t0 - item.enqueued) * 1e3, compute_ms,
+                      item.n)
+
+    async def _hold(self) -> None:
+        """Wait for more requests until the batch is full, the delay is up, or a deadline needs
+        the batch to start."""
+        first = self._queue[0].enqueued
+        while self._queued < self.max_batch:
+            flush_at = first + self.max_delay_s
+            deadlines = [i.deadline for i in self._queue if i.deadline is not None]
+            if deadlines:
+                flush_at = min(flush_at, min(deadlines) - self._predict_ms(self._queued) / 1e3)
+            timeout = flush_at - self._clock()
+            if timeout <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[Item]:
+        """Pop up to ``max_batch`` samples of live requests (at least one request)."""
+        items: list[Item] = []
+        n = 0
+        now = self._clock()
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # cancelled by its caller
+                self._queue.popleft()
+                self._queued -= item.n
+                continue
+            if self._drop_expired and item.deadline is not None and item.deadline <= now:
+                self._queue.popleft()
+                self._queued -= item.n
+                item.future.set_exception(BudgetExceeded(
+                    f"deadline passed after {(now - item.enqueued) * 1e3:.3f} ms in the "
+                    f"{self.name!r} queue"))
+                continue
+            if items and n + item.n > self.max_batch:
+                break
+            self._queue.popleft()
+            self._queued -= item.n
+            items.append(item)
+            n += item.n
+        return items

@@ -1,0 +1,69 @@
+"""Serving errors: one shallow tree, each class bound to the gRPC status code it travels as.
+
+The server raises these; the servicer turns any of them into its status code and message, and
+the client turns a status code back into the same class, so a user catches
+`client.InvalidArgument` for what the server rejected as INVALID_ARGUMENT. The code names live
+here only (as strings: this module stays free of grpc so the pure router can raise them).
+Messages name the field and show the bad value with ``!r``.
+"""
+
+from __future__ import annotations
+
+
+class AdaptiveError(Exception):
+    """Base class: a request failed for a reason the caller can act on."""
+
+    code = "UNKNOWN"
+
+
+class InvalidArgument(AdaptiveError):
+    """A request field is malformed: wrong shape, datatype, size or parameter value."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(AdaptiveError):
+    """The request names a model or variant this server does not host."""
+
+    code = "NOT_FOUND"
+
+
+class BudgetExceeded(AdaptiveError):
+    """No candidate can finish inside the latency budget, or the deadline has passed."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Overloaded(AdaptiveError):
+    """A queue is full; retry later or with a larger budget."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(AdaptiveError):
+    """The server is not ready yet, is shutting down, or cannot be reached."""
+
+    code = "UNAVAILABLE"
+
+
+class Cancelled(AdaptiveError):
+    """The caller cancelled the request."""
+
+    code = "CANCELLED"
+
+
+class InternalError(AdaptiveError):
+    """The server failed on a valid request (a bug or a runtime failure); see its log."""
+
+    code = "INTERNAL"
+
+
+_BY_CODE: dict[str, type[AdaptiveError]] = {
+    cls.code: cls for cls in (InvalidArgument, NotFound, BudgetExceeded, Overloaded, Unavailable,
+                              Cancelled, InternalError)
+}
+
+
+def from_code(code_name: str, message: str) -> AdaptiveError:
+    """The error class for a gRPC status code name (e.g. ``"NOT_FOUND"``), carrying ``message``."""
+    return _BY_CODE.get(code_name, AdaptiveError)(message)

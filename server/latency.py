@@ -1,0 +1,203 @@
+"""The latency model: how long a unit of work takes at a batch size, on this host, under this load.
+
+A *unit* is one thing a runner executes: a variant's graph (``"full"``) or one stage of the
+early-exit network (``"early-exit/1"``); a routing candidate costs the sum of its units. For each
+unit we keep estimates at a few batch sizes, seeded from the manifest (measured on the build host)
+or the warm-up re-measurement, then updated online with an EWMA of observed compute times, in the
+style of TCP's RTT estimator: a smoothed mean and a smoothed absolute deviation, p95 ≈ mean + k·dev.
+
+Observations are divided by the load factor in force when they were made, so the stored numbers
+are *unloaded* times; predictions multiply by the load factor now. That keeps one busy minute from
+poisoning the estimates once the host is idle again, and lets the router react to load at once
+instead of waiting for slow observations. Pure: no clock, no I/O, no grpc.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Floor for any prediction: even an empty graph costs a session call.
+MIN_MS = 0.005
+
+
+@dataclass(frozen=True)
+class Load:
+    """The host and server state a prediction is scaled by (built by the monitor and batchers)."""
+
+    cores: int = 1
+    cpu_other: float = 0.0  # share of all cores busy with work outside this server, 0..1
+    executing: int = 0  # batches this server is computing right now
+    queues: Mapping[str, QueueView] = field(default_factory=dict)  # per variant
+
+
+class QueueView(Protocol):
+    """What the router reads of a variant's queue (a live `Batcher`, or a `QueueState`)."""
+
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def running_for_ms(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A snapshot of one variant's queue (tests, benchmarks)."""
+
+    queued: int = 0  # samples waiting, not yet dispatched
+    running: int = 0  # samples in the batch executing now (0: idle)
+    running_for_ms: float = 0.0  # how long that batch has been executing
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    p50: float  # ms
+    p95: float  # ms
+
+
+@dataclass
+class _Point:
+    mean: float  # unloaded ms
+    dev: float  # smoothed absolute deviation, ms
+    samples: int = 0
+
+
+class LatencyModel:
+    """Per-unit, per-batch-size compute time estimates; see the module docstring."""
+
+    def __init__(self, *, alpha: float = 0.2, dev_k: float = 2.0, threads_per_batch: int = 1
+                 ) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self.dev_k = dev_k
+        self.threads_per_batch = threads_per_batch
+        self._points: dict[str, dict[int, _Point]] = {}
+        # unit → batch → unloaded prediction; the router asks ~20 of these per request, so they
+        # are memoised and dropped per unit when an observation or a seed changes that unit.
+        self._cache: dict[str, dict[int, Prediction]] = {}
+        self._sums: dict[tuple[tuple[str, ...], int], tuple[float, float]] = {}
+
+    # --- seeding -------------------------------------------------------------------------------
+
+    def seed(self, unit: str, table: Mapping[str, Mapping[str, float]]) -> None:
+        """Replace ``unit``'s estimates with a table ``{batch: {"p50": ms, "p95": ms}}``."""
+        points: dict[int, _Point] = {}
+        for batch, row in table.items():
+            p50 = max(float(row["p50"]), MIN_MS)
+            p95 = max(float(row.get("p95", p50)), p50)
+            points[int(batch)] = _Point(mean=p50, dev=(p95 - p50) / self.dev_k)
+        if not points:
+            raise ValueError(f"unit {unit!r}: empty latency table")
+        self._points[unit] = points
+        self._cache[unit] = {}
+        self._sums = {}
+
+    def units(self) -> list[str]:
+        return list(self._points)
+
+    def __contains__(self, unit: str) -> bool:
+        return unit in self._points
+
+    # --- load ----------------------------------------------------------------------------------
+
+    def load_factor(self, load: Load, *, extra_batches: int = 1) -> float:
+        """Slowdown of one more batch on this host: runnable threads per core, at least 1.
+
+        Demand = other processes' busy cores + our executing batches + the ``extra_batches`` about
+        to start, each using ``threads_per_batch`` threads; past one thread per core, everything
+        shares the cores and slows down in proportion.
+        """
+        cores = max(load.cores, 1)
+        demand = (min(max(load.cpu_other, 0.0), 1.0) * cores
+                  + (load.executing + extra_batches) * self.threads_per_batch)
+        return max(1.0, demand / cores)
+
+    # --- online updates ------------------------------------------------------------------------
+
+    def observe(self, unit: str, batch: int, ms: float, *, load_factor: float = 1.0) -> None:
+        """Fold one observed compute time (``ms`` for ``batch`` samples) into the estimate."""
+        if unit not in self._points or batch < 1 or not math.isfinite(ms) or ms < 0:
+            return
+        unloaded = max(ms / max(load_factor, 1.0), MIN_MS)
+        points = self._points[unit]
+        point = points.get(batch)
+        if point is None:  # a new batch size: start from what we would have predicted
+            guess = self._unloaded(unit, batch)
+            point = points[batch] = _Point(mean=guess.p50, dev=(guess.p95 - guess.p50) / self.dev_k)
+        err = unloaded - point.mean
+        point.mean += self.alpha * err
+        point.dev += self.alpha * (abs(err) - point.dev)
+        point.samples += 1
+        self._cache[unit] = {}
+        self._sums = {}  # rebuilt lazily: a few dict inserts per observed batch
+
+    # --- predictions ---------------------------------------------------------------------------
+
+    def predict(self, unit: str, batch: int = 1, *, load_factor: float = 1.0) -> Prediction:
+        """Predicted compute time of ``unit`` at ``batch`` under ``load_factor``."""
+        base = self._unloaded(unit, batch)
+        f = max(load_factor, 1.0)
+        return Prediction(p50=base.p50 * f, p95=base.p95 * f)
+
+    def predict_sum(self, units: tuple[str, ...], batch: int = 1, *, load_factor: float = 1.0
+                    ) -> Prediction:
+        """Units run one after another: sum the p50s and, conservatively, the p95s."""
+        p50, p95 = self.sum_ms(units, batch)
+        f = load_factor if load_factor > 1.0 else 1.0
+        return Prediction(p50=p50 * f, p95=p95 * f)
+
+    def sum_ms(self, units: tuple[str, ...], batch: int) -> tuple[float, float]:
+        """Unloaded (p50, p95) of ``units`` run in sequence: the router's hot path, memoised."""
+        key = (units, batch)
+        hit = self._sums.get(key)
+        if hit is None:
+            p50 = p95 = 0.0
+            for u in units:
+                p = self._unloaded(u, batch)
+                p50 += p.p50
+                p95 += p.p95
+            hit = self._sums[key] = (p50, p95)
+        return hit
+
+    def _unloaded(self, unit: str, batch: int) -> Prediction:
+        cache = self._cache[unit]
+        hit = cache.get(batch)
+        if hit is None:
+            hit = cache[batch] = self._interpolate(unit, batch)
+        return hit
+
+    def _interpolate(self, unit: str, batch: int) -> Prediction:
+        points = self._points[unit]
+        batch = max(int(batch), 1)
+        if batch in points:
+            return self._pred(points[batch])
+        sizes = sorted(points)
+        i = bisect.bisect_left(sizes, batch)
+        if i == 0:  # below the smallest measured batch: scale down, never below a third of it
+            p = self._pred(points[sizes[0]])
+            s = max(batch / sizes[0], 1 / 3)
+            return Prediction(p.p50 * s, p.p95 * s)
+        if i == len(sizes):  # above the largest: extend the last per-sample slope
+            hi = self._pred(points[sizes[-1]])
+            if len(sizes) == 1:
+                s = batch / sizes[-1]
+                return Prediction(hi.p50 * s, hi.p95 * s)
+            lo = self._pred(points[sizes[-2]])
+            span = sizes[-1] - sizes[-2]
+            extra = batch - sizes[-1]
+            return Prediction(hi.p50 + max(hi.p50 - lo.p50, 0.0) / span * extra,
+                              hi.p95 + max(hi.p95 - lo.p95, 0.0) / span * extra)
+        lo_b, hi_b = sizes[i - 1], sizes[i]
+        lo, hi = self._pred(points[lo_b]), self._pred(points[hi_b])
+        t = (batch - lo_b) / (hi_b - lo_b)
+        return Prediction(lo.p50 + t * (hi.p50 - lo.p50), lo.p95 + t * (hi.p95 - lo.p95))
+
+    def _pred(self, p: _Point) -> Prediction:
+        mean = max(p.mean, MIN_MS)
+        return Prediction(p50=mean, p95=mean + self.dev_k * max(p.dev, 0.0))

@@ -1,0 +1,115 @@
+"""Prometheus metrics: names, labels and buckets in one place, served on ``--metrics-port``.
+
+One `Metrics` per server, on its own registry (tests run several servers in one process). With
+``--workers N`` every worker writes through prometheus_client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by the parent before it imports prometheus_client) and the
+parent serves the aggregate; gauges say how they aggregate (``multiprocess_mode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+
+log = logging.getLogger(__name__)
+
+# `*_created` timestamps double the exposition and no dashboard of ours reads them.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0)
+BUDGET_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """Every metric the server exports (prefix ``adaptive_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.requests = Counter(
+            "adaptive_requests_total", "Inference requests by the variant that answered and the "
+            "gRPC status they ended with.", ["model", "variant", "status"], registry=r)
+        self.request_latency = Histogram(
+            "adaptive_request_latency_seconds", "Time from request decoded to response ready.",
+            ["model", "variant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "adaptive_queue_wait_seconds", "Time a request waited in its variant's batch queue.",
+            ["variant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.budget_misses = Counter(
+            "adaptive_budget_misses_total", "Requests answered after their latency budget.",
+            ["model", "variant"], registry=r)
+        self.budget = Histogram(
+            "adaptive_latency_budget_seconds", "Effective latency budgets of requests that had one.",
+            ["model"], buckets=BUDGET_BUCKETS, registry=r)
+        self.early_exit = Counter(
+            "adaptive_early_exit_total", "Samples answered by each exit of the early-exit network.",
+            ["exit"], registry=r)
+        self.batch_size = Histogram(
+            "adaptive_batch_size", "Samples per executed batch.", ["variant"],
+            buckets=BATCH_BUCKETS, registry=r)
+        self.cpu = Gauge(
+            "adaptive_cpu_utilization_ratio", "System-wide CPU utilisation, 0 to 1.",
+            registry=r, multiprocess_mode="livemax")
+        self.process_cpu = Gauge(
+            "adaptive_process_cpu_utilization_ratio", "This server's CPU use as a share of all "
+            "cores, 0 to 1.", registry=r, multiprocess_mode="livesum")
+        self.memory = Gauge(
+            "adaptive_memory_utilization_ratio", "System memory in use, 0 to 1.",
+            registry=r, multiprocess_mode="livemax")
+        self.gpu = Gauge(
+            "adaptive_gpu_utilization_ratio", "GPU utilisation from NVML, 0 to 1 (no series "
+            "without a GPU).", ["gpu"], registry=r, multiprocess_mode="livemax")
+        self.gpu_memory = Gauge(
+            "adaptive_gpu_memory_utilization_ratio", "GPU memory in use from NVML, 0 to 1.",
+            ["gpu"], registry=r, multiprocess_mode="livemax")
+        self.inflight = Gauge(
+            "adaptive_inflight_requests", "Inference requests being handled now.",
+            registry=r, multiprocess_mode="livesum")
+        self.queue_depth = Gauge(
+            "adaptive_queue_depth", "Samples waiting in each variant's batch queue.",
+            ["variant"], registry=r, multiprocess_mode="livesum")
+        self.predicted_latency = Gauge(
+            "adaptive_variant_predicted_latency_seconds", "Predicted compute p95 of one sample "
+            "on each candidate now (variant, or early-exit depth as variant@exit), load included.",
+            ["variant"], registry=r, multiprocess_mode="livemax")
+        self.accuracy = Gauge(
+            "adaptive_variant_accuracy_ratio", "Test accuracy of each candidate from the manifest.",
+            ["variant"], registry=r, multiprocess_mode="livemax")
+
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: on the request path labels() costs a lock and a
+        key build per call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+
+def serve_http(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, int]:
+    """Serve ``registry`` on http://addr:port/metrics in a daemon thread; returns (server, port)."""
+    httpd, _thread = start_http_server(port, addr=addr, registry=registry)
+    bound = int(httpd.server_port)
+    log.info("metrics on http://%s:%d/metrics", addr, bound)
+    return httpd, bound
+
+
+def stop_http(httpd: Any) -> None:
+    # shutdown() blocks until serve_forever returns; do it off the caller's thread.
+    t = threading.Thread(target=lambda: (httpd.shutdown(), httpd.server_close()), daemon=True)
+    t.start()
+    t.join(timeout=5)

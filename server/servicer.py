@@ -1,0 +1,186 @@
+"""The gRPC services, kept thin: decode → engine → encode.
+
+`InferenceServicer` is the KServe v2 ``inference.GRPCInferenceService``; `AdaptiveServicer` adds
+the variant table. Every `AdaptiveError` becomes its gRPC status in one place (`_status`), with
+the error's message as the details; anything else is an INTERNAL error and is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+import grpc
+
+from protos.generated import adaptive_pb2 as apb
+from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
+from protos.generated import grpc_service_pb2 as pb
+from server.codec import ModelSpec, decode_infer, encode_infer
+from server.engine import Engine, Outcome
+from server.errors import AdaptiveError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "adaptive-inference"
+EXTENSIONS = ["model_metadata", "adaptive_latency_budget"]
+
+try:
+    SERVER_VERSION = version("adaptive-inference")
+except PackageNotFoundError:  # running from a checkout that is not installed
+    SERVER_VERSION = "0+unknown"
+
+
+@dataclass
+class ServingState:
+    """What the services share; ``engine`` is set once the family is loaded and warmed up."""
+
+    engine: Engine | None = None
+    spec: ModelSpec | None = None
+    margin_ms: float = 0.5
+    versions: list[str] = field(default_factory=list)  # variants, then variant@exit depths
+
+    def ready_engine(self) -> tuple[Engine, ModelSpec]:
+        if self.engine is None or self.spec is None:
+            raise Unavailable("the server is still loading and warming up its model family")
+        return self.engine, self.spec
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from errors to gRPC status codes."""
+    if isinstance(exc, AdaptiveError):
+        return grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ \
+            else grpc.StatusCode.UNKNOWN, str(exc)
+    log.error("unhandled error in a handler", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+T = TypeVar("T")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]
+
+
+def _mapped(fn: Handler[T]) -> Handler[T]:
+    """Run a unary handler; abort with the mapped status on any error."""
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:  # AbortError passes through context.abort below unchanged
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            code, details = _status(exc)
+            await context.abort(code, details)
+            raise AssertionError("unreachable") from None  # abort() always raises
+    return wrapper
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 / Triton inference protocol over the adaptive engine."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.state.engine is not None)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        s = self.state
+        ready = (s.engine is not None and s.spec is not None and request.name == s.spec.name
+                 and (not request.version or _known_version(request.version, s.versions)))
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                         extensions=EXTENSIONS)
+
+    @_mapped
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        _engine, spec = self.state.ready_engine()
+        _check_model(request.name, request.version, spec, self.state.versions)
+        return pb.ModelMetadataResponse(
+            name=spec.name, versions=self.state.versions, platform="onnxruntime_onnx",
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=spec.input_name, datatype="FP32", shape=[-1, *spec.input_shape])],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=spec.output_name, datatype="FP32", shape=[-1, spec.num_classes])])
+
+    @_mapped
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Triton's convention: a failed request is an error_message in the stream, not the end.
+        async for request in request_iterator:
+            try:
+                resp = await self._infer(request, context.time_remaining())
+                yield pb.ModelStreamInferResponse(infer_response=resp)
+            except Exception as exc:
+                _code, details = _status(exc)
+                yield pb.ModelStreamInferResponse(
+                    error_message=details,
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                         id=request.id))
+
+    async def _infer(self, request: pb.ModelInferRequest,
+                     time_remaining: float | None) -> pb.ModelInferResponse:
+        engine, spec = self.state.ready_engine()
+        try:
+            call = decode_infer(request, spec, time_remaining_s=time_remaining,
+                                margin_ms=self.state.margin_ms)
+        except AdaptiveError as exc:
+            engine.rejected(exc)
+            raise
+        out: Outcome = await engine.infer(call)
+        return encode_infer(request, spec, logits=out.logits, variant=out.variant,
+                            exit_index=out.exit, exits=out.exits, queue_ms=out.queue_ms,
+                            compute_ms=out.compute_ms, budget_ms=out.budget_ms)
+
+
+class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
+    """The variant table: what the router can choose from and what it predicts now."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    @_mapped
+    async def ModelVariants(self, request: apb.ModelVariantsRequest,
+                            context: grpc.aio.ServicerContext) -> apb.ModelVariantsResponse:
+        engine, spec = self.state.ready_engine()
+        if request.name and request.name != spec.name:
+            raise NotFound(f"name {request.name!r}: this server hosts {spec.name!r}")
+        batch = max(int(request.batch_size), 1)
+        resp = apb.ModelVariantsResponse(name=spec.name)
+        for c, d, p50 in engine.table(batch):
+            v = engine.family.variant(c.variant)
+            resp.candidates.add(
+                name=c.name, variant=c.variant, method=v.method,
+                exit=-1 if c.exit is None else c.exit, accuracy=c.accuracy,
+                predicted_p50_ms=p50, predicted_p95_ms=d.compute_ms, queue_ms=d.queue_ms,
+                size_bytes=v.size_bytes, macs=v.macs)
+            resp.load_factor = d.load_factor
+        return resp
+
+
+def _known_version(version_: str, versions: list[str]) -> bool:
+    return version_ in versions
+
+
+def _check_model(name: str, version_: str, spec: ModelSpec, versions: list[str]) -> None:
+    if name != spec.name:
+        raise NotFound(f"name {name!r}: this server hosts {spec.name!r}")
+    if version_ and not _known_version(version_, versions):
+        raise NotFound(f"version {version_!r}: no such variant; versions: {versions}")

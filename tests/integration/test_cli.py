@@ -1,0 +1,116 @@
+"""The commands: `serve` as a real process (one worker and N workers), `infer` against it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from client import AdaptiveClient
+from client.cli import main as cli_main
+from client.process import METRICS, SERVING, WORKERS, ServerProcess
+from server.app import RunningServer
+
+CLI = [sys.executable, "-m", "client.cli"]
+
+
+@pytest.fixture
+def serve_workers(serving_family: Path) -> Iterator[ServerProcess]:
+    p = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "0", "--workers",
+                       "2", "--threads", "2"])
+    yield p
+    if p.proc.poll() is None:  # a failed test: workers die with their parent (PDEATHSIG)
+        p.proc.kill()
+        p.proc.wait()
+
+
+def test_serve_with_two_workers_shares_port_and_metrics(serve_workers: ServerProcess,
+                                                        images: np.ndarray) -> None:
+    port = serve_workers.port(WORKERS)
+    mport = serve_workers.port(METRICS)
+    serve_workers.wait_for(SERVING, count=2)
+    n = 0
+    for _ in range(4):  # separate connections, so the kernel can spread them over workers
+        with AdaptiveClient(f"127.0.0.1:{port}",
+                            options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+            for _ in range(3):
+                assert c.infer(images[:1], budget_ms=500).variant == "slow"
+                n += 1
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+    ok = sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+             if s.name == "adaptive_requests_total" and s.labels.get("status") == "OK")
+    assert ok == n
+    acc = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+           if s.name == "adaptive_variant_accuracy_ratio" and s.labels.get("variant") == "slow"]
+    assert acc == [pytest.approx(0.99)]  # gauges of both workers merged into one series
+    assert serve_workers.stop() == 0
+
+
+def test_serve_refuses_a_bad_family_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([*CLI, "serve", str(tmp_path), "--port", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "manifest.json: file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_reports_a_taken_port_in_one_line(serving_family: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([*CLI, "serve", str(serving_family), "--port",
+                               str(taken.getsockname()[1]), "--metrics-port", "-1"],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "error: cannot listen on '127.0.0.1:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_infer_command_with_npy_and_png(server: RunningServer, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    npy = tmp_path / "digits.npy"
+    np.save(npy, np.random.default_rng(1).random((2, 1, 28, 28), dtype=np.float32))
+    assert cli_main(["infer", "--target", server.target, str(npy), "--budget-ms", "500"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("slow:") and "budget 500.000 ms" in out and "[1] class" in out
+
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(png)  # resized to 28×28, all white
+    assert cli_main(["infer", "--target", server.target, str(png), "--variant",
+                     "early-exit"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("early-exit (exit 0):") and "[0] class 0  p=1.000" in out
+
+
+def test_health_command(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["health", "--target", server.target]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    assert cli_main(["health", "--target", server.target, "--service", "nope"]) == 1
+    assert capsys.readouterr().out.strip() == "SERVICE_UNKNOWN"
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert cli_main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "1"]) == 1
+    assert capsys.readouterr().out.strip() == "UNREACHABLE"
+
+
+def test_infer_command_errors_are_one_line(server: RunningServer, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["infer", "--target", server.target, str(tmp_path / "none.npy")]) == 2
+    assert "error: INVALID_ARGUMENT: file" in capsys.readouterr().err
+    bad = tmp_path / "wrong.npy"
+    np.save(bad, np.zeros((3, 28, 28), np.float32))  # three channels for a one-channel model
+    assert cli_main(["infer", "--target", server.target, str(bad)]) == 2
+    assert "[1, 3, 28, 28]" in capsys.readouterr().err
+    npy = tmp_path / "ok.npy"
+    np.save(npy, np.zeros((28, 28), np.float32))
+    assert cli_main(["infer", "--target", server.target, str(npy), "--variant", "nope"]) == 2
+    assert "error: NOT_FOUND: model_version 'nope'" in capsys.readouterr().err
+    assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None  # nothing leaked into this process

@@ -1,0 +1,191 @@
+"""A real server on 127.0.0.1:0 and the real client: routing, results, errors, streaming, health."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client import AdaptiveClient, BudgetExceeded, InvalidArgument, NotFound, Unavailable
+from client.client import build_request
+from compression.family import load_family
+from protos.generated import grpc_service_pb2 as pb
+from protos.generated import grpc_service_pb2_grpc
+from server.app import RunningServer, ServeOptions, serve_in_thread
+from server.engine import Settings
+
+
+def _reference_logits(family_dir: Path, variant: str, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(load_family(family_dir).graph(variant).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def test_budget_routes_and_results_match_the_variant(client: AdaptiveClient, images: np.ndarray,
+                                                     serving_family: Path) -> None:
+    tight = client.infer(images[:1], budget_ms=0.3)
+    assert tight.variant == "fast"
+    loose = client.infer(images[:1], budget_ms=500)
+    assert loose.variant == "slow" and loose.met
+    unbounded = client.infer(images)
+    assert unbounded.variant == "slow" and unbounded.budget_ms is None
+    assert unbounded.outputs.shape == (4, 10) and unbounded.classes.shape == (4,)
+    np.testing.assert_allclose(unbounded.outputs, _reference_logits(serving_family, "slow", images),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(unbounded.classes, unbounded.outputs.argmax(1))
+    assert unbounded.compute_ms is not None and unbounded.compute_ms > 0
+    assert unbounded.queue_ms is not None and unbounded.queue_ms >= 0
+
+
+def test_pinned_variant_is_served(client: AdaptiveClient, images: np.ndarray,
+                                  serving_family: Path) -> None:
+    r = client.infer(images[:2], variant="mid", budget_ms=0.01)  # pinned wins over the budget
+    assert r.variant == "mid"
+    np.testing.assert_allclose(r.outputs, _reference_logits(serving_family, "mid", images[:2]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_early_exit_depth_follows_budget_and_confidence(client: AdaptiveClient) -> None:
+    dark = np.zeros((1, 1, 28, 28), np.float32)  # never confident: depth follows the budget
+    bright = np.ones((1, 1, 28, 28), np.float32)  # confident at exit 0
+    table = {v.name: v for v in client.variants()}
+    assert table["early-exit@0"].predicted_p95_ms < 0.5 < table["early-exit@1"].predicted_p95_ms
+    assert client.infer(dark, variant="early-exit", budget_ms=0.5).exit == 0
+    assert client.infer(dark, variant="early-exit", budget_ms=5000).exit == 2
+    assert client.infer(dark, variant="early-exit").exit == 2
+    assert client.infer(bright, variant="early-exit").exit == 0
+    assert client.infer(dark, variant="early-exit@1").exit == 1
+    mixed = client.infer(np.concatenate([bright, dark]), variant="early-exit")
+    assert mixed.exits == (0, 2) and mixed.exit == 2
+
+
+def test_variant_table_lists_every_candidate(client: AdaptiveClient) -> None:
+    table = {v.name: v for v in client.variants()}
+    assert set(table) == {"fast", "mid", "slow", "early-exit@0", "early-exit@1", "early-exit@2"}
+    assert table["slow"].accuracy == pytest.approx(0.99)
+    assert table["fast"].predicted_p50_ms < table["mid"].predicted_p50_ms \
+        < table["slow"].predicted_p50_ms
+    assert table["early-exit@1"].exit == 1 and table["fast"].exit is None
+
+
+@pytest.mark.parametrize(("mutate", "code", "fragment"), [
+    (lambda r: r.inputs[0].shape.__setitem__(1, 3), grpc.StatusCode.INVALID_ARGUMENT,
+     "inputs[0].shape [1, 3, 28, 28]"),
+    (lambda r: setattr(r.inputs[0], "datatype", "INT8"), grpc.StatusCode.INVALID_ARGUMENT,
+     "inputs[0].datatype 'INT8'"),
+    (lambda r: setattr(r.inputs[0], "name", "pixels"), grpc.StatusCode.INVALID_ARGUMENT,
+     "inputs[0].name 'pixels'"),
+    (lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT,
+     "raw_input_contents[0]: 12 bytes"),
+    (lambda r: r.parameters["latency_budget_ms"].MergeFrom(pb.InferParameter(string_param="soon")),
+     grpc.StatusCode.INVALID_ARGUMENT, "parameters['latency_budget_ms'] 'soon'"),
+    (lambda r: r.parameters["latency_budget_ms"].MergeFrom(pb.InferParameter(double_param=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "parameters['latency_budget_ms'] -1.0"),
+    (lambda r: setattr(r, "model_name", "resnet"), grpc.StatusCode.NOT_FOUND,
+     "model_name 'resnet'"),
+    (lambda r: setattr(r, "model_version", "huge"), grpc.StatusCode.NOT_FOUND,
+     "model_version 'huge'"),
+])
+def test_bad_requests_get_clear_status(server: RunningServer, images: np.ndarray, mutate: object,
+                                       code: grpc.StatusCode, fragment: str) -> None:
+    req = build_request("servetest", images[:1])
+    mutate(req)  # type: ignore[operator]
+    with grpc.insecure_channel(server.target) as ch:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req, timeout=10)
+        assert err.value.code() == code
+        assert fragment in err.value.details()
+        ok = stub.ModelInfer(build_request("servetest", images[:1]), timeout=10)  # still serving
+        assert ok.outputs[0].shape == [1, 10]
+
+
+def test_client_raises_typed_errors(client: AdaptiveClient, images: np.ndarray) -> None:
+    with pytest.raises(NotFound, match="'huge'"):
+        client.infer(images[:1], variant="huge")
+    with pytest.raises(InvalidArgument, match=r"\[1, 28, 28\]|\[28, 28\]"):
+        client.infer(images[0, 0])  # [28, 28]: no channel axis
+    with pytest.raises(InvalidArgument, match="budget_ms -1"):
+        client.infer(images[:1], budget_ms=-1)
+
+
+def test_typed_contents_and_triton_timeout_parameter(server: RunningServer,
+                                                     images: np.ndarray) -> None:
+    req = pb.ModelInferRequest(model_name="servetest")
+    t = req.inputs.add(name="input", datatype="FP32", shape=[2, 1, 28, 28])
+    t.contents.fp32_contents.extend(images[:2].ravel().tolist())
+    req.parameters["timeout"].int64_param = 300  # Triton's µs: 0.3 ms → the fast variant
+    with grpc.insecure_channel(server.target) as ch:
+        resp = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+    assert resp.model_version == "fast" == resp.parameters["variant"].string_param
+    assert resp.parameters["latency_budget_ms"].double_param == pytest.approx(0.3)
+    logits = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(2, 10)
+    assert np.isfinite(logits).all()
+
+
+def test_stream_infer_answers_each_request_and_reports_errors(server: RunningServer,
+                                                              images: np.ndarray) -> None:
+    good = build_request("servetest", images[:1], request_id="a")
+    bad = build_request("servetest", images[:1], request_id="b")
+    bad.inputs[0].datatype = "FP16"
+    with grpc.insecure_channel(server.target) as ch:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        out = list(stub.ModelStreamInfer(iter([good, bad, good]), timeout=10))
+    assert [o.infer_response.id for o in out] == ["a", "b", "a"]
+    assert [bool(o.error_message) for o in out] == [False, True, False]
+    assert "inputs[0].datatype 'FP16'" in out[1].error_message
+
+
+def test_reflection_lists_the_services(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health",
+            "adaptive.v1.AdaptiveService"} <= names
+
+
+def test_health_is_not_serving_until_warm(serving_family: Path, images: np.ndarray) -> None:
+    gate = asyncio.Event()
+    with serve_in_thread(serving_family, metrics=False, wait_ready=False,
+                         startup_gate=gate) as running, \
+            grpc.insecure_channel(running.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        assert not inference.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert inference.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+        with pytest.raises(grpc.RpcError) as err:
+            inference.ModelInfer(build_request("servetest", images[:1]), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        running.loop.call_soon_threadsafe(gate.set)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        assert inference.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        with AdaptiveClient(running.target) as c:
+            assert c.ready()
+
+
+def test_reject_mode_fails_fast_when_no_variant_fits(serving_family: Path,
+                                                     images: np.ndarray) -> None:
+    opts = ServeOptions(threads=1, settings=Settings(on_miss="reject"))
+    with serve_in_thread(serving_family, options=opts, metrics=False) as running, \
+            AdaptiveClient(running.target) as c:
+        with pytest.raises(BudgetExceeded, match=r"fastest candidate '(fast|early-exit@0)' needs"):
+            c.infer(images[:1], budget_ms=0.001)
+        assert c.infer(images[:1], budget_ms=1000).variant == "slow"
+
+
+def test_stopped_server_is_unavailable(serving_family: Path, images: np.ndarray) -> None:
+    with serve_in_thread(serving_family, metrics=False) as running:
+        target = running.target
+    with AdaptiveClient(target) as c, pytest.raises(Unavailable):
+        c.infer(images[:1], timeout=2)

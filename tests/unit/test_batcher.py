@@ -1,0 +1,169 @@
+"""The dynamic batcher on a real event loop with a fake runner: batching, deadlines, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.batcher import Batcher, BatchOutput, Item
+from server.errors import BudgetExceeded, Overloaded
+
+
+class FakeRunner:
+    """Records batch sizes; the first batch can be held until `release` (a busy variant)."""
+
+    def __init__(self, hold_first: bool = False, fail: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail = fail
+
+    def __call__(self, items: list[Item]) -> BatchOutput:
+        self.sizes.append(sum(i.n for i in items))
+        self.started.set()
+        self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("runner broke")
+        return BatchOutput([i.x.reshape(i.n, -1)[:, :2] for i in items], [None] * len(items))
+
+
+def _x(n: int = 1, value: float = 0.0) -> np.ndarray:
+    return np.full((n, 1, 2, 2), value, np.float32)
+
+
+def _run(test: Callable[[ThreadPoolExecutor], Coroutine[Any, Any, None]]) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        asyncio.run(asyncio.wait_for(test(pool), 20))
+
+
+async def _until_started(runner: FakeRunner) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, 10)
+
+
+def test_requests_queued_behind_a_running_batch_share_the_next_one() -> None:
+    runner = FakeRunner(hold_first=True)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=4)
+        b.start()
+        first = asyncio.create_task(b.submit(_x(), deadline=None))
+        await _until_started(runner)
+        rest = [asyncio.create_task(b.submit(_x(1, float(i)), deadline=None)) for i in range(5)]
+        await asyncio.sleep(0)  # let them enqueue
+        assert b.state().queued == 5 and b.state().running == 1
+        runner.release.set()
+        results = await asyncio.gather(first, *rest)
+        assert runner.sizes == [1, 4, 1]
+        assert [float(r.logits[0, 0]) for r in results[1:]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert results[1].batch_size == 4 and results[1].queue_ms > 0
+        await b.stop()
+
+    _run(test)
+
+
+def test_queue_delay_waits_for_company() -> None:
+    runner = FakeRunner()
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8, max_delay_ms=200)
+        b.start()
+        await asyncio.gather(*(b.submit(_x(), deadline=None) for _ in range(3)))
+        assert runner.sizes == [3]
+        await b.stop()
+
+    _run(test)
+
+
+def test_a_full_batch_does_not_wait_for_the_delay() -> None:
+    runner = FakeRunner()
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=4, max_delay_ms=10_000)
+        b.start()
+        t0 = time.monotonic()
+        await asyncio.gather(*(b.submit(_x(2), deadline=None) for _ in range(2)))
+        assert runner.sizes == [4] and time.monotonic() - t0 < 5
+        await b.stop()
+
+    _run(test)
+
+
+def test_deadline_cuts_the_batching_delay_short() -> None:
+    runner = FakeRunner()
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8, max_delay_ms=10_000,
+                    predict_ms=lambda n: 5.0)
+        b.start()
+        r = await b.submit(_x(), deadline=time.monotonic() + 0.05)  # must start by +45 ms
+        assert runner.sizes == [1] and r.queue_ms < 1000  # not the 10 s delay
+        await b.stop()
+
+    _run(test)
+
+
+def test_cancelled_request_never_runs() -> None:
+    runner = FakeRunner(hold_first=True)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8)
+        b.start()
+        first = asyncio.create_task(b.submit(_x(), deadline=None))
+        await _until_started(runner)
+        doomed = asyncio.create_task(b.submit(_x(3), deadline=None))
+        kept = asyncio.create_task(b.submit(_x(2), deadline=None))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        runner.release.set()
+        await asyncio.gather(first, kept)
+        assert runner.sizes == [1, 2] and b.state().queued == 0
+        await b.stop()
+
+    _run(test)
+
+
+def test_full_queue_is_overloaded_and_expired_requests_are_dropped_in_reject_mode() -> None:
+    runner = FakeRunner(hold_first=True)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8, max_queue=3,
+                    drop_expired=True)
+        b.start()
+        first = asyncio.create_task(b.submit(_x(), deadline=None))
+        await _until_started(runner)
+        late = asyncio.create_task(b.submit(_x(2), deadline=time.monotonic() - 1))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="queue full"):
+            await b.submit(_x(2), deadline=None)
+        runner.release.set()
+        await first
+        with pytest.raises(BudgetExceeded, match="deadline passed"):
+            await late
+        assert runner.sizes == [1]
+        await b.stop()
+
+    _run(test)
+
+
+def test_runner_failure_fails_its_batch_only() -> None:
+    runner = FakeRunner(fail=True)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, clock=time.monotonic)
+        b.start()
+        with pytest.raises(RuntimeError, match="runner broke"):
+            await b.submit(_x(), deadline=None)
+        runner.fail = False
+        assert (await b.submit(_x(), deadline=None)).batch_size == 1
+        await b.stop()
+
+    _run(test)

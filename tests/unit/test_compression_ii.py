@@ -1,0 +1,287 @@
+"""Compression II: low-rank factorisation, depthwise separable conversion, the early-exit network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compression import data as datasets
+from compression.depthwise import conv_records
+from compression.early_exit import (
+    EarlyExitNet,
+    StageChain,
+    assign_exits,
+    calibrate,
+    confidence,
+    exit_shares,
+    export_stages,
+    feature_shapes,
+    policy_predictions,
+    stage_io,
+)
+from compression.family import BATCH_SIZES, load_family
+from compression.low_rank import LowRankConfig, factorize, factorize_model, layer_params
+from compression.models import StagedCNN, build_model
+
+TINY = {"kind": "cnn", "input": [1, 28, 28], "num_classes": 10,
+        "stages": [{"channels": 4, "depth": 1}, {"channels": 8, "depth": 2, "pool": True},
+                   {"channels": 6, "depth": 1, "pool": True}]}
+
+
+def _rank_deficient(m: int, n: int, rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+
+
+# --- low rank ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_factors_at_full_rank_reproduce_w(bias: bool) -> None:
+    layer = nn.Linear(20, 12, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(_rank_deficient(12, 20, 5))
+    k = int(torch.linalg.matrix_rank(layer.weight))
+    assert k == 5
+    pair = factorize(layer, k)
+    first, second = pair
+    torch.testing.assert_close(second.weight @ first.weight, layer.weight, atol=1e-5, rtol=1e-5)
+    x = torch.randn(7, 20)
+    torch.testing.assert_close(pair(x), layer(x), atol=1e-5, rtol=1e-5)
+    # K·(M+N) weights (+ M bias on the second layer) instead of M·N (+ M)
+    assert sum(p.numel() for p in pair.parameters()) == layer_params(12, 20, k, bias)
+    assert layer_params(12, 20, k, bias) == k * (12 + 20) + (12 if bias else 0)
+    assert sum(p.numel() for p in layer.parameters()) == layer_params(12, 20, None, bias)
+
+
+def test_conv_factors_at_full_rank_reproduce_the_conv() -> None:
+    conv = nn.Conv2d(3, 6, 3, padding=1, stride=2, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(_rank_deficient(6, 27, 4).reshape(6, 3, 3, 3))
+    k = int(torch.linalg.matrix_rank(conv.weight.reshape(6, -1)))
+    pair = factorize(conv, k)
+    a, b = pair[0].weight.reshape(k, -1), pair[1].weight.reshape(6, k)
+    torch.testing.assert_close(b @ a, conv.weight.reshape(6, -1), atol=1e-5, rtol=1e-5)
+    x = torch.rand(2, 3, 9, 9)
+    torch.testing.assert_close(pair(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in pair.parameters()) == k * (6 + 27) + 6
+
+
+def test_truncation_is_the_best_rank_k_approximation() -> None:
+    w = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    pair = factorize(_linear(w), 4)
+    err = torch.linalg.matrix_norm(pair[1].weight @ pair[0].weight - w)
+    s = torch.linalg.svdvals(w)
+    torch.testing.assert_close(err, s[4:].square().sum().sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def _linear(w: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    return layer
+
+
+def test_factorize_model_only_where_it_saves_and_records_k() -> None:
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    cfg = LowRankConfig(param_ratio=0.5, min_weights=0, rank_multiple=1)
+    out, records = factorize_model(model, cfg)
+    assert len(records) == 5  # 4 convs + the head's linear
+    for r in records:
+        m, n = r["shape"]
+        if r["rank"] is None:
+            assert r["params_after"] == r["params_before"]
+        else:
+            assert r["rank"] * (m + n) < m * n
+            assert r["params_after"] < r["params_before"]
+    assert any(r["rank"] is not None for r in records)
+    # the parameter drop of the whole model is exactly the per-layer records' drop
+    drop = sum(r["params_before"] - r["params_after"] for r in records)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in out.parameters()) \
+        == drop
+    assert out(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+# --- depthwise --------------------------------------------------------------------------------
+
+def test_depthwise_ratio_per_layer_is_one_over_o_plus_one_over_k2() -> None:
+    before = build_model(TINY)
+    after = build_model({**TINY, "conv": "depthwise"})
+    records = conv_records(before, after)
+    assert len(records) == 4
+    assert not records[0]["converted"] and records[0]["ratio"] == 1.0  # 1 input channel
+    for r, block in zip(records[1:], [m for s in after.stages for m in s
+                                      if isinstance(m, nn.Sequential)][1:], strict=True):
+        assert r["converted"]
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+        assert all(c.bias is None for c in convs)  # no bias terms to account for
+        i, o = r["in_channels"], r["out_channels"]
+        k2 = r["kernel"][0] * r["kernel"][1]
+        assert r["params_before"] == k2 * i * o
+        assert r["params_after"] == k2 * i + i * o
+        # after / before == 1/O + 1/k², exactly, in integers
+        assert r["params_after"] * o * k2 == r["params_before"] * (k2 + o)
+
+
+# --- early exit -------------------------------------------------------------------------------
+
+def _tiny_exit_net() -> EarlyExitNet:
+    torch.manual_seed(0)
+    base = build_model(TINY)
+    assert isinstance(base, StagedCNN)
+    with torch.no_grad():  # non-trivial BN statistics, so folding them is exercised
+        for m in base.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return EarlyExitNet(base, feature_shapes(base, (1, 28, 28)), 10, pool=4, hidden=0).eval()
+
+
+def test_stage_graphs_chained_in_ort_match_torch_at_every_exit() -> None:
+    net = _tiny_exit_net()
+    graphs = export_stages(net, (1, 28, 28))
+    assert len(graphs) == 3
+    for i, g in enumerate(graphs):
+        inp, outs = stage_io(i, 3)
+        assert [v.name for v in g.graph.input] == [inp]
+        assert [v.name for v in g.graph.output] == list(outs)
+    assert [v.name for v in graphs[-1].graph.output] == ["logits"]
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = net.exit_logits(x)
+    got = StageChain(graphs).run(x.numpy())
+    assert len(got) == 3
+    for g, t in zip(got, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(g), t, atol=1e-4, rtol=1e-3)
+    # stopping early runs only the stages up to that exit, with the same logits
+    torch.testing.assert_close(torch.from_numpy(StageChain(graphs).run(x.numpy(), upto=0)[0]),
+                               expected[0], atol=1e-4, rtol=1e-3)
+
+
+def _synthetic_exits(n: int = 600, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Three exits, increasingly accurate; logit scale varies so confidences spread."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    exits = []
+    for noise in (1.6, 1.0, 0.6):
+        lg = rng.normal(0, noise, (n, 10))
+        lg[np.arange(n), y] += rng.uniform(0, 4, n)
+        exits.append(lg.astype(np.float32))
+    return exits, y
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+def test_calibrated_thresholds_meet_the_target_and_reproduce_shares(criterion: str) -> None:
+    exits, y = _synthetic_exits()
+    th = calibrate(exits, y, criterion, target_drop=0.0)
+    where = assign_exits(exits, th, criterion)
+    shares = exit_shares(where, 3)
+    assert abs(sum(shares) - 1) < 1e-9 and 0 < shares[0] < 1
+    # on the samples each early exit lets go, it is no worse than the last exit
+    for e in (0, 1):
+        sel = where == e
+        assert (exits[e][sel].argmax(1) == y[sel]).sum() >= (exits[2][sel].argmax(1) == y[sel]).sum()
+    # so the policy is at least as accurate as running the full depth, on this split
+    assert (policy_predictions(exits, where) == y).mean() >= (exits[2].argmax(1) == y).mean()
+    # re-deciding sample by sample from the thresholds alone gives the same shares
+    again = np.array([next((e for e in range(2) if (
+        confidence(exits[e][i:i + 1], criterion)[0] >= th[e] if criterion == "max_prob"
+        else confidence(exits[e][i:i + 1], criterion)[0] <= th[e])), 2) for i in range(len(y))])
+    np.testing.assert_array_equal(again, where)
+    # an absolute target: each early exit's accepted samples reach it
+    th_abs = calibrate(exits, y, criterion, target_accuracy=0.97)
+    where_abs = assign_exits(exits, th_abs, criterion)
+    for e in (0, 1):
+        sel = where_abs == e
+        if sel.any():
+            assert (exits[e][sel].argmax(1) == y[sel]).mean() >= 0.97
+
+
+# --- a tiny family with all three methods -----------------------------------------------------
+
+TINY_FAMILY = """
+family = "tiny-cii"
+seed = 0
+
+[data]
+spec = "mnist5k"
+
+[base.arch]
+kind = "cnn"
+stages = [
+    { channels = 8, depth = 1, pool = false },
+    { channels = 16, depth = 1, pool = true },
+    { channels = 16, depth = 1, pool = true },
+]
+
+[base.train]
+epochs = 1
+lr = 5e-3
+augment_shift = 0
+
+[[variants]]
+name = "low-rank"
+method = "low-rank"
+[variants.params]
+param_ratio = 0.3
+min_weights = 512
+fine_tune_epochs = 1
+
+[[variants]]
+name = "depthwise"
+method = "depthwise"
+[variants.params]
+epochs = 1
+
+[[variants]]
+name = "early-exit"
+method = "early-exit"
+[variants.params]
+frozen_epochs = 1
+joint_epochs = 1
+"""
+
+
+@pytest.mark.slow
+def test_tiny_family_with_the_three_methods(tmp_path: Path) -> None:
+    from compression.build import build, load_config
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_FAMILY)
+    out = build(load_config(path), tmp_path / "fam", cache_dir=tmp_path / "cache", progress=False)
+    fam = load_family(out)
+    full = fam.variant("full")
+
+    lr = fam.variant("low-rank")
+    assert any(r["rank"] for r in lr.details["layers"])
+    assert lr.params_count < full.params_count and lr.macs < full.macs
+
+    dw = fam.variant("depthwise")
+    assert all(r["ratio"] < 1 for r in dw.details["layers"] if r["converted"])
+    assert dw.macs < full.macs
+
+    ee = fam.variant("early-exit")
+    assert ee.exits is not None and len(ee.exits) == 3
+    graphs = fam.stage_graphs("early-exit")
+    assert [a.path for a in ee.artifacts if a.role == "stage"] == \
+        [f"early-exit/stage_{i}.onnx" for i in range(3)]
+    for e in ee.exits:
+        assert set(e.latency_ms) == {str(b) for b in BATCH_SIZES}
+    p50 = [e.latency_ms["1"]["p50"] for e in ee.exits]
+    assert ee.latency_ms == ee.exits[-1].latency_ms and p50[0] < p50[-1]
+    assert ee.details["stages"][-1]["outputs"] == ["logits"]
+    # the recorded thresholds reproduce the recorded exit shares on the validation split
+    cfg = fam.manifest["build"]["config"]
+    splits = datasets.split(datasets.load(cfg["data_spec"]), seed=cfg["seed"],
+                            val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"])
+    val = StageChain(graphs).all_logits(splits.x_val)
+    where = assign_exits(val, [e.threshold for e in ee.exits], ee.exits[0].criterion)
+    np.testing.assert_allclose(exit_shares(where, 3), [e.exit_share for e in ee.exits], atol=1e-6)
+    # and the variant's accuracy is the policy's on the test split
+    test = StageChain(graphs).all_logits(splits.x_test)
+    where = assign_exits(test, [e.threshold for e in ee.exits], ee.exits[0].criterion)
+    assert abs((policy_predictions(test, where) == splits.y_test).mean() - ee.accuracy) < 1e-6
