@@ -1,7 +1,15 @@
-# adaptive-inference: CPU-only image. Two ways to provide the model family:
-#   1. mount it:  docker run -v $PWD/families/mnist5k:/family:ro -p 8001:8001 -p 8002:8002 adaptive-inference
-#   2. bake it:   docker build --build-arg FAMILY_CONFIG=configs/demo.toml -t adaptive-inference .
-#      (trains and compresses at image build time into /family; minutes on a laptop)
+# adaptive-inference: CPU-only image (torch CPU wheel + onnxruntime, no CUDA), run as a non-root user.
+# Two ways to provide the model family:
+#   1. mount it (the image's /family stays empty):
+#        docker build -t adaptive-inference .
+#        docker run -v $PWD/families/mnist5k:/family:ro -p 8001:8001 -p 8002:8002 adaptive-inference
+#   2. bake it in (trains and compresses at image build time into /family; minutes on a laptop):
+#        docker build --build-arg FAMILY_CONFIG=configs/demo.toml -t adaptive-inference:demo .
+# The server verifies every artifact's sha256 on start and refuses a tampered family (exit 2).
+# TLS / tokens: mount the PEM files and the token (e.g. a Kubernetes Secret) and add
+#   --tls-cert /certs/tls.crt --tls-key /certs/tls.key [--tls-client-ca /certs/ca.crt]
+#   [--auth-token-file /secrets/token]
+# as arguments after the image name; the health service stays exempt from the token.
 ARG PYTHON=python:3.11-slim
 
 # --- build stage: the virtualenv (CPU torch first: an unpinned torch is a multi-GB CUDA build) ---
@@ -18,7 +26,10 @@ COPY server server
 COPY client client
 COPY protos protos
 COPY configs configs
-RUN pip install '.[demo]'
+# onnxruntime from PyPI is the CPU build on Linux x86_64 (the GPU one is onnxruntime-gpu).
+RUN pip install '.[demo]' && python -c "import onnxruntime, torch; \
+assert not torch.cuda.is_available() and torch.version.cuda is None, 'CUDA torch in a CPU image'; \
+assert 'CUDAExecutionProvider' not in onnxruntime.get_available_providers()"
 
 # Optional: build the family into the image (leave FAMILY_CONFIG empty to mount one instead).
 ARG FAMILY_CONFIG=""
@@ -29,13 +40,21 @@ RUN mkdir -p /family && if [ -n "$FAMILY_CONFIG" ]; then \
 
 # --- runtime stage: the venv and the family, run as an unprivileged user ---
 FROM ${PYTHON} AS runtime
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin serve
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Numeric USER: Kubernetes can verify runAsNonRoot only for a numeric one.
+RUN groupadd --system --gid 10001 serve \
+    && useradd --system --uid 10001 --gid serve --no-create-home --shell /usr/sbin/nologin serve
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build --chown=serve /family /family
-USER serve
+# Read-only for the server: it only reads and verifies the family.
+COPY --from=build /family /family
+USER 10001:10001
 EXPOSE 8001 8002
-# The gRPC health service (grpc.health.v1): NOT_SERVING until the family is loaded and warmed up.
+# The gRPC health service (grpc.health.v1): NOT_SERVING until the family is verified, loaded and
+# warmed up, and again from SIGTERM on; the command exits 0 only when SERVING.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["adaptive-inference", "health", "--target", "127.0.0.1:8001"]
-ENTRYPOINT ["adaptive-inference", "serve", "/family", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002"]
+# SIGTERM: NOT_SERVING, new requests refused, in-flight ones finish within --grace-s (keep it
+# under the orchestrator's kill timeout: docker stop -t, terminationGracePeriodSeconds).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["adaptive-inference", "serve", "/family", "--host", "0.0.0.0", "--port", "8001", \
+            "--metrics-port", "8002", "--grace-s", "20"]

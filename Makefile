@@ -31,10 +31,18 @@ lint: $(STAMP)
 family: $(STAMP)
 	$(BIN)/adaptive-inference build configs/mnist5k.toml --out families/mnist5k
 
-# Serving benchmarks (results in docs/serving.md): router decision time, then gRPC overhead.
+# The benchmark report, docs/results.md (~8 minutes): router decision time, gRPC overhead, the
+# policy comparison (adaptive vs pinned full vs pinned fastest, 0.5x-4x full's capacity) on the
+# default family, then the page itself. Raw figures under results/bench/.
+BENCH_OUT := results/bench
+BENCH_FAMILY ?= families/mnist5k
 bench: $(STAMP)
-	$(BIN)/python bench/router.py
-	$(BIN)/python bench/overhead.py
+	@test -f $(BENCH_FAMILY)/manifest.json || $(MAKE) family
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/router.py --json $(BENCH_OUT)/router.json
+	$(BIN)/python bench/overhead.py --family $(BENCH_FAMILY) --requests 2000 --json $(BENCH_OUT)/overhead.json
+	$(BIN)/python bench/policies.py --family $(BENCH_FAMILY) --out $(BENCH_OUT)/policies
+	$(BIN)/python bench/report.py --family $(BENCH_FAMILY) --results $(BENCH_OUT) --docs docs
 
 # Regenerate protos/generated/ from protos/*.proto (the generated files are committed).
 # The -I mapping makes the generated modules import each other as protos.generated.*.

@@ -5,12 +5,13 @@ Both servers run as their own processes (`adaptive-inference serve`, bench/echo_
 client sends sequential requests, alternating between them in blocks so both see the same machine
 load. Target: overhead ≤ 1.5 × echo p50.
 
-    .venv/bin/python bench/overhead.py [--family DIR] [--requests 3000]
+    .venv/bin/python bench/overhead.py [--family DIR] [--requests 3000] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -63,6 +64,7 @@ def main() -> None:
                     help="family dir (built from configs/quick.toml if missing)")
     ap.add_argument("--requests", type=int, default=3000, help="per server")
     ap.add_argument("--block", type=int, default=250, help="requests per alternation block")
+    ap.add_argument("--json", help="also write the figures to this file (for docs/results.md)")
     args = ap.parse_args()
     family_dir = ROOT / args.family
     if not (family_dir / "manifest.json").is_file():
@@ -116,12 +118,22 @@ def main() -> None:
     print(f"  in-process ORT p50            {ort_ms:8.3f} ms")
     print(f"  bare gRPC echo p50            {echo_p50:8.3f} ms  (p99 "
           f"{np.percentile(times['echo'], 99) * 1e3:.3f} ms)")
+    figures: dict[str, object] = {
+        "family": fam.name, "variant": fastest, "requests": args.requests,
+        "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
+        "ort_p50_ms": round(ort_ms, 4), "echo_p50_ms": round(echo_p50, 4),
+        "echo_p99_ms": round(float(np.percentile(times["echo"], 99) * 1e3), 4)}
     for k, label in (("pool", "server, thread pool (default)"),
                      ("inline", "server, --inline-below-ms 0.2")):
         p50 = float(np.percentile(times[k], 50) * 1e3)
         overhead = p50 - ort_ms
         print(f"  {label:<30}{p50:8.3f} ms  (p99 {np.percentile(times[k], 99) * 1e3:.3f} ms)"
               f"  overhead {overhead:.3f} ms = {overhead / echo_p50:.2f}x echo (target ≤ 1.5x)")
+        figures[k] = {"p50_ms": round(p50, 4),
+                      "p99_ms": round(float(np.percentile(times[k], 99) * 1e3), 4),
+                      "overhead_ms": round(overhead, 4), "ratio": round(overhead / echo_p50, 3)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

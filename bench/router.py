@@ -3,12 +3,14 @@
 Twelve candidates (nine variants and three early-exit depths), seeded latency tables, live queue
 state on half of them and a random budget per call, as the server sees it. Target: p99 ≤ 50 µs.
 
-    .venv/bin/python bench/router.py [--calls 200000]
+    .venv/bin/python bench/router.py [--calls 200000] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import time
 
@@ -46,6 +48,7 @@ def build() -> Router:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=200_000)
+    ap.add_argument("--json", help="also write the figures to this file (for docs/results.md)")
     args = ap.parse_args()
     router = build()
     rng = random.Random(0)
@@ -70,6 +73,14 @@ def main() -> None:
     print(f"Router.choose over {len(router.candidates)} candidates, {args.calls} calls: "
           f"p50 {np.percentile(us, 50):.1f} µs, p99 {np.percentile(us, 99):.1f} µs, "
           f"max {us.max():.1f} µs (target p99 ≤ 50 µs)")
+    if args.json:
+        figures = {"candidates": len(router.candidates), "calls": args.calls,
+                   "p50_us": round(float(np.percentile(us, 50)), 2),
+                   "p99_us": round(float(np.percentile(us, 99)), 2),
+                   "max_us": round(float(us.max()), 2), "cores": os.cpu_count(),
+                   "load_average": round(os.getloadavg()[0], 2)}
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=2)
 
 
 if __name__ == "__main__":

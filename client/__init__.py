@@ -1,7 +1,7 @@
 """What users import and run: the `AdaptiveClient` library and the `adaptive-inference` CLI.
 
 ``from client import AdaptiveClient, InferResult`` and the typed errors (``NotFound``,
-``InvalidArgument``, ``BudgetExceeded``, ``Overloaded``, ``Unavailable``, ``AdaptiveError``).
+``InvalidArgument``, ``BudgetExceeded``, ``Overloaded``, ``Unavailable``, ``Unauthenticated``, ``AdaptiveError``).
 Imported lazily, so the CLI's ``build`` never loads grpc.
 """
 
@@ -15,7 +15,7 @@ _EXPORTS = {
     "AdaptiveError": "server.errors", "InvalidArgument": "server.errors",
     "NotFound": "server.errors", "BudgetExceeded": "server.errors",
     "Overloaded": "server.errors", "Unavailable": "server.errors",
-    "InternalError": "server.errors",
+    "InternalError": "server.errors", "Unauthenticated": "server.errors",
 }
 
 __all__ = sorted(_EXPORTS)

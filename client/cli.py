@@ -51,15 +51,37 @@ def _serve(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, on_miss=args.on_miss,
                           threads_per_batch=args.intra_op_threads,
                           deadline_margin_ms=args.deadline_margin_ms,
-                          inline_below_ms=args.inline_below_ms))
+                          inline_below_ms=args.inline_below_ms,
+                          batch_timeout_ms=args.batch_timeout_ms,
+                          quarantine_s=args.quarantine_s),
+        grace_s=args.grace_s, max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file, faults=tuple(args.inject_fault))
     return main(args.family, opts)
+
+
+def _client_security(args: argparse.Namespace) -> dict[str, object]:
+    """AdaptiveClient keyword arguments from the --tls-ca/--tls-cert/--tls-key/--token-file flags."""
+    from server.security import read_token
+
+    return {"root_certificates": args.tls_ca, "client_cert": args.tls_cert,
+            "client_key": args.tls_key, "tls": args.tls or None,
+            "token": read_token(args.token_file) if args.token_file else None}
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    p.add_argument("--tls-ca", help="PEM of the CA that signed the server's certificate (TLS)")
+    p.add_argument("--tls-cert", help="client certificate PEM (mutual TLS; with --tls-key)")
+    p.add_argument("--tls-key", help="client key PEM (mutual TLS)")
+    p.add_argument("--token-file", help="file holding the bearer token the server requires")
 
 
 def _infer(args: argparse.Namespace) -> int:
     from client.client import AdaptiveClient
     from client.images import read_images
 
-    with AdaptiveClient(args.target) as client:
+    with AdaptiveClient(args.target, **_client_security(args)) as client:  # type: ignore[arg-type]
         shape = list(client.metadata().inputs[0].shape)[1:]
         x = read_images(args.file, shape)
         r = client.infer(x, budget_ms=args.budget_ms, variant=args.variant, timeout=args.timeout)
@@ -76,10 +98,51 @@ def _infer(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from client.client import AdaptiveClient
 
-    with AdaptiveClient(args.target) as client:
+    with AdaptiveClient(args.target, **_client_security(args)) as client:  # type: ignore[arg-type]
         status = client.health(args.service, timeout=args.timeout)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client import bench
+    from server.errors import InvalidArgument
+
+    def progress(line: str) -> None:  # one line rewritten in place on a terminal
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    try:
+        data = bench.load_test_data(args.data, args.family, seed=args.seed)
+        result = bench.run_bench(
+            args.target, args.rate, args.duration, args.budget_ms, data, variant=args.variant,
+            images=args.images, seed=args.seed, max_inflight=args.max_inflight,
+            timeout_s=args.timeout, progress=None if args.quiet else progress,
+            wait_ready_s=args.wait_ready)
+    except ValueError as exc:  # a shape or variant the server does not have
+        raise InvalidArgument(str(exc)) from None
+    if not args.quiet and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    paths = bench.write_outputs(result, Path(args.out), plots=not args.no_plots)
+    print(bench.summary_table(result.results))
+    print(f"\n{result.results['policy']}, budget {args.budget_ms}, {args.images} image(s) per "
+          f"request; written: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _arg_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """argparse type from a parser raising ValueError: its message becomes the usage error."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -90,6 +153,18 @@ def _demo(args: argparse.Namespace) -> int:
     print(run_demo(Path(args.family), Path(args.config),
                    max_queue_delay_ms=args.max_queue_delay_ms))
     return 0
+
+
+def _rates(text: str) -> list[float]:
+    from client.bench import parse_rates
+
+    return parse_rates(text)
+
+
+def _budget_spec(text: str) -> object:
+    from client.bench import BudgetSpec
+
+    return BudgetSpec.parse(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -144,6 +219,26 @@ def parser() -> argparse.ArgumentParser:
                         "never; ~0.2 saves the thread hand-off on tiny models)")
     s.add_argument("--deadline-margin-ms", type=float, default=0.5,
                    help="kept back from the gRPC deadline for the reply (default 0.5)")
+    s.add_argument("--grace-s", type=float, default=10.0,
+                   help="on SIGTERM: health NOT_SERVING, new requests refused, in-flight ones get "
+                        "this long to finish (default 10)")
+    s.add_argument("--max-message-mb", type=float, default=64.0,
+                   help="largest request accepted, MiB (default 64; larger: RESOURCE_EXHAUSTED)")
+    s.add_argument("--batch-timeout-ms", type=float, default=1000.0,
+                   help="a batch running longer than max(this, 10 x its predicted p95) fails; its "
+                        "requests are retried on another variant (default 1000)")
+    s.add_argument("--quarantine-s", type=float, default=2.0,
+                   help="a failed variant is skipped and re-probed after this long, doubling per "
+                        "failed probe up to 60 s (default 2)")
+    s.add_argument("--tls-cert", help="server certificate chain PEM (TLS; with --tls-key)")
+    s.add_argument("--tls-key", help="server private key PEM")
+    s.add_argument("--tls-client-ca", help="CA PEM that client certificates must be signed by "
+                                           "(mutual TLS)")
+    s.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>' with the "
+                                             "token in this file (health checks exempt)")
+    s.add_argument("--inject-fault", action="append", default=[], metavar="VARIANT:MODE[:RATE]",
+                   help="FOR TESTS ONLY: make VARIANT's batches raise or hang (MODE raise|hang) "
+                        "at RATE (default 1); repeatable")
     s.set_defaults(handler=_serve)
 
     f = sub.add_parser("infer", help="classify an image file on a running server")
@@ -152,13 +247,44 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
     f.add_argument("--variant", help="pin a variant (or VARIANT@EXIT) instead of routing")
     f.add_argument("--timeout", type=float, help="gRPC deadline in seconds")
+    _add_client_security(f)
     f.set_defaults(handler=_infer)
 
     h = sub.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 if SERVING)")
     h.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
     h.add_argument("--service", default="", help="service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    _add_client_security(h)
     h.set_defaults(handler=_health)
+
+    k = sub.add_parser("bench", help="open-loop Poisson load at given rates against a running "
+                                     "server; results.json and plots")
+    k.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    k.add_argument("--rate", required=True, type=_arg_type(_rates),
+                   help="offered requests/s; R1,R2,... runs one after another")
+    k.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
+    k.add_argument("--budget-ms", default="none", type=_arg_type(_budget_spec),
+                   help="per-request budget: MS, uniform:A:B, a mixture MS:WEIGHT,... "
+                        "(e.g. 2:0.5,10:0.3,50:0.2), or none (default)")
+    k.add_argument("--variant", help="pin a variant (or VARIANT@EXIT); default: the router picks")
+    k.add_argument("--data", help="dataset spec whose test split is sent (mnist5k, idx:DIR, "
+                                  "npz:FILE, or random: no labels); default: the family's, else "
+                                  "mnist5k")
+    k.add_argument("--family", help="family dir: its manifest gives the dataset, seed and split")
+    k.add_argument("--seed", type=int, default=0,
+                   help="split seed without --family; also seeds arrivals and budgets")
+    k.add_argument("--images", type=int, default=1, help="images per request (default 1)")
+    k.add_argument("--timeout", type=float,
+                   help="gRPC deadline in seconds (default: 2 x budget + 50 ms, as AdaptiveClient)")
+    k.add_argument("--max-inflight", type=int, default=4096,
+                   help="unanswered requests before arrivals are dropped (counted as "
+                        "client_dropped)")
+    k.add_argument("--wait-ready", type=float, default=30.0,
+                   help="seconds to wait for the server to be SERVING (default 30)")
+    k.add_argument("--out", default="results/bench", help="output dir (default results/bench)")
+    k.add_argument("--no-plots", action="store_true", help="results.json and requests.csv only")
+    k.add_argument("--quiet", action="store_true", help="no live progress line")
+    k.set_defaults(handler=_bench)
 
     d = sub.add_parser("demo", help="build the demo family if needed, serve it, drive mixed-"
                                     "budget load of rising rate, print what the router did")

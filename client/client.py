@@ -8,13 +8,22 @@ Budget and deadline: ``budget_ms`` travels as the ``latency_budget_ms`` request 
 what the router plans for. The gRPC deadline follows it: ``timeout`` if given, else twice the
 budget plus 50 ms, so a best-effort answer that misses its budget still arrives (and is reported
 as missed) instead of being cut off; without a budget the deadline is ``timeout`` or none.
+
+Security: ``root_certificates`` (the server's CA, PEM bytes or a path) turns TLS on; adding
+``client_cert`` and ``client_key`` presents a client certificate (mutual TLS); ``token`` sends
+``authorization: Bearer <token>`` on every call. Several servers: a ``dns:///name:port`` target (a
+headless Service) or ``ipv4:HOST1:P1,HOST2:P2`` with ``load_balancing="round_robin"`` spreads
+requests over all of them; calls refused with UNAVAILABLE (a replica shutting down, or gone) are
+retried on the next one by gRPC's retry policy (inference is idempotent).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -43,6 +52,7 @@ class InferResult:
     compute_ms: float | None  # server side: the batch's compute time
     budget_ms: float | None  # the budget the server planned for
     exits: tuple[int, ...] | None = None  # per-sample exits when N > 1
+    retried_from: str | None = None  # the server retried this request after that variant failed
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -116,7 +126,8 @@ def parse_response(resp: pb.ModelInferResponse, latency_ms: float) -> InferResul
         variant=p["variant"].string_param if "variant" in p else resp.model_version,
         exit=int(p["exit"].int64_param) if "exit" in p else None,
         latency_ms=latency_ms, queue_ms=num("queue_ms"), compute_ms=num("compute_ms"),
-        budget_ms=num(BUDGET_PARAM), exits=exits)
+        budget_ms=num(BUDGET_PARAM), exits=exits,
+        retried_from=p["retried_from"].string_param if "retried_from" in p else None)
 
 
 def deadline_s(budget_ms: float | None, timeout: float | None) -> float | None:
@@ -133,14 +144,59 @@ def error_from(exc: grpc.RpcError) -> AdaptiveError:
     return from_code(code.name, details or code.name)
 
 
+def service_config(load_balancing: str | None, retry_unavailable: bool = True) -> str:
+    """The channel's gRPC service config: balancing policy and a retry policy for UNAVAILABLE."""
+    cfg: dict[str, Any] = {}
+    if load_balancing:
+        cfg["loadBalancingConfig"] = [{load_balancing: {}}]
+    if retry_unavailable:
+        cfg["methodConfig"] = [{
+            "name": [{"service": "inference.GRPCInferenceService"},
+                     {"service": "adaptive.v1.AdaptiveService"}],
+            "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return json.dumps(cfg)
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 class AdaptiveClient:
-    """A blocking client for one adaptive inference server."""
+    """A blocking client for an adaptive inference server (or several, see the module docstring).
+
+    ``tls=True`` without ``root_certificates`` trusts the system's CAs.
+    """
 
     def __init__(self, target: str, *, model: str | None = None,
-                 options: list[tuple[str, Any]] | None = None) -> None:
+                 options: list[tuple[str, Any]] | None = None,
+                 root_certificates: bytes | str | Path | None = None,
+                 client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None,
+                 token: str | None = None, tls: bool | None = None,
+                 load_balancing: str | None = None, retry_unavailable: bool = True) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(
-            target, options=options or [("grpc.max_receive_message_length", 64 << 20)])
+        if load_balancing is None and target.startswith("dns:"):
+            load_balancing = "round_robin"  # a headless Service resolves to every replica
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.service_config", service_config(load_balancing, retry_unavailable)),
+            *(options or [])]
+        if (client_cert is None) != (client_key is None):
+            raise InvalidArgument("client_cert and client_key go together (mutual TLS)")
+        if tls or root_certificates is not None or client_cert is not None:
+            creds = grpc.ssl_channel_credentials(_pem(root_certificates), _pem(client_key),
+                                                 _pem(client_cert))
+            self._channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        # Sent as plain metadata (not call credentials, which gRPC sends only over TLS), so a
+        # token also works over a loopback plaintext channel.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ())
         self._infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._adaptive = adaptive_pb2_grpc.AdaptiveServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -160,7 +216,8 @@ class AdaptiveClient:
                             input_name=self._input_name)
         t0 = time.perf_counter()
         try:
-            resp = self._infer.ModelInfer(req, timeout=deadline_s(budget_ms, timeout))
+            resp = self._infer.ModelInfer(req, timeout=deadline_s(budget_ms, timeout),
+                                          metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return parse_response(resp, (time.perf_counter() - t0) * 1e3)
@@ -190,7 +247,7 @@ class AdaptiveClient:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, … or UNREACHABLE."""
         try:
             resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                      timeout=timeout)
+                                      timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
@@ -206,7 +263,7 @@ class AdaptiveClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
             stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""),
-                                        timeout=timeout)
+                                        timeout=timeout, metadata=self._metadata)
             for resp in stream:
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     stream.cancel()
@@ -222,7 +279,7 @@ class AdaptiveClient:
 
     def _call(self, method: Any, request: Any, timeout: float = 10.0) -> Any:
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BinaryConfig:
-    epochs: int = 4  # fine-tune from the base's real weights with binarised forward passes
+    epochs: int = 2  # fine-tune from the base's real weights with binarised forward passes
     lr: float = 1e-3
     clip: float = 1.0  # real weights are clipped to [−clip, clip]; no gradient beyond
 

@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PrunedNeuronsConfig:
     ratio: float = 0.5  # share of channels removed from every prunable layer
-    steps: int = 3  # pruning rounds (linear ratio schedule), each followed by a fine-tune
+    steps: int = 2  # pruning rounds (linear ratio schedule), each followed by a fine-tune
     epochs_per_step: int = 1
-    final_epochs: int = 2  # extra fine-tune epochs after the last round
+    final_epochs: int = 1  # extra fine-tune epochs after the last round
     lr: float = 2e-3
     global_pruning: bool = False  # one ranking across layers instead of the same ratio per layer
 

@@ -38,15 +38,15 @@ Masks = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class PrunedWeightsConfig:
     sparsity: float = 0.9  # share of all conv + linear weights that end up zero
-    steps: int = 4  # pruning rounds, sparsity rising on a cubic schedule (Zhu & Gupta 2017)
+    steps: int = 3  # pruning rounds, sparsity rising on a cubic schedule (Zhu & Gupta 2017)
     epochs_per_step: int = 1  # fine-tune epochs after each round
-    final_epochs: int = 2  # extra fine-tune epochs at the final sparsity
+    final_epochs: int = 0  # extra fine-tune epochs at the final sparsity
     lr: float = 1e-3
     scope: str = "layer"  # "layer": each layer to the same sparsity; "global": one threshold
     min_layer_weights: int = 2048  # smaller layers (first conv, classifier) stay dense
     rewind: str = "none"  # which model is served: fine-tuned, rewound to init, random reinit
     compare: bool = True  # also train the other two rewinds for the report
-    rewind_epochs: int = 4  # training budget of a rewound model
+    rewind_epochs: int = 2  # training budget of a rewound model
 
     def __post_init__(self) -> None:
         if not 0 < self.sparsity < 1:

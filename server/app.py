@@ -4,6 +4,10 @@ Start-up order: bind and start gRPC with health NOT_SERVING → load the family 
 → create the runners → warm up and re-measure every variant on this host → start the batchers →
 health SERVING. Inference runs in a thread pool; the event loop only decodes, routes and encodes.
 
+Shutdown (SIGTERM, SIGINT, or `AdaptiveServer.stop`): health NOT_SERVING and new inference
+requests refused with UNAVAILABLE at once (a client's retry policy moves them to another replica),
+in-flight requests finish for up to ``grace_s``, then gRPC stops.
+
 ``--workers N`` forks N processes that each run this whole server on the same port
 (SO_REUSEPORT; the kernel spreads connections). The fork happens before any gRPC object or
 thread exists, and before prometheus_client is imported, so that every worker writes its metrics
@@ -31,6 +35,7 @@ from typing import Any
 
 from compression.family import Family, load_family
 from server.engine import Settings
+from server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,13 @@ class ServeOptions:
     intra_op_threads: int = 1
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)
+    grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish
+    max_message_bytes: int = 64 << 20  # larger requests: RESOURCE_EXHAUSTED from gRPC itself
+    tls_cert: str | None = None  # PEM paths; cert + key: TLS, plus client CA: mutual TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None  # bearer token required on all but the health service
+    faults: tuple[str, ...] = ()  # --inject-fault VARIANT:raise|hang[:RATE] (tests only)
 
 
 class AdaptiveServer:
@@ -80,9 +92,22 @@ class AdaptiveServer:
             raise RuntimeError(f"server start-up failed: {self.failure}") from self.failure
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Stop accepting, let in-flight requests finish for ``grace`` seconds, release all."""
+        """Drain: health NOT_SERVING and new requests refused (UNAVAILABLE) at once, in-flight
+        ones get up to ``grace`` seconds to finish; then stop gRPC and release everything."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (grace or 0.0)
+        self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
+        engine = self.state.engine
+        if engine is not None and engine.inflight:
+            log.info("draining: %d requests in flight, up to %.1f s", engine.inflight, grace or 0)
+            try:
+                await asyncio.wait_for(engine.drained(), max(until - loop.time(), 0.0))
+            except TimeoutError:
+                log.warning("grace period over with %d requests in flight; cancelling them",
+                            engine.inflight)
+        # what is left (a stream's tail, a health Watch) gets the rest of the grace period
+        await self.grpc.stop(max(until - loop.time(), 0.0))
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -118,18 +143,30 @@ async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0
     from grpc_health.v1._async import HealthServicer
     from grpc_reflection.v1alpha import reflection
 
-    from protos.generated import adaptive_pb2, adaptive_pb2_grpc, grpc_service_pb2_grpc
+    from protos.generated import adaptive_pb2
     from protos.generated import grpc_service_pb2 as pb
     from server.metrics import Metrics, serve_http
     from server.monitor import Monitor
-    from server.servicer import AdaptiveServicer, InferenceServicer, ServingState
+    from server.security import TlsFiles, TokenAuth, read_token
+    from server.servicer import ServingState, add_services
 
+    # Credentials first: an unreadable file fails before anything listens.
+    if bool(options.tls_cert) != bool(options.tls_key) or (options.tls_client_ca
+                                                            and not options.tls_cert):
+        raise OSError("TLS needs both --tls-cert and --tls-key (and --tls-client-ca adds mutual "
+                      "TLS to them)")
+    tls = (TlsFiles.read(options.tls_cert, options.tls_key, options.tls_client_ca)
+           if options.tls_cert and options.tls_key else None)
+    token = read_token(options.auth_token_file) if options.auth_token_file else None
+    metrics = Metrics(registry)
+    interceptors = ([TokenAuth(token, on_refused=metrics.auth_failures.inc)]
+                    if token is not None else [])
     state = ServingState(margin_ms=options.settings.deadline_margin_ms)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0),
-                                      ("grpc.max_receive_message_length", 64 << 20)])
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(state), server)
-    adaptive_pb2_grpc.add_AdaptiveServiceServicer_to_server(AdaptiveServicer(state), server)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0),
+                 ("grpc.max_receive_message_length", options.max_message_bytes)])
+    add_services(server, state)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -140,21 +177,23 @@ async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0
     for name in ("", *services):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, tls.credentials()) if tls is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:  # grpc's "Failed to bind": in use, or not a local address
         raise OSError(f"cannot listen on {address!r} (address in use or not local?)") from exc
     if port == 0:
         raise OSError(f"cannot listen on {address!r} (address in use or not local?)")
     await server.start()
-    log.info("listening on %s (port %d), NOT_SERVING until warmed up",
-             address.rsplit(":", 1)[0] + f":{port}", port)
+    security = ("mutual TLS" if tls is not None and tls.client_ca else
+                "TLS" if tls is not None else "plaintext") + (", bearer token" if token else "")
+    log.info("listening on %s (port %d), %s, NOT_SERVING until warmed up",
+             address.rsplit(":", 1)[0] + f":{port}", port, security)
 
     monitor = Monitor(options.monitor_interval_s)
     monitor.start()
     executor = ThreadPoolExecutor(max_workers=max(options.threads, 1),
                                   thread_name_prefix="infer")
     srv = AdaptiveServer(server, port, state, health, monitor, executor)
-    metrics = Metrics(registry)
     if metrics_address is not None:
         host, _, mport = metrics_address.rpartition(":")
         srv.metrics_http, srv.metrics_port = serve_http(int(mport), host, metrics.registry)
@@ -182,6 +221,7 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
                 monitor: Any, executor: ThreadPoolExecutor) -> None:
     from server.codec import ModelSpec
     from server.engine import Engine
+    from server.faults import Fault, FaultInjector
     from server.runtime import load_runners, providers
 
     loop = asyncio.get_running_loop()
@@ -196,8 +236,10 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
                                        threads=options.intra_op_threads))
     log.info("runners created: backend %s, providers %s", options.backend,
              providers(options.device))
+    faults = (FaultInjector([Fault.parse(f) for f in options.faults]) if options.faults
+              else None)
     engine = Engine(fam, runners, executor=executor, metrics=metrics, monitor=monitor,
-                    settings=options.settings)
+                    settings=options.settings, faults=faults)
     await loop.run_in_executor(executor, engine.warm_up)
     log.info("warm-up and latency re-measurement done")
     engine.start()
@@ -272,9 +314,24 @@ def serve_in_thread(family: str | Path | Family, *, options: ServeOptions = Serv
 def main(family_dir: str | Path, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM. Returns the exit status."""
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
+    check_faults(family, options.faults)
     if options.workers <= 1:
         return asyncio.run(_serve(family, options, reuse_port=False, metrics=True))
     return _serve_workers(family, options)
+
+
+def check_faults(family: Family, faults: tuple[str, ...]) -> None:
+    """``--inject-fault`` specs must parse and name variants of the family."""
+    from server.faults import Fault
+
+    for text in faults:
+        try:
+            fault = Fault.parse(text)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if fault.variant not in family.variants:
+            raise InvalidArgument(f"--inject-fault {text!r}: no variant {fault.variant!r}; "
+                                  f"variants: {sorted(family.variants)}")
 
 
 async def _serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool
@@ -296,10 +353,11 @@ async def _serve(family: Family, options: ServeOptions, *, reuse_port: bool, met
         status = 1
     else:
         await stopping
-        log.info("signal received, stopping")
+        log.info("signal received: NOT_SERVING, refusing new requests, in-flight ones get up "
+                 "to %.1f s", options.grace_s)
     ready.cancel()
     stopping.cancel()
-    await srv.stop(grace=2.0)
+    await srv.stop(grace=options.grace_s)
     return status
 
 

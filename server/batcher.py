@@ -6,6 +6,12 @@ company, but never past the moment its deadline requires it to start: the batch 
 ``min(first arrival + delay, earliest deadline − predicted compute of the batch)``. A batch never
 exceeds ``max_batch`` samples (a single larger request runs alone). The batch runs in the worker
 thread pool; the event loop only queues and wakes.
+
+Failures: a batch whose runner raises, or runs past ``timeout_s(samples)``, fails its requests and
+every request queued behind it with `VariantFailed` (the engine retries them on another variant)
+and is reported once through ``on_failure``. A timed-out batch cannot be killed (it is a thread):
+the variant stays *wedged*, refusing new requests at once, until that call returns, so a hang holds
+at most one worker thread per variant.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import BudgetExceeded, Overloaded, Unavailable
+from server.errors import BudgetExceeded, Overloaded, Unavailable, VariantFailed
 from server.latency import QueueState
 from server.router import Clock
 
@@ -65,6 +71,7 @@ class BatchOutput:
 
 Execute = Callable[[list[Item]], BatchOutput]  # runs in a worker thread
 OnBatch = Callable[[list[Item], float, BatchOutput], None]  # (items, dispatch time, output)
+OnFailure = Callable[[VariantFailed], None]  # once per failed batch
 
 
 class Batcher:
@@ -74,7 +81,9 @@ class Batcher:
                  max_batch: int = 32, max_delay_ms: float = 0.0, max_queue: int = 1024,
                  predict_ms: Callable[[int], float] = lambda n: 0.0,
                  drop_expired: bool = False, on_batch: OnBatch | None = None,
-                 inline_ok: Callable[[int], bool] | None = None) -> None:
+                 inline_ok: Callable[[int], bool] | None = None,
+                 timeout_s: Callable[[int], float] | None = None,
+                 on_failure: OnFailure | None = None) -> None:
         self.name = name
         self._execute = execute
         self._executor = executor
@@ -86,6 +95,9 @@ class Batcher:
         self._drop_expired = drop_expired
         self._on_batch = on_batch
         self._inline_ok = inline_ok
+        self._timeout_s = timeout_s
+        self._on_failure = on_failure
+        self._wedged: asyncio.Future[BatchOutput] | None = None  # a timed-out call still running
         self._queue: collections.deque[Item] = collections.deque()
         self._queued = 0  # samples in _queue
         self._running = 0  # samples in the batch computing now
@@ -109,6 +121,11 @@ class Batcher:
 
     def state(self) -> QueueState:
         return QueueState(self.queued, self.running, self.running_for_ms)
+
+    @property
+    def wedged(self) -> bool:
+        """A timed-out batch is still running in its thread."""
+        return self._wedged is not None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -136,6 +153,8 @@ class Batcher:
         """Queue ``x`` and wait for its share of a batch. Cancelling the caller drops the item."""
         if self._task is None:
             raise Unavailable(f"variant {self.name!r} is not running")
+        if self._wedged is not None:
+            raise VariantFailed(self.name, "a timed-out batch is still running")
         if self._queued + x.shape[0] > self.max_queue:
             raise Overloaded(f"variant {self.name!r}: queue full ({self._queued} samples queued, "
                              f"limit {self.max_queue})")
@@ -163,14 +182,26 @@ class Batcher:
             if not items:
                 continue
             t0 = self._clock()
-            self._running, self._running_since = sum(i.n for i in items), t0
+            n = sum(i.n for i in items)
+            self._running, self._running_since = n, t0
+            call = loop.run_in_executor(self._executor, self._execute, items)
+            timeout = self._timeout_s(n) if self._timeout_s is not None else None
             try:
-                out = await loop.run_in_executor(self._executor, self._execute, items)
+                # shield: a timeout must not cancel the future the wedge is tracked by
+                out = await asyncio.wait_for(asyncio.shield(call), timeout)
+            except TimeoutError:
+                log.error("variant %s: batch of %d still running after %.3f s; wedged until it "
+                          "returns", self.name, n, timeout)
+                self._wedged = call
+                self._fail(items, VariantFailed(self.name, f"batch of {n} timed out after "
+                                                           f"{timeout:.3f} s"))
+                self._running = 0
+                await self._unwedge(call)
+                continue
             except Exception as exc:  # a runner failure fails this batch, not the server
-                log.exception("variant %s: batch of %d failed", self.name, self._running)
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                log.error("variant %s: batch of %d failed: %s: %s", self.name, n,
+                          type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                self._fail(items, VariantFailed(self.name, f"{type(exc).__name__}: {exc}"))
                 continue
             finally:
                 self._running = 0
@@ -182,6 +213,25 @@ class Batcher:
                                                   compute_ms, batch))
             if self._on_batch is not None:
                 self._on_batch(items, t0, out)
+
+    def _fail(self, items: list[Item], exc: VariantFailed) -> None:
+        """Fail a batch and everything queued behind it (retried elsewhere at once, rather than
+        run on a variant that just failed); report the failure once."""
+        behind = list(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        for item in (*items, *behind):
+            if not item.future.done():
+                item.future.set_exception(exc)
+        if self._on_failure is not None:
+            self._on_failure(exc)
+
+    async def _unwedge(self, call: asyncio.Future[BatchOutput]) -> None:
+        """Wait out a hung call (its result is dropped); new requests are refused meanwhile."""
+        with contextlib.suppress(Exception):  # its requests were failed and reported already
+            await call
+        self._wedged = None
+        log.info("variant %s: the timed-out batch returned", self.name)
 
     def _run_inline(self, item: Item) -> Result:
         """Opt-in (``inline_ok``): an idle variant whose batch is predicted to take less than a

@@ -3,7 +3,8 @@
 Decoding validates everything a client controls and raises `InvalidArgument` naming the field
 and showing the bad value, so bad input never reaches a runner. Request parameters:
 ``latency_budget_ms`` (double, integer or numeric string) and Triton's ``timeout`` (µs); the effective budget
-is the smallest of those and the gRPC deadline's time remaining minus a safety margin.
+is the smallest of those and the gRPC deadline's time remaining minus a safety margin. Client-supplied
+text is echoed cut short (`shown`): error messages travel in gRPC trailers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from protos.generated import grpc_service_pb2 as pb
-from server.errors import InvalidArgument, NotFound
+from server.errors import InvalidArgument, NotFound, shown
 
 BUDGET_PARAM = "latency_budget_ms"
 TIMEOUT_PARAM = "timeout"  # Triton: microseconds
 MAX_REQUEST_BATCH = 4096
+MAX_BUDGET_MS = 3_600_000.0  # an hour: anything longer is a unit mistake, not a budget
 
 
 @dataclass(frozen=True)
@@ -46,28 +48,29 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
                  time_remaining_s: float | None, margin_ms: float) -> Call:
     """Validate and decode a ModelInferRequest."""
     if req.model_name != spec.name:
-        raise NotFound(f"model_name {req.model_name!r}: this server hosts {spec.name!r}")
+        raise NotFound(f"model_name {shown(req.model_name)}: this server hosts {spec.name!r}")
     if len(req.inputs) != 1:
         raise InvalidArgument(f"inputs: expected exactly 1 input tensor {spec.input_name!r}, "
                               f"got {len(req.inputs)}")
     t = req.inputs[0]
     if t.name != spec.input_name:
-        raise InvalidArgument(f"inputs[0].name {t.name!r}: the model's input is "
+        raise InvalidArgument(f"inputs[0].name {shown(t.name)}: the model's input is "
                               f"{spec.input_name!r}")
     if t.datatype != "FP32":
-        raise InvalidArgument(f"inputs[0].datatype {t.datatype!r}: expected 'FP32'")
+        raise InvalidArgument(f"inputs[0].datatype {shown(t.datatype)}: expected 'FP32'")
     shape = tuple(t.shape)  # int64s already
     if len(shape) != 1 + len(spec.input_shape) or shape[1:] != spec.input_shape:
-        raise InvalidArgument(f"inputs[0].shape {list(shape)!r}: expected "
+        raise InvalidArgument(f"inputs[0].shape {shown(list(shape))}: expected "
                               f"[N, {', '.join(map(str, spec.input_shape))}]")
     if not 1 <= shape[0] <= MAX_REQUEST_BATCH:
         raise InvalidArgument(f"inputs[0].shape[0] {shape[0]!r}: batch must lie in "
                               f"[1, {MAX_REQUEST_BATCH}]")
     for o in req.outputs:
         if o.name != spec.output_name:
-            raise InvalidArgument(f"outputs name {o.name!r}: the model's only output is "
+            raise InvalidArgument(f"outputs name {shown(o.name)}: the model's only output is "
                                   f"{spec.output_name!r}")
     x = _tensor(req, shape)
+    _finite(x)
     return Call(x=x, budget_ms=_budget(req, time_remaining_s, margin_ms),
                 pin=req.model_version or None, request_id=req.id)
 
@@ -88,6 +91,15 @@ def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:
         raise InvalidArgument(f"inputs[0].contents.fp32_contents: {len(values)} values, shape "
                               f"{list(shape)!r} needs {count}")
     return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def _finite(x: np.ndarray) -> None:
+    """NaN and ±Inf poison softmax confidences and the early-exit test: refuse them."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.flatnonzero(bad.ravel())[0])
+        raise InvalidArgument(f"inputs[0]: {int(bad.sum())} values are NaN or infinite (first at "
+                              f"flat index {first}: {float(x.ravel()[first])!r})")
 
 
 def _budget(req: pb.ModelInferRequest, time_remaining_s: float | None,
@@ -113,16 +125,21 @@ def _positive(p: pb.InferParameter, name: str) -> float:
             raise ValueError
         value = float(raw)  # type: ignore[arg-type]
     except ValueError:
-        raise InvalidArgument(f"parameters[{name!r}] {raw!r}: expected a number "
+        raise InvalidArgument(f"parameters[{name!r}] {shown(raw)}: expected a number "
                               f"(got {kind or 'no value'})") from None
     if not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(f"parameters[{name!r}] {raw!r}: must be a positive finite number")
+        raise InvalidArgument(f"parameters[{name!r}] {shown(raw)}: must be a positive finite number")
+    limit = MAX_BUDGET_MS * (1e3 if name == TIMEOUT_PARAM else 1.0)
+    if value > limit:
+        raise InvalidArgument(f"parameters[{name!r}] {shown(raw)}: above the limit of {limit:g} "
+                              f"({'µs' if name == TIMEOUT_PARAM else 'ms'})")
     return value
 
 
 def encode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *, logits: np.ndarray, variant: str,
                  exit_index: int | None, exits: np.ndarray | None, queue_ms: float,
-                 compute_ms: float, budget_ms: float | None) -> pb.ModelInferResponse:
+                 compute_ms: float, budget_ms: float | None,
+                 retried_from: str | None = None) -> pb.ModelInferResponse:
     """The response: logits as raw FP32, the variant as model_version, routing in parameters."""
     resp = pb.ModelInferResponse(model_name=spec.name, model_version=variant, id=req.id)
     out = resp.outputs.add()
@@ -139,4 +156,6 @@ def encode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *, logits: np.ndarr
         params["exit"].int64_param = exit_index
     if exits is not None and len(exits) > 1:
         params["exits"].string_param = ",".join(str(int(e)) for e in exits)
+    if retried_from is not None:  # the variant that failed first; this answer is its retry
+        params["retried_from"].string_param = retried_from
     return resp

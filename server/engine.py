@@ -3,6 +3,11 @@
 `Engine` owns the family's runners, one `Batcher` per variant, the `Router` and its latency model,
 and records the per-request and per-batch metrics. The servicer hands it a decoded `Call` and gets
 an `Outcome` back; everything here is independent of gRPC.
+
+Faults: when a routed request's batch fails (its runner raised or timed out), the request is
+retried once on the next-best candidate that fits what is left of its budget, and the variant is
+quarantined: the router skips it until a background probe (one zero image, spaced by a doubling
+back-off) runs cleanly. Pinned requests are not moved to another variant.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import numpy as np
 from compression.family import Family, Variant
 from server.batcher import Batcher, BatchOutput, Execute, Item
 from server.codec import Call
-from server.errors import AdaptiveError, InternalError
+from server.errors import AdaptiveError, BudgetExceeded, InternalError, VariantFailed
+from server.faults import FaultInjector, Quarantine
 from server.latency import LatencyModel, Load
 from server.monitor import Monitor
 from server.router import Candidate, Clock, Decision, Router, candidates_for, confident, unit_name
@@ -45,6 +51,9 @@ class Settings:
     threads_per_batch: int = 1
     deadline_margin_ms: float = 0.5
     inline_below_ms: float = 0.0  # > 0: tiny batches on an idle variant skip the thread pool
+    batch_timeout_ms: float = 1000.0  # a batch fails after max(this, 10 × its predicted p95)
+    quarantine_s: float = 2.0  # first re-probe of a failed variant; doubles per failed probe
+    quarantine_max_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Outcome:
     compute_ms: float
     budget_ms: float | None
     met: bool  # answered inside the budget (True without one)
+    retried_from: str | None = None  # the variant that failed first, when this is the retry
 
 
 class Engine:
@@ -67,7 +77,8 @@ class Engine:
 
     def __init__(self, family: Family, runners: Mapping[str, Runner | Stages], *,
                  executor: Executor, metrics: Metrics, monitor: Monitor,
-                 settings: Settings = Settings(), clock: Clock = time.monotonic) -> None:
+                 settings: Settings = Settings(), clock: Clock = time.monotonic,
+                 faults: FaultInjector | None = None) -> None:
         self.family = family
         self.runners = dict(runners)
         self.settings = settings
@@ -79,8 +90,15 @@ class Engine:
         for v in family.variants.values():
             _seed_from_manifest(self.latency, v)
         self.router = Router(candidates_for(family.variants.values()), self.latency,
-                             max_batch=settings.max_batch, on_miss=settings.on_miss, clock=clock)
+                             max_batch=settings.max_batch, on_miss=settings.on_miss,
+                             max_queue=settings.max_queue, clock=clock)
         self.batchers: dict[str, Batcher] = {}
+        self.faults = faults
+        self.quarantine = Quarantine(base_s=settings.quarantine_s, max_s=settings.quarantine_max_s)
+        self._probes: set[asyncio.Task[None]] = set()
+        self._inflight = 0
+        self._idle = asyncio.Event()  # set while no request is in flight (graceful shutdown)
+        self._idle.set()
         for c in self.router.candidates:
             metrics.accuracy.labels(c.name).set(c.accuracy)
             if c.exit is not None:
@@ -88,6 +106,9 @@ class Engine:
         for name in family.variants:  # zero series from the start, so rates work at once
             metrics.budget_misses.labels(family.name, name)
             metrics.requests.labels(family.name, name, "OK")
+            metrics.variant_failures.labels(name)
+            metrics.retries.labels(name)
+            metrics.quarantined.labels(name).set(0)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -108,7 +129,11 @@ class Engine:
                      name, p.p50, p.p95)
 
     def start(self) -> None:
-        """Start the batchers (on the running event loop)."""
+        """Start the batchers (on the running event loop); arm injected faults (after warm-up,
+        which must succeed)."""
+        if self.faults is not None:
+            self.runners = self.faults.wrap(self.runners)
+            self.faults.arm()
         for name in self.family.variants:
             self.batchers[name] = Batcher(
                 name, self._executor_for(name), self.executor, clock=self.clock,
@@ -116,11 +141,24 @@ class Engine:
                 max_queue=self.settings.max_queue, predict_ms=self._batch_ms(name),
                 drop_expired=self.settings.on_miss == "reject",
                 on_batch=functools.partial(self._on_batch, name),
-                inline_ok=self._inline_ok(name) if self.settings.inline_below_ms > 0 else None)
+                inline_ok=self._inline_ok(name) if self._may_inline(name) else None,
+                timeout_s=self._timeout_s(name), on_failure=self._on_failure)
             self.batchers[name].start()
 
     async def stop(self) -> None:
+        for t in self._probes:
+            t.cancel()
+        if self.faults is not None:
+            self.faults.release()  # hung injected calls return, so worker threads can exit
         await asyncio.gather(*(b.stop() for b in self.batchers.values()))
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def drained(self) -> None:
+        """Return once no request is in flight."""
+        await self._idle.wait()
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -139,14 +177,36 @@ class Engine:
         if call.budget_ms is not None:
             m.child(m.budget, model).observe(max(call.budget_ms, 0.0) / 1e3)
         variant = "none"
+        retried_from: str | None = None
         m.inflight.inc()
+        self._inflight += 1
+        self._idle.clear()
         try:
-            decision = self.router.choose(deadline=deadline, batch=call.x.shape[0],
-                                          load=self.load(), pin=call.pin)
+            if call.budget_ms is not None and call.budget_ms <= 0:
+                # The gRPC deadline passed while the request waited to be read (overload): its
+                # caller has given up, so computing an answer would only deepen the backlog.
+                raise BudgetExceeded(f"the request's deadline passed {-call.budget_ms:.3f} ms "
+                                     f"before it was decoded (server overloaded)")
+            batch = call.x.shape[0]
+            decision = self.router.choose(deadline=deadline, batch=batch, load=self.load(),
+                                          pin=call.pin, exclude=self.quarantine.variants)
+            variant = decision.candidate.variant
+            try:
+                res = await self.batchers[variant].submit(call.x, deadline=deadline,
+                                                          max_exit=decision.candidate.exit)
+            except VariantFailed:
+                if call.pin is not None:  # the client asked for this variant and no other
+                    raise
+                retried_from = variant
+                m.child(m.retries, variant).inc()
+                decision = self.router.choose(deadline=deadline, batch=batch, load=self.load(),
+                                              exclude=self.quarantine.variants | {variant})
+                variant = decision.candidate.variant
+                log.debug("request %r: %s failed, retrying on %s", call.request_id, retried_from,
+                          decision.candidate.name)
+                res = await self.batchers[variant].submit(call.x, deadline=deadline,
+                                                          max_exit=decision.candidate.exit)
             cand = decision.candidate
-            variant = cand.variant
-            res = await self.batchers[cand.variant].submit(call.x, deadline=deadline,
-                                                           max_exit=cand.exit)
         except AdaptiveError as exc:
             m.child(m.requests, model, variant, exc.code).inc()
             raise
@@ -159,6 +219,9 @@ class Engine:
             raise InternalError(f"inference on {variant!r} failed: {type(exc).__name__}") from exc
         finally:
             m.inflight.dec()
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
         done = self.clock()
         met = deadline is None or done <= deadline
         m.child(m.requests, model, variant, "OK").inc()
@@ -168,12 +231,44 @@ class Engine:
         exit_index = int(res.exits.max()) if res.exits is not None else None
         _log_decision(call, decision, met)
         return Outcome(res.logits, variant, cand.name, exit_index, res.exits, res.queue_ms,
-                       res.compute_ms, call.budget_ms, met)
+                       res.compute_ms, call.budget_ms, met, retried_from)
 
     def rejected(self, exc: AdaptiveError) -> None:
         """Count a request refused before it reached `infer` (malformed, unknown model)."""
         m = self.metrics
         m.child(m.requests, self.family.name, "none", exc.code).inc()
+
+    # --- failures: quarantine and re-probe ------------------------------------------------------
+
+    def _on_failure(self, exc: VariantFailed) -> None:
+        """A batch of ``exc.variant`` failed (on the event loop, once per batch)."""
+        m = self.metrics
+        m.child(m.variant_failures, exc.variant).inc()
+        if self.quarantine.fail(exc.variant):
+            delay = self.quarantine.next_probe_s(exc.variant)
+            log.warning("variant %s quarantined (%s); re-probing in %.1f s", exc.variant, exc,
+                        delay)
+            m.child(m.quarantined, exc.variant).set(1)
+            task = asyncio.get_running_loop().create_task(self._reprobe(exc.variant, delay),
+                                                          name=f"reprobe-{exc.variant}")
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _reprobe(self, variant: str, delay: float) -> None:
+        """Run one zero image through the variant until it succeeds; then route to it again."""
+        x = np.zeros((1, *self.family.input_shape), np.float32)
+        while True:
+            await asyncio.sleep(delay)  # the back-off itself: a broken variant is tried rarely
+            try:
+                await self.batchers[variant].submit(x, deadline=None)
+            except AdaptiveError as exc:
+                delay = self.quarantine.probe_failed(variant)
+                log.warning("variant %s failed its probe (%s); next in %.1f s", variant, exc, delay)
+                continue
+            self.quarantine.recovered(variant)
+            self.metrics.child(self.metrics.quarantined, variant).set(0)
+            log.info("variant %s passed its probe; routed to again", variant)
+            return
 
     # --- the variant table and gauges ----------------------------------------------------------
 
@@ -270,6 +365,20 @@ class Engine:
             factor = self.latency.load_factor(self.load(), extra_batches=1)
             return self.router.compute(deepest, max(n, 1), factor).p95
         return predict
+
+    def _timeout_s(self, name: str) -> Callable[[int], float]:
+        """How long a batch of ``n`` may run before it counts as hung."""
+        predict = self._batch_ms(name)
+        floor = self.settings.batch_timeout_ms
+
+        def timeout(n: int) -> float:
+            return max(floor, 10.0 * predict(n)) / 1e3
+        return timeout
+
+    def _may_inline(self, name: str) -> bool:
+        # a batch on the event loop cannot be timed out: never inline a fault-injected variant
+        return self.settings.inline_below_ms > 0 and (self.faults is None
+                                                      or name not in self.faults.faults)
 
     def _inline_ok(self, name: str) -> Callable[[int], bool]:
         """Typical (p50) cost of the variant's batch under the threshold: run it inline."""

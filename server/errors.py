@@ -46,6 +46,12 @@ class Unavailable(AdaptiveError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(AdaptiveError):
+    """The request carries no valid credentials (``--auth-token-file``: a bearer token)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class Cancelled(AdaptiveError):
     """The caller cancelled the request."""
 
@@ -58,10 +64,26 @@ class InternalError(AdaptiveError):
     code = "INTERNAL"
 
 
+class VariantFailed(InternalError, RuntimeError):
+    """A variant's runner raised or hung on a batch; the engine retries the request elsewhere.
+    (Also a RuntimeError: that is what a runner failure surfaced as before retries existed.)"""
+
+    def __init__(self, variant: str, reason: str) -> None:
+        super().__init__(f"variant {variant!r} failed: {reason}")
+        self.variant = variant
+
+
 _BY_CODE: dict[str, type[AdaptiveError]] = {
     cls.code: cls for cls in (InvalidArgument, NotFound, BudgetExceeded, Overloaded, Unavailable,
-                              Cancelled, InternalError)
+                              Unauthenticated, Cancelled, InternalError)
 }
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages travel in gRPC trailers, so a
+    megabyte of client-supplied text must not be echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
 
 
 def from_code(code_name: str, message: str) -> AdaptiveError:

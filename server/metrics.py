@@ -88,7 +88,19 @@ class Metrics:
         self.accuracy = Gauge(
             "adaptive_variant_accuracy_ratio", "Test accuracy of each candidate from the manifest.",
             ["variant"], registry=r, multiprocess_mode="livemax")
-
+        self.variant_failures = Counter(
+            "adaptive_variant_failures_total", "Batches (and re-probes) of each variant whose "
+            "runner raised or timed out.", ["variant"], registry=r)
+        self.retries = Counter(
+            "adaptive_retries_total", "Requests retried on another variant after the one "
+            "they were routed to failed.", ["variant"], registry=r)
+        self.quarantined = Gauge(
+            "adaptive_variant_quarantined", "1 while a variant is quarantined after failures "
+            "(skipped by the router until a probe succeeds).", ["variant"], registry=r,
+            multiprocess_mode="livemax")
+        self.auth_failures = Counter(
+            "adaptive_auth_failures_total", "Requests refused UNAUTHENTICATED (missing or wrong "
+            "bearer token).", registry=r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: on the request path labels() costs a lock and a

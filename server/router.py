@@ -7,9 +7,14 @@ candidate, the queue wait in front of it plus its compute p95 at the batch size 
 both scaled by the current load, and picks
 
 1. the most accurate candidate whose predicted completion fits the time left (ties: faster);
-2. if none fits: the fastest candidate (``on_miss="best-effort"``) or `BudgetExceeded`
-   (``on_miss="reject"``);
+2. if none fits: the fastest candidate (``on_miss="best-effort"``), or a refusal at once
+   (``on_miss="reject"``): `Overloaded` (RESOURCE_EXHAUSTED, retry later) when the fastest
+   candidate would fit an idle server, `BudgetExceeded` when the budget is below even that;
 3. with no deadline: the most accurate candidate.
+
+Candidates of ``exclude``d variants (quarantined after failures) and of variants whose queue
+cannot take the request (``max_queue``) are skipped; when that leaves nothing the request is
+refused at once (`Unavailable`, `Overloaded`) instead of queueing.
 
 For the early-exit network the chosen candidate fixes the *deepest* exit; while it runs, the
 runner asks `Router.next_stage_fits` before each further stage and stops early when an exit is
@@ -19,13 +24,13 @@ confident enough (`confident`). Pure: no grpc, no I/O; the clock is injected (te
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from compression.family import Variant
-from server.errors import BudgetExceeded, InvalidArgument, NotFound
+from server.errors import BudgetExceeded, InvalidArgument, NotFound, Overloaded, Unavailable, shown
 from server.latency import LatencyModel, Load, Prediction, QueueView
 
 Clock = Callable[[], float]  # monotonic seconds
@@ -86,7 +91,7 @@ class Router:
     """Chooses a candidate per request; see the module docstring for the policy."""
 
     def __init__(self, candidates: Sequence[Candidate], latency: LatencyModel, *,
-                 max_batch: int = 32, on_miss: str = "best-effort",
+                 max_batch: int = 32, on_miss: str = "best-effort", max_queue: int | None = None,
                  clock: Clock = time.monotonic) -> None:
         if not candidates:
             raise ValueError("the router needs at least one candidate")
@@ -96,6 +101,7 @@ class Router:
         self.latency = latency
         self.max_batch = max(int(max_batch), 1)
         self.on_miss = on_miss
+        self.max_queue = max_queue  # samples per variant queue; None: unbounded
         self.clock = clock
         self._by_name = {c.name: c for c in self.candidates}
         # The deepest candidate of each variant: what its queued batches cost at worst.
@@ -115,15 +121,24 @@ class Router:
     # --- the policy ----------------------------------------------------------------------------
 
     def choose(self, *, deadline: float | None, batch: int, load: Load,
-               pin: str | None = None) -> Decision:
+               pin: str | None = None, exclude: Collection[str] = ()) -> Decision:
         """The candidate for a request of ``batch`` samples due at ``deadline`` (clock seconds).
 
         ``pin``: a variant name (its only candidate, or the best exit depth of the early-exit
-        network) or an exact candidate name such as ``early-exit@1``.
+        network) or an exact candidate name such as ``early-exit@1``. ``exclude``: variants not
+        to use (quarantined, or the one that just failed this request).
         """
         if batch < 1:
             raise InvalidArgument(f"batch size {batch!r} must be at least 1")
         pool = self._pool(pin)
+        if exclude:
+            pool = [c for c in pool if c.variant not in exclude]
+            if not pool:
+                what = f"variant {pin!r} is" if pin else "every variant is"
+                raise Unavailable(f"{what} quarantined after failures (re-probed in the "
+                                  f"background); retry later")
+        if self.max_queue is not None:
+            pool = self._with_room(pool, batch, load)
         remaining = self.remaining_ms(deadline)
         factor = self.latency.load_factor(load)
         queues: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
@@ -143,6 +158,12 @@ class Router:
         assert fastest is not None and remaining is not None
         total, c, wait, compute = fastest
         if self.on_miss == "reject":
+            idle = sum_ms(c.units, batch)[1]
+            if idle <= remaining:  # it is the load, not the budget: admission control says later
+                raise Overloaded(
+                    f"latency budget: {remaining:.3f} ms left, under the current load the fastest "
+                    f"candidate {c.name!r} needs {total:.3f} ms (queue {wait:.3f} + compute "
+                    f"{compute:.3f}, load x{factor:.2f}), {idle:.3f} ms when idle; retry later")
             raise BudgetExceeded(
                 f"latency budget: {max(remaining, 0.0):.3f} ms left, the fastest candidate "
                 f"{c.name!r} needs {total:.3f} ms (queue {wait:.3f} + compute {compute:.3f})")
@@ -186,6 +207,16 @@ class Router:
             wait += full_batches * self.latency.sum_ms(units, self.max_batch)[0] * factor
         return wait, queued % self.max_batch
 
+    def _with_room(self, pool: list[Candidate], batch: int, load: Load) -> list[Candidate]:
+        """The candidates whose variant queue can take ``batch`` more samples."""
+        assert self.max_queue is not None
+        room = [c for c in pool
+                if (q := load.queues.get(c.variant)) is None or q.queued + batch <= self.max_queue]
+        if not room:
+            raise Overloaded(f"every queue that could serve this request is full (limit "
+                             f"{self.max_queue} samples per variant, request {batch}); retry later")
+        return room
+
     def _pool(self, pin: str | None) -> list[Candidate]:
         if not pin:
             return self._ranked
@@ -193,7 +224,7 @@ class Router:
             return [self._by_name[pin]]
         pool = [c for c in self._ranked if c.variant == pin]
         if not pool:
-            raise NotFound(f"model_version {pin!r}: no such variant; variants: "
+            raise NotFound(f"model_version {shown(pin)}: no such variant; variants: "
                            f"{sorted({c.variant for c in self.candidates})}")
         return pool
 

@@ -3,6 +3,11 @@
 `InferenceServicer` is the KServe v2 ``inference.GRPCInferenceService``; `AdaptiveServicer` adds
 the variant table. Every `AdaptiveError` becomes its gRPC status in one place (`_status`), with
 the error's message as the details; anything else is an INTERNAL error and is logged.
+
+`add_services` registers both with tolerant request decoding: bytes that are not a valid protobuf
+of the method's type reach the handler as `Malformed` and are answered INVALID_ARGUMENT (gRPC's own
+deserializer would answer INTERNAL, which tells the client nothing). While the server drains for
+shutdown (`ServingState.draining`) new inference requests are refused with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import grpc
 from protos.generated import adaptive_pb2 as apb
 from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
 from protos.generated import grpc_service_pb2 as pb
-from server.codec import ModelSpec, decode_infer, encode_infer
+from server.codec import MAX_REQUEST_BATCH, ModelSpec, decode_infer, encode_infer
 from server.engine import Engine, Outcome
-from server.errors import AdaptiveError, NotFound, Unavailable
+from server.errors import AdaptiveError, InvalidArgument, NotFound, Unavailable, shown
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,73 @@ class ServingState:
     spec: ModelSpec | None = None
     margin_ms: float = 0.5
     versions: list[str] = field(default_factory=list)  # variants, then variant@exit depths
+    draining: bool = False  # SIGTERM received: refuse new requests, finish in-flight ones
 
     def ready_engine(self) -> tuple[Engine, ModelSpec]:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
         if self.engine is None or self.spec is None:
             raise Unavailable("the server is still loading and warming up its model family")
         return self.engine, self.spec
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request body that did not parse as the method's protobuf message."""
+
+    message: str  # the expected message type
+    size: int
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"request body: {self.size} bytes are not a valid {self.message} "
+                               f"protobuf ({shown(self.reason)})")
+
+
+def _tolerant(deserialize: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or anything else a hostile body provokes
+            return Malformed(message, len(data), f"{type(exc).__name__}: {exc}")
+    return parse
+
+
+class _Capture:
+    """Stands in for a server to catch the handlers a generated ``add_*_to_server`` registers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_services(server: grpc.aio.Server, state: ServingState) -> list[str]:
+    """Register the inference and adaptive services with tolerant decoding; returns their names."""
+    names = []
+    for add, servicer, messages in (
+            (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+             InferenceServicer(state), pb),
+            (adaptive_pb2_grpc.add_AdaptiveServiceServicer_to_server, AdaptiveServicer(state),
+             apb)):
+        cap = _Capture()
+        add(servicer, cap)  # type: ignore[arg-type]
+        service = messages.DESCRIPTOR.services_by_name[cap.service.rsplit(".", 1)[-1]]
+        handlers = {}
+        for method, h in cap.handlers.items():
+            expected = service.methods_by_name[method].input_type.full_name
+            handlers[method] = h._replace(  # type: ignore[attr-defined]
+                request_deserializer=_tolerant(h.request_deserializer, expected))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(cap.service, handlers),))
+        server.add_registered_method_handlers(cap.service, handlers)
+        names.append(cap.service)
+    return names
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -67,6 +134,8 @@ def _mapped(fn: Handler[T]) -> Handler[T]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             return await fn(self, request, context)
         except Exception as exc:  # AbortError passes through context.abort below unchanged
             if isinstance(exc, grpc.aio.AbortError):
@@ -83,21 +152,26 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
 
+    @_mapped
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    @_mapped
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.state.engine is not None)
+        return pb.ServerReadyResponse(ready=self.state.engine is not None and not self.state.draining)
 
+    @_mapped
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         s = self.state
-        ready = (s.engine is not None and s.spec is not None and request.name == s.spec.name
+        ready = (s.engine is not None and s.spec is not None and not s.draining
+                 and request.name == s.spec.name
                  and (not request.version or _known_version(request.version, s.versions)))
         return pb.ModelReadyResponse(ready=ready)
 
+    @_mapped
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
@@ -130,14 +204,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=resp)
             except Exception as exc:
                 _code, details = _status(exc)
-                yield pb.ModelStreamInferResponse(
-                    error_message=details,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         id=request.id))
+                echo = (pb.ModelInferResponse() if isinstance(request, Malformed) else
+                        pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                yield pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
 
-    async def _infer(self, request: pb.ModelInferRequest,
+    async def _infer(self, request: pb.ModelInferRequest | Malformed,
                      time_remaining: float | None) -> pb.ModelInferResponse:
         engine, spec = self.state.ready_engine()
+        if isinstance(request, Malformed):
+            engine.rejected(request.error())
+            raise request.error()
         try:
             call = decode_infer(request, spec, time_remaining_s=time_remaining,
                                 margin_ms=self.state.margin_ms)
@@ -147,7 +223,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         out: Outcome = await engine.infer(call)
         return encode_infer(request, spec, logits=out.logits, variant=out.variant,
                             exit_index=out.exit, exits=out.exits, queue_ms=out.queue_ms,
-                            compute_ms=out.compute_ms, budget_ms=out.budget_ms)
+                            compute_ms=out.compute_ms, budget_ms=out.budget_ms,
+                            retried_from=out.retried_from)
 
 
 class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
@@ -161,8 +238,8 @@ class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
                             context: grpc.aio.ServicerContext) -> apb.ModelVariantsResponse:
         engine, spec = self.state.ready_engine()
         if request.name and request.name != spec.name:
-            raise NotFound(f"name {request.name!r}: this server hosts {spec.name!r}")
-        batch = max(int(request.batch_size), 1)
+            raise NotFound(f"name {shown(request.name)}: this server hosts {spec.name!r}")
+        batch = min(max(int(request.batch_size), 1), MAX_REQUEST_BATCH)
         resp = apb.ModelVariantsResponse(name=spec.name)
         for c, d, p50 in engine.table(batch):
             v = engine.family.variant(c.variant)
@@ -181,6 +258,6 @@ def _known_version(version_: str, versions: list[str]) -> bool:
 
 def _check_model(name: str, version_: str, spec: ModelSpec, versions: list[str]) -> None:
     if name != spec.name:
-        raise NotFound(f"name {name!r}: this server hosts {spec.name!r}")
+        raise NotFound(f"name {shown(name)}: this server hosts {spec.name!r}")
     if version_ and not _known_version(version_, versions):
-        raise NotFound(f"version {version_!r}: no such variant; versions: {versions}")
+        raise NotFound(f"version {shown(version_)}: no such variant; versions: {versions}")

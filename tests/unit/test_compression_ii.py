@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from compression import data as datasets
+from compression import registry
 from compression.depthwise import conv_records
 from compression.early_exit import (
     EarlyExitNet,
@@ -23,8 +25,15 @@ from compression.early_exit import (
     policy_predictions,
     stage_io,
 )
+from compression.errors import ConfigError
 from compression.family import BATCH_SIZES, load_family
-from compression.low_rank import LowRankConfig, factorize, factorize_model, layer_params
+from compression.low_rank import (
+    LowRankConfig,
+    choose_rank,
+    factorize,
+    factorize_model,
+    layer_params,
+)
 from compression.models import StagedCNN, build_model
 
 TINY = {"kind": "cnn", "input": [1, 28, 28], "num_classes": 10,
@@ -104,6 +113,31 @@ def test_factorize_model_only_where_it_saves_and_records_k() -> None:
     assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in out.parameters()) \
         == drop
     assert out(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_rank_from_energy_or_parameter_ratio() -> None:
+    u, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    v, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(2)))
+    w = u[:, :4] @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0])) @ v[:, :4].T  # σ² = 16, 4, 1, 1
+    energy = LowRankConfig(criterion="energy", rank_multiple=1, energy=0.9)
+    assert choose_rank(w, energy) == 2  # (16 + 4) / 22 = 0.909
+    assert choose_rank(w, LowRankConfig(criterion="energy", rank_multiple=1, energy=0.92)) == 3
+    # ratio: K = ⌊r·M·N/(M+N)⌋, rounded up to rank_multiple: 0.25·32·288/320 = 7.2 → 7 → 8
+    assert choose_rank(torch.randn(32, 288), LowRankConfig(param_ratio=0.25)) == 8
+
+
+@pytest.mark.parametrize("method, params, fragment", [
+    ("low-rank", {"criterion": "svd"}, "criterion must be one of"),
+    ("low-rank", {"param_ratio": 1.5}, "param_ratio must lie in (0, 1), got 1.5"),
+    ("depthwise", {"alpha": 2}, "alpha must lie in [0, 1], got 2"),
+    ("early-exit", {"criterion": "margin"}, "criterion must be one of"),
+    ("early-exit", {"serve": "both"}, "serve must be 'joint' or 'frozen', got 'both'"),
+])
+def test_bad_parameters_are_config_errors(method: str, params: dict[str, object],
+                                          fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        registry.get(method).parse(params)
+    assert fragment in str(err.value) and method in str(err.value)
 
 
 # --- depthwise --------------------------------------------------------------------------------
@@ -246,7 +280,18 @@ joint_epochs = 1
 """
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a shared 2-core host OpenMP's
+    spinning threads made this build 4x slower (109 s against 26 s) when other jobs ran."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_family_with_the_three_methods(tmp_path: Path) -> None:
     from compression.build import build, load_config
 

@@ -1,0 +1,215 @@
+"""Policy comparison: adaptive routing against pinning `full` and pinning the fastest variant,
+at offered loads from 0.5x to 4x the `full` variant's capacity on this host.
+
+1. Serve the family (`adaptive-inference serve`, its own process, loopback, default flags).
+2. Measure on this host, before any load: images per request (enough that `full`'s compute
+   outweighs the gRPC round trip), the idle round trip of pinned `full` (its p99 sets the budget
+   range: uniform over [p99, 2 x p99], which `full` just meets when idle), and `full`'s capacity
+   (closed-loop throughput with requests always waiting).
+3. For each load, each policy in rotated order (so machine-load drift hits all three alike):
+   `adaptive-inference bench` as its own process, same seed per load (same arrivals, budgets and
+   images for every policy: a paired comparison); wait until the server's queues are empty.
+4. ``summary.json`` with every run's figures, the calibration and the host.
+
+    .venv/bin/python bench/policies.py [--family families/mnist5k] [--loads 0.5,1,2,4]
+        [--seconds 10] [--out results/bench/policies]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.bench import load_test_data
+from client.client import AdaptiveClient, build_request
+from client.process import METRICS, ServerProcess
+from compression.family import load_family
+from protos.generated import grpc_service_pb2_grpc
+
+log = logging.getLogger("bench.policies")
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_CHOICES = (1, 2, 4, 8, 16, 32)
+
+
+def choose_images(client: AdaptiveClient, min_compute_ms: float) -> int:
+    """Fewest images per request (a power of two, at most 32 = the server's batch limit) for
+    which `full`'s predicted compute on this host reaches ``min_compute_ms``."""
+    for b in IMAGE_CHOICES:
+        full = next(v for v in client.variants(batch_size=b) if v.name == "full")
+        if full.predicted_p50_ms >= min_compute_ms:
+            return b
+    return IMAGE_CHOICES[-1]
+
+
+def idle_round_trips(client: AdaptiveClient, x: np.ndarray, variant: str, n: int) -> np.ndarray:
+    """Sequential requests pinned to ``variant``, one in flight: round trips (ms)."""
+    for _ in range(10):  # warm the connection and the variant
+        client.infer(x, variant=variant)
+    out = []
+    for _ in range(n):
+        out.append(client.infer(x, variant=variant).latency_ms)
+    return np.asarray(out)
+
+
+async def closed_loop_rps(target: str, model: str, x: np.ndarray, variant: str,
+                          concurrency: int, seconds: float) -> float:
+    """Throughput of ``variant`` with ``concurrency`` requests always in flight (saturation)."""
+    done = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = build_request(model, x, variant=variant)
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await stub.ModelInfer(request, timeout=30)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return done / elapsed
+
+
+def server_busy(metrics_url: str) -> float:
+    """Requests in flight plus samples queued, from the server's /metrics."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name in ("adaptive_inflight_requests", "adaptive_queue_depth"))
+
+
+def wait_idle(metrics_url: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if server_busy(metrics_url) == 0:
+            return
+        time.sleep(0.25)  # polling the server's gauges: there is no event to wait on
+    log.warning("server still busy after %.0f s; going on", timeout)
+
+
+def run_point(target: str, family: Path, out: Path, rate: float, seconds: float, budget: str,
+              images: int, seed: int, variant: str | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "client.cli", "bench", "--target", target, "--rate", f"{rate:.3f}",
+           "--duration", f"{seconds:g}", "--budget-ms", budget, "--images", str(images),
+           "--family", str(family), "--seed", str(seed), "--out", str(out), "--no-plots",
+           "--quiet"]
+    if variant is not None:
+        cmd += ["--variant", variant]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads((out / "results.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="families/mnist5k")
+    ap.add_argument("--loads", default="0.5,1,1.5,2,3,4",
+                    help="offered loads in multiples of full's capacity")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per load and policy")
+    ap.add_argument("--images", type=int, help="images per request (default: measured)")
+    ap.add_argument("--min-compute-ms", type=float, default=5.0,
+                    help="choose images per request so full computes at least this long")
+    ap.add_argument("--budget-range", type=float, default=2.0,
+                    help="budgets uniform over [p99, RANGE x p99] of full's idle round trip")
+    ap.add_argument("--out", default="results/bench/policies")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    family_dir = (ROOT / args.family).resolve()
+    fam = load_family(family_dir)
+    out = (ROOT / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    loads = [float(v) for v in args.loads.split(",")]
+    data = load_test_data(None, family_dir)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    load_avg_start = os.getloadavg()
+    t_start = time.perf_counter()
+
+    with tempfile.NamedTemporaryFile("w", prefix="bench-serve-", suffix=".log",
+                                     delete=False) as server_log, \
+            ServerProcess([str(family_dir), "--port", "0", "--metrics-port", "0"],
+                          log=server_log) as server:
+        port = server.port()
+        metrics_url = f"http://127.0.0.1:{int(server.wait_for(METRICS)[0].group(1))}/metrics"
+        target = f"127.0.0.1:{port}"
+        with AdaptiveClient(target) as client:
+            client.wait_ready(timeout=300)
+            log.info("server ready (%s); its log: %s", target, server_log.name)
+            images = args.images or choose_images(client, args.min_compute_ms)
+            x = data.x[:images]
+            table = client.variants(batch_size=images)
+            fastest = min(table, key=lambda v: v.predicted_p95_ms).name
+            idle = idle_round_trips(client, x, "full", 200)
+            idle_fastest = idle_round_trips(client, x, fastest, 100)
+        p50, p95, p99 = (float(np.percentile(idle, q)) for q in (50, 95, 99))
+        lo, hi = p99, args.budget_range * p99
+        budget = f"uniform:{lo:.3f}:{hi:.3f}"
+        capacity = asyncio.run(closed_loop_rps(target, fam.name, x, "full", 8, 5.0))
+        log.info("%d images/request; full idle round trip p50 %.2f / p95 %.2f / p99 %.2f ms; "
+                 "capacity %.1f req/s; budgets %s ms; fastest %s (idle p50 %.2f ms)", images,
+                 p50, p95, p99, capacity, budget, fastest, float(np.median(idle_fastest)))
+        policies: dict[str, str | None] = {"adaptive": None, "pinned full": "full",
+                                           f"pinned {fastest}": fastest}
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+        names = list(policies)
+        for i, load in enumerate(loads):
+            order = names[i % len(names):] + names[:i % len(names)]
+            for policy in order:
+                wait_idle(metrics_url)
+                rate = load * capacity
+                res = run_point(target, family_dir, out / policy.replace(" ", "-") / f"{load:g}x",
+                                rate, args.seconds, budget, images, seed=i,
+                                variant=policies[policy])
+                run = res["runs"][0]
+                run["load"] = load
+                runs[policy].append(run)
+                top = next(iter(run["share"].items()), ("-", 0))
+                log.info("%4.1fx (%6.1f/s) %-22s attainment %5.1f%%  goodput %6.1f/s  p99 %s ms  "
+                         "accuracy %s  errors %d  most used %s (%.0f%%)", load, rate, policy,
+                         100 * run["attainment"], run["goodput_rps"], run["latency_ms"]["p99"],
+                         "-" if run["accuracy"] is None else f"{100 * run['accuracy']:.2f}%",
+                         run["errors"], top[0], 100 * top[1])
+    for policy in runs:
+        runs[policy].sort(key=lambda r: r["load"])
+    summary = {
+        "started": started, "seconds_total": round(time.perf_counter() - t_start, 1),
+        "family": fam.name, "family_dir": str(family_dir.relative_to(ROOT)),
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                 "system": f"{platform.system()} {platform.release()}",
+                 "python": platform.python_version(),
+                 "load_average_start": [round(v, 2) for v in load_avg_start],
+                 "load_average_end": [round(v, 2) for v in os.getloadavg()]},
+        "calibration": {"images_per_request": images, "full_idle_ms": {
+            "p50": round(p50, 3), "p95": round(p95, 3), "p99": round(p99, 3)},
+            "fastest": fastest, "fastest_idle_p50_ms": round(float(np.median(idle_fastest)), 3),
+            "capacity_rps": round(capacity, 2), "budget_ms": budget,
+            "seconds_per_point": args.seconds, "server_variants": [
+                {"name": v.name, "accuracy": v.accuracy, "predicted_p50_ms": v.predicted_p50_ms,
+                 "predicted_p95_ms": v.predicted_p95_ms} for v in table]},
+        "policies": {p: {"variant": v, "dir": p.replace(" ", "-")} for p, v in policies.items()},
+        "runs": runs,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("policy comparison written to %s (%.0f s)", out / "summary.json",
+             summary["seconds_total"])
+
+
+if __name__ == "__main__":
+    main()
