@@ -105,11 +105,11 @@ def wait_idle(metrics_url: str, timeout: float = 30.0) -> None:
 
 
 def run_point(target: str, family: Path, out: Path, rate: float, seconds: float, budget: str,
-              images: int, seed: int, variant: str | None) -> dict[str, Any]:
+              images: int, seed: int, variant: str | None, extra: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "client.cli", "bench", "--target", target, "--rate", f"{rate:.3f}",
            "--duration", f"{seconds:g}", "--budget-ms", budget, "--images", str(images),
            "--family", str(family), "--seed", str(seed), "--out", str(out), "--no-plots",
-           "--quiet"]
+           "--quiet", *extra]
     if variant is not None:
         cmd += ["--variant", variant]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 300)
@@ -129,6 +129,8 @@ def main() -> None:
                     help="choose images per request so full computes at least this long")
     ap.add_argument("--budget-range", type=float, default=2.0,
                     help="budgets uniform over [p99, RANGE x p99] of full's idle round trip")
+    ap.add_argument("--deadline-is-budget", action="store_true",
+                    help="bench with gRPC deadline = budget (see `adaptive-inference bench -h`)")
     ap.add_argument("--out", default="results/bench/policies")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -137,6 +139,7 @@ def main() -> None:
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loads = [float(v) for v in args.loads.split(",")]
+    extra = ["--deadline-is-budget"] if args.deadline_is_budget else []
     data = load_test_data(None, family_dir)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     load_avg_start = os.getloadavg()
@@ -176,7 +179,7 @@ def main() -> None:
                 rate = load * capacity
                 res = run_point(target, family_dir, out / policy.replace(" ", "-") / f"{load:g}x",
                                 rate, args.seconds, budget, images, seed=i,
-                                variant=policies[policy])
+                                variant=policies[policy], extra=extra)
                 run = res["runs"][0]
                 run["load"] = load
                 runs[policy].append(run)
@@ -200,7 +203,8 @@ def main() -> None:
             "p50": round(p50, 3), "p95": round(p95, 3), "p99": round(p99, 3)},
             "fastest": fastest, "fastest_idle_p50_ms": round(float(np.median(idle_fastest)), 3),
             "capacity_rps": round(capacity, 2), "budget_ms": budget,
-            "seconds_per_point": args.seconds, "server_variants": [
+            "seconds_per_point": args.seconds, "deadline_is_budget": args.deadline_is_budget,
+            "server_variants": [
                 {"name": v.name, "accuracy": v.accuracy, "predicted_p50_ms": v.predicted_p50_ms,
                  "predicted_p95_ms": v.predicted_p95_ms} for v in table]},
         "policies": {p: {"variant": v, "dir": p.replace(" ", "-")} for p, v in policies.items()},

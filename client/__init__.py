@@ -1,7 +1,8 @@
 """What users import and run: the `AdaptiveClient` library and the `adaptive-inference` CLI.
 
 ``from client import AdaptiveClient, InferResult`` and the typed errors (``NotFound``,
-``InvalidArgument``, ``BudgetExceeded``, ``Overloaded``, ``Unavailable``, ``Unauthenticated``, ``AdaptiveError``).
+``InvalidArgument``, ``BudgetExceeded``, ``Overloaded``, ``Unavailable``, ``Unauthenticated``,
+``AdaptiveError``).
 Imported lazily, so the CLI's ``build`` never loads grpc.
 """
 

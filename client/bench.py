@@ -171,6 +171,14 @@ class RunConfig:
     seed: int = 0
     max_inflight: int = 4096  # arrivals beyond this many unanswered requests are dropped
     timeout_s: float | None = None  # gRPC deadline; None: 2 × budget + 50 ms (AdaptiveClient's)
+    # gRPC deadline = the budget: the server then also counts what happened before its handler
+    # (transport, gRPC queue) against the budget; a late answer ends DEADLINE_EXCEEDED.
+    deadline_is_budget: bool = False
+
+    def deadline(self, budget_ms: float | None) -> float | None:
+        if self.deadline_is_budget and budget_ms is not None:
+            return budget_ms / 1e3
+        return deadline_s(budget_ms, self.timeout_s)
 
 
 @dataclass
@@ -223,7 +231,7 @@ async def run_open_loop(target: str, model: str, data: TestData, cfg: RunConfig,
             try:
                 resp = await stub.ModelInfer(
                     build_request(model, x, budget_ms=budget, variant=cfg.variant),
-                    timeout=deadline_s(budget, cfg.timeout_s))
+                    timeout=cfg.deadline(budget))
                 latency = (time.perf_counter() - t0) * 1e3
                 r = parse_response(resp, latency)
                 cand = r.variant if r.exit is None else f"{r.variant}@{r.exit}"
@@ -352,8 +360,9 @@ class BenchResult:
 def run_bench(target: str, rates: Sequence[float], seconds: float, budget: BudgetSpec,
               data: TestData, *, variant: str | None = None, images: int = 1, seed: int = 0,
               max_inflight: int = 4096, timeout_s: float | None = None,
-              wait_ready_s: float = 30.0, pause_s: float = 1.0,
-              progress: Callable[[str], None] | None = None) -> BenchResult:
+              deadline_is_budget: bool = False, wait_ready_s: float = 30.0,
+              pause_s: float = 1.0, progress: Callable[[str], None] | None = None,
+              progress_every_s: float = 0.5) -> BenchResult:
     """One run per offered rate against ``target`` (``pause_s`` of quiet between runs)."""
     from client.client import AdaptiveClient
 
@@ -376,9 +385,11 @@ def run_bench(target: str, rates: Sequence[float], seconds: float, budget: Budge
         if i and pause_s > 0:
             time.sleep(pause_s)  # let the server's queues drain between runs
         cfg = RunConfig(rate=rate, seconds=seconds, budget=budget, variant=variant, images=images,
-                        seed=seed, max_inflight=max_inflight, timeout_s=timeout_s)
+                        seed=seed, max_inflight=max_inflight, timeout_s=timeout_s,
+                        deadline_is_budget=deadline_is_budget)
         recs, wall = asyncio.run(run_open_loop(target, model, data, cfg, run_index=i,
-                                               progress=progress))
+                                               progress=progress,
+                                               progress_every_s=progress_every_s))
         runs.append(summarize_run(recs, cfg, wall))
         records.extend(recs)
         log.info("bench: %g/s done: %d answered, %d errors, attainment %s", rate,
@@ -390,7 +401,8 @@ def run_bench(target: str, rates: Sequence[float], seconds: float, budget: Budge
         "started": started, "target": target, "model": model,
         "policy": "adaptive" if variant is None else f"pinned:{variant}", "variant": variant,
         "budget_ms": str(budget), "images_per_request": images, "seconds_per_rate": seconds,
-        "seed": seed, "timeout_s": timeout_s, "max_inflight": max_inflight,
+        "seed": seed, "timeout_s": timeout_s, "deadline_is_budget": deadline_is_budget,
+        "max_inflight": max_inflight,
         "data": data.description,
         "host": {**host, "load_average_start": load_start, "load_average_end": load_end},
         "server_variants": [{"name": v.name, "variant": v.variant, "exit": v.exit,

@@ -122,8 +122,9 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench.run_bench(
             args.target, args.rate, args.duration, args.budget_ms, data, variant=args.variant,
             images=args.images, seed=args.seed, max_inflight=args.max_inflight,
-            timeout_s=args.timeout, progress=None if args.quiet else progress,
-            wait_ready_s=args.wait_ready)
+            timeout_s=args.timeout, deadline_is_budget=args.deadline_is_budget,
+            progress=None if args.quiet else progress, wait_ready_s=args.wait_ready,
+            progress_every_s=0.5 if sys.stderr.isatty() else 5.0)
     except ValueError as exc:  # a shape or variant the server does not have
         raise InvalidArgument(str(exc)) from None
     if not args.quiet and sys.stderr.isatty():
@@ -276,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--images", type=int, default=1, help="images per request (default 1)")
     k.add_argument("--timeout", type=float,
                    help="gRPC deadline in seconds (default: 2 x budget + 50 ms, as AdaptiveClient)")
+    k.add_argument("--deadline-is-budget", action="store_true",
+                   help="gRPC deadline = each request's budget: the server also counts transport "
+                        "and gRPC queueing against it; late answers end DEADLINE_EXCEEDED")
     k.add_argument("--max-inflight", type=int, default=4096,
                    help="unanswered requests before arrivals are dropped (counted as "
                         "client_dropped)")

@@ -6,6 +6,9 @@ holds plain numbers only, so loading one can never execute code (no pickle anywh
 
 Codecs turn one float32 array into (metadata, bytes) and back. A method that stores its weights
 compactly registers a codec here; `compression.family` decodes it when the server loads the graph.
+Codecs: ``dense`` (fp32), ``sparse`` (bitmap + values, pruned weights), ``kmeans-huffman``
+(codebook + Huffman-coded indices and position gaps, Deep Compression) and ``binary`` (sign bits +
+one scale per output channel, BinaryConnect).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ but not faster.
 Lottery ticket (Frankle & Carbin 2019): with the mask found, ``rewind = "init"`` retrains the
 surviving weights from the base model's original initial values, ``"random"`` from a fresh
 random init. The builder seeds ``torch.manual_seed(ctx.seed)`` right before building the base
-model, so `initial_weights` rebuilds that init exactly (see its test). The report compares all
-three at the same sparsity.
+model, so `initial_weights` rebuilds that init exactly (see its test); a base loaded with
+``--base-checkpoint`` has no known init, and "init" then means this seed's init. The report
+compares all three at the same sparsity.
 """
 
 from __future__ import annotations
@@ -173,7 +174,10 @@ def apply(ctx: BuildContext, base: Built, config: PrunedWeightsConfig) -> Method
     models = {"none": model}
     wanted = REWINDS if config.compare else ("none", config.rewind)
     if "init" in wanted:
-        # the base's own init; only meaningful when base was trained from build_model(spec)
+        # the base's own init: exact for `full`, which the builder trains from build_model(spec)
+        if base.name != "full":
+            log.warning("pruned-weights: rewind to init rebuilds the seeded init of %r's "
+                        "architecture, which %r was not trained from", base.name, base.name)
         models["init"] = retrain_ticket(ctx, initial_weights(base.spec, ctx.seed), masks,
                                         config.rewind_epochs, "ticket-init")
     if "random" in wanted:

@@ -106,8 +106,9 @@ class AdaptiveServer:
             except TimeoutError:
                 log.warning("grace period over with %d requests in flight; cancelling them",
                             engine.inflight)
-        # what is left (a stream's tail, a health Watch) gets the rest of the grace period
-        await self.grpc.stop(max(until - loop.time(), 0.0))
+        # Inference is drained (or out of grace); what is left are idle streams (a health Watch,
+        # an open ModelStreamInfer) that would otherwise hold the process for the whole grace.
+        await self.grpc.stop(min(max(until - loop.time(), 0.0), 1.0))
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
