@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,7 +120,7 @@ def compression_section(family_dir: Path) -> str:
             f"ms cumulative, {100 * s:.1f}% of test samples leave here"
             for e, s in zip(v.exits or [], shares, strict=False)))
     return (f"## Compression: the default family `{fam.name}` against published results\n\n"
-            f"From `{family_dir.relative_to(ROOT)}/manifest.json`: dataset "
+            f"From `{os.path.relpath(family_dir, ROOT)}/manifest.json`: dataset "
             f"`{m['dataset']['spec']}` ({test_images} test images), seed {m['build']['seed']}, "
             f"built in {m['build']['seconds']:.0f} s on {host['cpus']} CPUs ({host['machine']}), "
             f"torch {host['torch']}, ONNX Runtime {host['onnxruntime']}. Latency: the build's "
@@ -188,6 +189,11 @@ def serving_section(summary: dict[str, Any], results: Path, docs: Path) -> str:
          "-" if acc_gap is None else f"{acc_gap:+.2f} pt",
          "yes" if acc_gap is not None and acc_gap >= -1 else "**no**"],
     ]
+    default = next((p for p in policies if p.startswith("adaptive,")), None)
+    if default is not None:
+        d2 = _nearest(runs[default], 2.0)
+        checks.append([f"{default} (serve with no flags), in budget at 2x", "≥ 95%",
+                       _pct(d2["attainment"]), "yes" if d2["attainment"] >= 0.95 else "**no**"])
     targets = markdown_table(["target", "wanted", "measured", "met"], checks)
     errors: dict[str, dict[str, int]] = {}
     for p in policies:
@@ -197,21 +203,33 @@ def serving_section(summary: dict[str, Any], results: Path, docs: Path) -> str:
                 errors[p][code] += n
     err_text = "; ".join(f"{p}: " + ", ".join(f"{c} {n}" for c, n in e.items())
                          for p, e in errors.items()) or "none"
+    lag = max((r.get("send_lag_ms", {}).get("p99") or 0.0) for p in policies for r in runs[p])
     idle = cal["full_idle_ms"]
+    flags = cal.get("serve_args") or ""
+    served = (f"`adaptive-inference serve {flags}` (loopback; a second server with no flags "
+              "answers the \"adaptive, default flags\" rows)" if flags and default else
+              f"`adaptive-inference serve {flags}`".replace(" `", "`") + " (loopback)")
+    deadline = ("the gRPC deadline of each request = its budget (`--deadline-is-budget`: the "
+                "server then also counts transport and gRPC queueing against the budget)"
+                if cal.get("deadline_is_budget") else "the gRPC deadline 2 x budget + 50 ms")
     return (
         "## Serving: adaptive routing against pinned variants\n\n"
-        f"`bench/policies.py` served `{summary['family_dir']}` with `adaptive-inference serve` "
-        "(default flags, loopback) and drove it with `adaptive-inference bench` (its own process, "
-        "open-loop Poisson arrivals, test-split images so accuracy is real). Calibration on this "
+        f"`bench/policies.py` served `{summary['family_dir']}` with {served} and drove it with "
+        "`adaptive-inference bench` (its own process, open-loop Poisson arrivals, test-split "
+        f"images so accuracy is real, {deadline}). Calibration on this "
         f"host before any load: **{cal['images_per_request']} images per request**; pinned `full` "
         f"idle round trip p50 {idle['p50']:.2f} / p95 {idle['p95']:.2f} / p99 {idle['p99']:.2f} ms; "
         f"`full`'s capacity **{cap:.1f} requests/s** (closed loop, 8 in flight); budgets "
         f"**{cal['budget_ms']} ms** (uniform from `full`'s idle p99 to twice that: the range "
         f"`full` just meets when idle); fastest candidate `{cal['fastest']}` (idle p50 "
         f"{cal['fastest_idle_p50_ms']:.2f} ms). {cal['seconds_per_point']:g} s per load and "
-        "policy, policies in rotated order, the same seed (arrivals, budgets, images) for the "
-        "three policies at a load. A budget is met when the answer reaches the client within it; "
-        "errors count as misses; goodput = answers within budget per second.\n\n"
+        "policy, policies in rotated order, the same seed (arrivals, budgets, images) for every "
+        "policy at a load. A budget is met when the answer reaches the client within it; "
+        "errors count as misses; goodput = answers within budget per second. "
+        + (f"The client kept to its Poisson schedule (worst run's p99 send lag {lag:.1f} ms)."
+           if lag < 5 else f"The client fell behind its Poisson schedule (worst run's p99 send "
+           f"lag {lag:.1f} ms): at that load it, not only the server, limited the offered rate.")
+        + "\n\n"
         f"{table}\n\nErrors by code: {err_text}.\n\n### Targets (issue 6)\n\n{targets}\n\n"
         "Anchors: Proteus reports 2–10x fewer timeouts than static variants, INFaaS 1.6x fewer "
         "SLO violations.\n\n"
@@ -275,7 +293,16 @@ def main() -> None:
         f"and {h['load_average_end'][0]:.1f} at its end (1-minute). Client, server and any other "
         "work share these cores, so absolute latencies are this machine's; the comparisons "
         "inside one run are paired and fair. Regenerate with `make bench`; the raw figures are "
-        f"under `{args.results}/`.\n")
+        f"under `{args.results}/`.\n\n"
+        "To load your own server the same way:\n\n"
+        "```bash\nadaptive-inference bench --target 127.0.0.1:8001 --rate 50,100,200 --duration 10 "
+        "\\\n    --budget-ms uniform:5:20 --images 8 --family families/mnist5k --out results/my-run"
+        "\n```\n\n"
+        "`--budget-ms` takes a value, `uniform:A:B` or a mixture `2:0.5,10:0.3,50:0.2`; `--variant` "
+        "pins; `--deadline-is-budget` sets each gRPC deadline to the budget. It writes "
+        "`results.json` (per rate: offered, sent, answered, errors by code, throughput, budget "
+        "attainment, goodput, p50/p95/p99, accuracy, share of each variant/exit), "
+        "`requests.csv`, `latency_cdf.png` and `load.png`.\n")
     parts = [header, compression_section((ROOT / args.family).resolve()),
              serving_section(summary, results, docs),
              overhead_section(read("router.json"), read("overhead.json"))]

@@ -181,6 +181,13 @@ class RunConfig:
         return deadline_s(budget_ms, self.timeout_s)
 
 
+@dataclass(frozen=True)
+class RunOutput:
+    records: list[Record]  # one per arrival
+    wall_s: float  # first arrival to last answer
+    send_lag_ms: list[float]  # per sent request: left the client this long after its arrival
+
+
 @dataclass
 class Progress:
     """Live counters of the run in progress (read by the progress line)."""
@@ -210,23 +217,26 @@ class Progress:
 
 async def run_open_loop(target: str, model: str, data: TestData, cfg: RunConfig, *,
                         run_index: int = 0, progress: Callable[[str], None] | None = None,
-                        progress_every_s: float = 0.5) -> tuple[list[Record], float]:
+                        progress_every_s: float = 0.5) -> RunOutput:
     """Offer ``cfg.rate`` Poisson arrivals per second for ``cfg.seconds`` and wait for every
-    answer; returns one record per arrival and the seconds until the last answer."""
+    answer; returns one record per arrival, the seconds until the last answer and how late
+    each request left the client against its scheduled arrival (the client keeping up)."""
     n = len(data.x)
     if cfg.images > n:
         raise ValueError(f"images per request {cfg.images!r}: the test split has only {n}")
     rng = random.Random(cfg.seed * 1_000_003 + run_index)
     state = Progress(rate=cfg.rate, seconds=cfg.seconds)
     records: list[Record] = []
+    lags: list[float] = []
     options = [("grpc.max_receive_message_length", 64 << 20),
                ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-        async def one(start: int, budget: float | None) -> None:
+        async def one(start: int, budget: float | None, scheduled: float) -> None:
             x = data.x[start:start + cfg.images]
             status, cand, correct = "OK", None, None
+            lags.append((loop.time() - scheduled) * 1e3)
             t0 = time.perf_counter()
             try:
                 resp = await stub.ModelInfer(
@@ -283,7 +293,7 @@ async def run_open_loop(target: str, model: str, data: TestData, cfg: RunConfig,
                 continue
             state.sent += 1
             state.inflight += 1
-            task = asyncio.create_task(one(rng.randrange(n - cfg.images + 1), budget))
+            task = asyncio.create_task(one(rng.randrange(n - cfg.images + 1), budget, t))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -292,7 +302,7 @@ async def run_open_loop(target: str, model: str, data: TestData, cfg: RunConfig,
         if reporter is not None:
             reporter.cancel()
             progress(state.line())  # type: ignore[misc]
-    return records, wall
+    return RunOutput(records, wall, lags)
 
 
 # --- summaries -----------------------------------------------------------------------------------
@@ -301,8 +311,11 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
-def summarize_run(records: Sequence[Record], cfg: RunConfig, wall_s: float) -> dict[str, Any]:
-    """The figures of one run (see the module docstring for how counts relate)."""
+def summarize_run(records: Sequence[Record], cfg: RunConfig, wall_s: float,
+                  send_lag_ms: Sequence[float] = ()) -> dict[str, Any]:
+    """The figures of one run (see the module docstring for how counts relate). Latency runs
+    from when a request left the client; ``send_lag_ms`` says how far that trailed the Poisson
+    schedule (large values: the client, not the server, limited the offered load)."""
     offered = len(records)
     dropped = sum(r.status == DROPPED for r in records)
     sent = offered - dropped
@@ -329,6 +342,8 @@ def summarize_run(records: Sequence[Record], cfg: RunConfig, wall_s: float) -> d
         "samples_judged": samples,
         "share": {c: round(k / len(ok), 5) for c, k in used.most_common()},
         "answers": dict(used.most_common()),
+        "send_lag_ms": {"p50": _pct(send_lag_ms, 50), "p99": _pct(send_lag_ms, 99),
+                        "max": round(max(send_lag_ms), 3) if len(send_lag_ms) else None},
     }
     if cfg.budget.discrete and len(cfg.budget.values) > 1:
         by: dict[str, dict[str, Any]] = {}
@@ -387,11 +402,10 @@ def run_bench(target: str, rates: Sequence[float], seconds: float, budget: Budge
         cfg = RunConfig(rate=rate, seconds=seconds, budget=budget, variant=variant, images=images,
                         seed=seed, max_inflight=max_inflight, timeout_s=timeout_s,
                         deadline_is_budget=deadline_is_budget)
-        recs, wall = asyncio.run(run_open_loop(target, model, data, cfg, run_index=i,
-                                               progress=progress,
-                                               progress_every_s=progress_every_s))
-        runs.append(summarize_run(recs, cfg, wall))
-        records.extend(recs)
+        out = asyncio.run(run_open_loop(target, model, data, cfg, run_index=i, progress=progress,
+                                        progress_every_s=progress_every_s))
+        runs.append(summarize_run(out.records, cfg, out.wall_s, out.send_lag_ms))
+        records.extend(out.records)
         log.info("bench: %g/s done: %d answered, %d errors, attainment %s", rate,
                  runs[-1]["answered"], runs[-1]["errors"], runs[-1]["attainment"])
     host = host_info()

@@ -54,8 +54,13 @@ def latency_cdf(groups: Mapping[str, Sequence[Record]], path: Path, *, title: st
         xs, ys = _cdf(budgets, len(budgets))
         ax.step(xs, 100 * ys, where="post", color="black", linestyle="--", label="budget asked")
     ax2.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax2.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        a.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _pos: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel("round-trip latency (ms, log)")
     ax2.set_xlabel("latency ÷ budget (log; ≤ 1 is within budget)")
     for a in (ax, ax2):

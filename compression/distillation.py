@@ -51,6 +51,7 @@ class DistilledConfig:
     ensemble: int = 1  # K teachers: the base plus K−1 members trained here
     member_epochs: int = 6  # training budget of each extra ensemble member
     compare_labels: bool = True  # also train the student on labels only, for the report
+    mixup: bool = False  # soft term on mixed image pairs (function matching)
     sweep: list[float] = field(default_factory=list)  # more temperatures, for the report
 
     def __post_init__(self) -> None:
@@ -120,8 +121,17 @@ def _train_student(ctx: BuildContext, spec: Spec, teachers: Teachers | None,
         train(student, ctx.splits, cfg, seed=ctx.seed, desc=desc, progress=ctx.progress)
         return student
 
+    g = torch.Generator().manual_seed(ctx.seed)  # same mixes every run: the teacher memo hits
+
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return kd_loss(model(x), teachers(x), y, temperature=temperature, alpha=config.alpha)
+        if not config.mixup:
+            return kd_loss(model(x), teachers(x), y, temperature=temperature, alpha=config.alpha)
+        # function matching (Beyer et al. 2022): the soft term on mixes of two images, where the
+        # teacher's answer says much more than any label could; the hard term on the clean batch
+        lam = torch.rand(len(x), 1, 1, 1, generator=g)
+        mixed = lam * x + (1 - lam) * x[torch.randperm(len(x), generator=g)]
+        soft = kd_loss(model(mixed), teachers(mixed), y, temperature=temperature, alpha=1.0)
+        return config.alpha * soft + (1 - config.alpha) * F.cross_entropy(model(x), y)
 
     train(student, ctx.splits, cfg, seed=ctx.seed, loss_fn=loss_fn, desc=desc,
           progress=ctx.progress)

@@ -51,6 +51,8 @@ def _check_counts(run: dict[str, Any], images: int) -> None:
     assert run["throughput_rps"] == pytest.approx(run["answered"] / run["seconds"], abs=1e-3)
     assert run["goodput_rps"] == pytest.approx(run["met"] / run["seconds"], abs=1e-3)
     assert sum(run["answers"].values()) == run["answered"]
+    if run["sent"]:
+        assert 0 <= run["send_lag_ms"]["p50"] <= run["send_lag_ms"]["p99"] <= run["send_lag_ms"]["max"]
     if run["answered"]:
         assert sum(run["share"].values()) == pytest.approx(1.0, abs=1e-4)
         lat = run["latency_ms"]
@@ -102,11 +104,13 @@ def test_pinned_run_measures_accuracy_on_the_labels(server: RunningServer, tmp_p
 
 def test_errors_are_counted_by_code(server: RunningServer, tmp_path: Path,
                                     labelled_npz: Path) -> None:
-    # A 1 ms gRPC deadline for a ~5 ms variant: most calls end DEADLINE_EXCEEDED at the client.
+    # The gRPC deadline = a 1 ms budget for a ~5 ms variant: calls end DEADLINE_EXCEEDED.
     _bench(server, tmp_path, "--rate", "30", "--duration", "1", "--images", "8", "--variant",
-           "slow", "--timeout", "0.001", "--budget-ms", "1", "--data", f"npz:{labelled_npz}",
+           "slow", "--deadline-is-budget", "--budget-ms", "1", "--data", f"npz:{labelled_npz}",
            "--no-plots")
-    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["deadline_is_budget"] is True
+    (run,) = results["runs"]
     _check_counts(run, images=8)
     assert run["errors_by_code"].get("DEADLINE_EXCEEDED", 0) > 0
     assert run["met"] == 0  # nothing arrives within a 1 ms budget through this stack

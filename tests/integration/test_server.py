@@ -21,6 +21,9 @@ from server.app import RunningServer, ServeOptions, serve_in_thread
 from server.engine import Settings
 
 
+CHEAPEST = {("fast", None), ("early-exit", 0)}  # (variant, exit) of the ~0.03 ms candidates
+
+
 def _reference_logits(family_dir: Path, variant: str, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(load_family(family_dir).graph(variant).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
@@ -30,7 +33,8 @@ def _reference_logits(family_dir: Path, variant: str, x: np.ndarray) -> np.ndarr
 def test_budget_routes_and_results_match_the_variant(client: AdaptiveClient, images: np.ndarray,
                                                      serving_family: Path) -> None:
     tight = client.infer(images[:1], budget_ms=0.3)
-    assert tight.variant == "fast"
+    # The two cheap candidates (~0.03 ms): on a busy host either may be predicted to fit first.
+    assert (tight.variant, tight.exit) in CHEAPEST
     loose = client.infer(images[:1], budget_ms=500)
     assert loose.variant == "slow" and loose.met
     unbounded = client.infer(images)
@@ -123,7 +127,9 @@ def test_typed_contents_and_triton_timeout_parameter(server: RunningServer,
     req.parameters["timeout"].int64_param = 300  # Triton's µs: 0.3 ms → the fast variant
     with grpc.insecure_channel(server.target) as ch:
         resp = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
-    assert resp.model_version == "fast" == resp.parameters["variant"].string_param
+    answered = (resp.model_version, resp.parameters["exit"].int64_param
+                if "exit" in resp.parameters else None)
+    assert answered in CHEAPEST and resp.model_version == resp.parameters["variant"].string_param
     assert resp.parameters["latency_budget_ms"].double_param == pytest.approx(0.3)
     logits = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(2, 10)
     assert np.isfinite(logits).all()

@@ -63,7 +63,7 @@ def test_summary_counts_add_up_and_errors_are_misses() -> None:
         Record(0, 5.0, DROPPED, None, 0.0, None, 2),
     ]
     cfg = RunConfig(rate=3.0, seconds=2.0, budget=BudgetSpec.parse("5:0.8,none:0.2"), images=2)
-    s = summarize_run(recs, cfg, wall_s=2.1)
+    s = summarize_run(recs, cfg, wall_s=2.1, send_lag_ms=[0.1, 0.2, 0.3, 0.4, 5.0])
     assert (s["offered"], s["sent"], s["answered"], s["errors"], s["client_dropped"]) == \
         (6, 5, 3, 2, 1)
     assert s["errors_by_code"] == {"DEADLINE_EXCEEDED": 1, "RESOURCE_EXHAUSTED": 1}
@@ -73,5 +73,6 @@ def test_summary_counts_add_up_and_errors_are_misses() -> None:
     assert s["share"] == {"full": pytest.approx(2 / 3, abs=1e-4),
                           "int8": pytest.approx(1 / 3, abs=1e-4)}
     assert s["latency_ms"]["p50"] == 7.0 and s["latency_ms"]["max"] == 9.0
+    assert s["send_lag_ms"]["p50"] == 0.3 and s["send_lag_ms"]["max"] == 5.0
     assert s["by_budget"] == {"5": {"requests": 5, "attainment": 0.2},
                               "none": {"requests": 1, "attainment": 1.0}}
