@@ -20,7 +20,6 @@ from protos.generated import grpc_service_pb2_grpc
 from server.app import RunningServer, ServeOptions, serve_in_thread
 from server.engine import Settings
 
-
 CHEAPEST = {("fast", None), ("early-exit", 0)}  # (variant, exit) of the ~0.03 ms candidates
 
 

@@ -203,6 +203,19 @@ def test_memoised_teacher_matches_the_model() -> None:
     assert teachers(x + 1e-3) is not first
 
 
+def test_a_variants_served_graph_teaches_like_its_model() -> None:
+    model = _tiny().eval()
+    graph_teacher = distillation.GraphTeacher(export.to_onnx(model, (1, 28, 28)))
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(graph_teacher(x), model(x), atol=1e-4, rtol=1e-4)
+    splits = _splits(80)
+    both = distillation.Teachers([model, graph_teacher])
+    assert both(x).shape == (2, 6, 4)
+    assert both.accuracy(splits.x_test, splits.y_test) == accuracy(model, splits.x_test,
+                                                                   splits.y_test)
+
+
 # --- int8 --------------------------------------------------------------------------------------
 
 def test_int8_graph_has_qdq_nodes_and_agrees_with_fp32(trained: tuple[nn.Module, Splits]) -> None:
@@ -420,6 +433,7 @@ method = "distilled"
 epochs = 1
 ensemble = 2
 member_epochs = 1
+teachers = ["pruned-neurons"]
 sweep = [4.0]
 student = {{ stages = [{{ channels = 4, depth = 1 }}, {{ channels = 8, depth = 1, pool = true }}] }}
 
