@@ -31,7 +31,7 @@ lint: $(STAMP)
 family: $(STAMP)
 	$(BIN)/adaptive-inference build configs/mnist5k.toml --out families/mnist5k
 
-# The benchmark report, docs/results.md (~8 minutes): router decision time, gRPC overhead, the
+# The benchmark report, docs/results.md (~5 minutes): router decision time, gRPC overhead, the
 # policy comparison (adaptive vs pinned full vs pinned fastest, 0.5x-4x full's capacity) on the
 # default family, then the page itself. Raw figures under results/bench/.
 BENCH_OUT := results/bench
