@@ -106,8 +106,10 @@ def pareto_plot(variants: Sequence[Variant], path: Path) -> None:
     ):
         ys = [100 * v.accuracy for v in variants]
         ax.scatter(xs, ys, s=36, zorder=3)
-        for v, x, y in zip(variants, xs, ys, strict=True):
-            ax.annotate(v.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (v, x, y) in enumerate(zip(variants, xs, ys, strict=True)):
+            # Alternate above/below: variants of equal accuracy often sit side by side.
+            ax.annotate(v.name, (x, y), textcoords="offset points",
+                        xytext=(4, 4 if i % 2 == 0 else -11), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
