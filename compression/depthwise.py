@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from compression import export, profile, report
+from compression import distillation, export, profile, report
 from compression.models import StagedCNN, build_model
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.train import LossFn, train
@@ -48,17 +47,15 @@ class DepthwiseConfig:
 
 
 def kd_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
-    """α·T²·KL(teacher_T ‖ student_T) + (1-α)·CE(student, y): the T² keeps soft-target gradients
-    on the scale of the hard-label ones whatever T is (Hinton et al. 2015, section 2)."""
+    """`distillation.kd_loss` against a fixed teacher, as a training loss: the T² keeps
+    soft-target gradients on the scale of the hard-label ones whatever T is (Hinton 2015, §2)."""
     teacher = teacher.eval()
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            soft = F.log_softmax(teacher(x) / temperature, dim=1)
-        out = model(x)
-        kl = F.kl_div(F.log_softmax(out / temperature, dim=1), soft, log_target=True,
-                      reduction="batchmean")
-        return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(out, y)
+            teacher_logits = teacher(x)
+        return distillation.kd_loss(model(x), teacher_logits, y, temperature=temperature,
+                                    alpha=alpha)
 
     return loss
 
