@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from client.client import build_request
 from client.process import SERVING, ServerProcess
-from compression.family import load_family
+from compression.core.family import load_family
 from protos.generated import grpc_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.bench import load_test_data
 from client.client import AdaptiveClient, build_request
 from client.process import METRICS, ServerProcess
-from compression.family import load_family
+from compression.core.family import load_family
 from protos.generated import grpc_service_pb2_grpc
 
 log = logging.getLogger("bench.policies")

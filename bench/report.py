@@ -20,7 +20,7 @@ from typing import Any
 
 from client import bench_plots
 from client.bench import read_records
-from compression.family import Variant, load_family
+from compression.core.family import Variant, load_family
 from compression.report import markdown_table
 
 log = logging.getLogger("bench.report")

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from compression.family import Exit, Variant
+from compression.core.family import Exit, Variant
 from server.latency import LatencyModel, Load, QueueState
 from server.router import Router, candidates_for, unit_name
 

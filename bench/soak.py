@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # tests.integration.families builds the default f
 from client import AdaptiveClient  # noqa: E402
 from client.client import build_request  # noqa: E402
 from client.process import LISTENING, SERVING, ServerProcess  # noqa: E402
-from compression.family import load_family  # noqa: E402
+from compression.core.family import load_family  # noqa: E402
 from protos.generated import grpc_service_pb2_grpc  # noqa: E402
 
 

@@ -133,7 +133,7 @@ def load_test_data(spec: str | None, family: str | Path | None = None, seed: int
     from compression import data
 
     if family is not None:
-        from compression.family import load_family
+        from compression.core.family import load_family
 
         manifest = load_family(family).manifest
         cfg = manifest.get("build", {}).get("config", {})

@@ -15,7 +15,7 @@ Handler = Callable[[argparse.Namespace], int]
 def _build(args: argparse.Namespace) -> int:
     from compression import report
     from compression.build import build, load_config
-    from compression.family import load_family
+    from compression.core.family import load_family
 
     cfg = load_config(args.config, data_spec=args.data, seed=args.seed)
     out = build(cfg, args.out, base_checkpoint=args.base_checkpoint, cache_dir=args.cache_dir,
@@ -29,7 +29,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from compression import report
-    from compression.family import load_family
+    from compression.core.family import load_family
 
     family = load_family(args.family)
     print(f"family {family.name!r}: {len(family.variants)} variants, input "
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from compression.errors import BuildError
+    from compression.core.errors import BuildError
     from server.errors import AdaptiveError, InvalidArgument, NotFound
 
     try:

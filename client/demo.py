@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from client.load import Phase, run_load, summarize
-from compression.errors import FamilyError
-from compression.family import Family, load_family
+from compression.core.errors import FamilyError
+from compression.core.family import Family, load_family
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compression import encoding, export
-from compression.errors import ConfigError
+from compression import export
+from compression.core import encoding
+from compression.core.errors import ConfigError
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.train import accuracy, train
 

@@ -28,9 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compression import data as datasets
-from compression import encoding, export, profile, registry, report
-from compression.errors import ConfigError
-from compression.family import (
+from compression import export, profile, registry, report
+from compression.core import encoding
+from compression.core.errors import ConfigError
+from compression.core.family import (
     BATCH_SIZES,
     SCHEMA_VERSION,
     Artifact,

@@ -22,7 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compression import profile
-from compression.errors import ConfigError
+from compression.core.errors import ConfigError
 from compression.models import Spec, StagedCNN, build_model
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.train import accuracy, train

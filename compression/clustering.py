@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compression import encoding, export, profile
-from compression.errors import ConfigError
+from compression import export, profile
+from compression.core import encoding
+from compression.core.errors import ConfigError
 from compression.models import fold_batchnorm
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.report import markdown_table

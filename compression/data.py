@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compression.errors import DataError
+from compression.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

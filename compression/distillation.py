@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import export, profile
-from compression.errors import ConfigError
+from compression.core.errors import ConfigError
 from compression.models import Spec, build_model, validate
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.report import markdown_table

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import export, profile, report
-from compression.errors import ConfigError
-from compression.family import BATCH_SIZES, Exit, LatencyTable
+from compression.core.errors import ConfigError
+from compression.core.family import BATCH_SIZES, Exit, LatencyTable
 from compression.models import StagedCNN
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.train import LossFn, train

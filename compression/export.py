@@ -71,7 +71,7 @@ def check_against_torch(model: nn.Module, graph: onnx.ModelProto, input_shape: S
 
 def skeleton(graph: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``graph`` whose named initializers keep dims and dtype but no data; an encoded
-    weights artifact fills them back in at load time (`compression.family.fill_initializers`)."""
+    weights artifact fills them back in at load time (`compression.core.family.fill_initializers`)."""
     out = onnx.ModelProto()
     out.CopyFrom(graph)
     wanted = set(names)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.errors import ConfigError
+from compression.core.errors import ConfigError
 
 Spec = dict[str, Any]
 

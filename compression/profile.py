@@ -14,8 +14,8 @@ import onnx
 import torch
 from torch import nn
 
+from compression.core.family import BATCH_SIZES, LatencyTable
 from compression.export import session
-from compression.family import BATCH_SIZES, LatencyTable
 
 
 def count_params(model: nn.Module) -> int:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from compression import profile
-from compression.errors import ConfigError
+from compression.core.errors import ConfigError
 from compression.models import Spec, build_model
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.report import markdown_table

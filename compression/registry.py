@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 from torch import nn
 
+from compression.core.errors import ConfigError
+from compression.core.family import Exit, LatencyTable
 from compression.data import Splits
-from compression.errors import ConfigError
-from compression.family import Exit, LatencyTable
 from compression.models import Spec
 from compression.train import TrainConfig
 
@@ -89,7 +89,7 @@ class MethodOutput:
 
     Give ``model`` (exported to ONNX by the builder) or ``graph`` (a graph built directly, e.g.
     int8). ``weights_codec`` stores the graph as a skeleton plus weights encoded by that codec
-    (see `compression.encoding`). An early-exit network gives ``stages`` and ``exits`` and its
+    (see `compression.core.encoding`). An early-exit network gives ``stages`` and ``exits`` and its
     own ``accuracy``/``latency_ms``.
     """
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compression.family import BATCH_SIZES, Variant
+from compression.core.family import BATCH_SIZES, Variant
 
 log = logging.getLogger(__name__)
 

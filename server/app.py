@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compression.family import Family, load_family
+from compression.core.family import Family, load_family
 from server.engine import Settings
 from server.errors import InvalidArgument
 

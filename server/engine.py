@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compression.family import Family, Variant
+from compression.core.family import Family, Variant
 from server.batcher import Batcher, BatchOutput, Execute, Item
 from server.codec import Call
 from server.errors import AdaptiveError, BudgetExceeded, InternalError, VariantFailed

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compression.family import Variant
+from compression.core.family import Variant
 from server.errors import BudgetExceeded, InvalidArgument, NotFound, Overloaded, Unavailable, shown
 from server.latency import LatencyModel, Load, Prediction, QueueView
 

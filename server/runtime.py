@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compression.family import Family, Variant
+from compression.core.family import Family, Variant
 from server.router import unit_name
 
 log = logging.getLogger(__name__)

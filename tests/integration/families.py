@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compression.core.family import SCHEMA_VERSION, Exit, Variant, write_artifact, write_manifest
 from compression.export import to_onnx
-from compression.family import SCHEMA_VERSION, Exit, Variant, write_artifact, write_manifest
 
 SHAPE = (1, 28, 28)
 CLASSES = 10

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from client import AdaptiveClient
+from compression.core.family import Variant, write_artifact
 from compression.export import to_onnx
-from compression.family import Variant, write_artifact
 from compression.models import build_model
 from server.app import ServeOptions, serve_in_thread
 from server.runtime import OrtRunner, TorchRunner

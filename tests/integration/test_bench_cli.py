@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compression.family import load_family
+from compression.core.family import load_family
 from server.app import RunningServer
 
 CLI = [sys.executable, "-m", "client.cli", "bench"]

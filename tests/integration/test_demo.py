@@ -6,7 +6,7 @@ from pathlib import Path
 
 from client.demo import run_demo
 from client.load import Phase, Record, summarize
-from compression.family import load_family
+from compression.core.family import load_family
 
 
 def test_demo_drives_mixed_budgets_and_reports_what_was_used(serving_family: Path) -> None:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from client.client import build_request
 from client.process import SERVING, ServerProcess
-from compression.family import load_family
+from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compression.family import load_family
+from compression.core.family import load_family
 from server.app import RunningServer
 
 PROBE = Path(__file__).with_name("kserve_probe.py")

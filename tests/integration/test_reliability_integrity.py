@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from client import AdaptiveClient, Unavailable
-from compression.errors import FamilyError
+from compression.core.errors import FamilyError
 from server.app import ServeOptions, serve_in_thread
 
 from .families import SHAPE

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import AdaptiveClient, BudgetExceeded, InvalidArgument, NotFound, Unavailable
 from client.client import build_request
-from compression.family import load_family
+from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
 from server.app import RunningServer, ServeOptions, serve_in_thread

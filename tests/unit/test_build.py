@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from compression.build import build, load_config
-from compression.errors import ConfigError
-from compression.family import load_family
+from compression.core.errors import ConfigError
+from compression.core.family import load_family
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "quick.toml"

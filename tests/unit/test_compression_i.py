@@ -30,8 +30,8 @@ from compression import (
     quantization,
 )
 from compression.build import _base_model, build, load_config
+from compression.core.family import load_family
 from compression.data import Splits
-from compression.family import load_family
 from compression.models import DEFAULT_CNN, build_model, fold_batchnorm
 from compression.registry import BuildContext
 from compression.train import TrainConfig, TrainResult, accuracy, seed_everything, train

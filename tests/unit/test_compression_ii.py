@@ -12,6 +12,8 @@ from torch import nn
 
 from compression import data as datasets
 from compression import registry
+from compression.core.errors import ConfigError
+from compression.core.family import BATCH_SIZES, load_family
 from compression.depthwise import conv_records
 from compression.early_exit import (
     EarlyExitNet,
@@ -25,8 +27,6 @@ from compression.early_exit import (
     policy_predictions,
     stage_io,
 )
-from compression.errors import ConfigError
-from compression.family import BATCH_SIZES, load_family
 from compression.low_rank import (
     LowRankConfig,
     choose_rank,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from compression import data
-from compression.errors import DataError
+from compression.core.errors import DataError
 
 
 def _write_idx(path: Path, array: np.ndarray, *, magic_type: int = 0x08, gz: bool = False) -> None:

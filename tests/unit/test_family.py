@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compression import encoding, export
-from compression.errors import FamilyError
-from compression.family import SCHEMA_VERSION, load_family
+from compression import export
+from compression.core import encoding
+from compression.core.errors import FamilyError
+from compression.core.family import SCHEMA_VERSION, load_family
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compression import export, profile
-from compression.errors import ConfigError
+from compression.core.errors import ConfigError
 from compression.models import DEFAULT_CNN, DEFAULT_MLP, build_model, example_input, validate
 
 

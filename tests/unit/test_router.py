@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.family import Exit, Variant
+from compression.core.family import Exit, Variant
 from server.errors import BudgetExceeded, NotFound
 from server.latency import LatencyModel, Load, QueueState
 from server.router import Router, candidates_for, confident, unit_name

@@ -5,7 +5,7 @@ payload: the header lists each tensor's name, shape, per-codec metadata and its 
 holds plain numbers only, so loading one can never execute code (no pickle anywhere).
 
 Codecs turn one float32 array into (metadata, bytes) and back. A method that stores its weights
-compactly registers a codec here; `compression.family` decodes it when the server loads the graph.
+compactly registers a codec here; `compression.core.family` decodes it when the server loads the graph.
 Codecs: ``dense`` (fp32), ``sparse`` (bitmap + values, pruned weights), ``kmeans-huffman``
 (codebook + Huffman-coded indices and position gaps, Deep Compression) and ``binary`` (sign bits +
 one scale per output channel, BinaryConnect).
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from compression.errors import FamilyError
+from compression.core.errors import FamilyError
 
 MAGIC = b"AIW1"
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import onnx
 
-from compression import encoding
-from compression.errors import FamilyError
+from compression.core import encoding
+from compression.core.errors import FamilyError
 
 log = logging.getLogger(__name__)
 
