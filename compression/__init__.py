@@ -1,2 +1,7 @@
-"""Offline half of the product: datasets, architectures, training, compression methods and the
-model-family format that `adaptive-inference build` writes and the server loads."""
+"""Offline half of the product: datasets, architectures, training, ONNX export, profiling, the
+method registry and the builder that writes the model family `adaptive-inference build` produces.
+
+`compression.methods` holds the compression methods, one module per method, named after it.
+`compression.core` is the torch-free part the server imports too: the family format and its
+encodings, the ONNX Runtime session factory and timing helper, and the early-exit rules.
+"""

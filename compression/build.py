@@ -41,6 +41,7 @@ from compression.core.family import (
     write_artifact,
     write_manifest,
 )
+from compression.core.ort import INPUT_NAME, OUTPUT_NAME, session
 from compression.models import DEFAULT_CNN, DEFAULT_MLP, Spec, build_model, validate
 from compression.registry import BuildContext, Built, MethodOutput
 from compression.train import TrainConfig, accuracy, seed_everything, train
@@ -164,10 +165,10 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
         "dataset": {"spec": cfg.data_spec, "fingerprint": ds.fingerprint(),
                     "splits": {"train": len(splits.y_train), "val": len(splits.y_val),
                                "test": len(splits.y_test)}},
-        "input": {"name": export.INPUT_NAME, "datatype": "FP32", "shape": list(splits.input_shape),
+        "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": list(splits.input_shape),
                   "range": [0.0, 1.0],
                   "normalization": {**splits.normalization(), "in_graph": True}},
-        "output": {"name": export.OUTPUT_NAME, "datatype": "FP32",
+        "output": {"name": OUTPUT_NAME, "datatype": "FP32",
                    "classes": [str(i) for i in range(splits.num_classes)]},
         "build": {"seed": cfg.seed, "seconds": round(time.perf_counter() - t_start, 1),
                   "host": _host(), "config": cfg.as_json()},
@@ -254,7 +255,7 @@ def _finish(ctx: BuildContext, root: Path, name: str, method: str, base: str | N
     if result.accuracy is not None:
         acc = result.accuracy
     else:
-        acc = float((export.run(export.session(served), ctx.splits.x_test).argmax(1)
+        acc = float((export.run(session(served), ctx.splits.x_test).argmax(1)
                      == ctx.splits.y_test).mean())
     latency = result.latency_ms or profile.onnx_latency(served, shape)
     model = result.model

@@ -1,8 +1,10 @@
 """ONNX export of a variant's inference graph, its check against torch, and weightless skeletons.
 
 Every graph takes ``input`` FP32 [N, C, H, W] (pixels in [0, 1]) with a dynamic batch axis and
-returns ``logits`` FP32 [N, classes]. We use the TorchScript exporter (``dynamo=False``): on these
-small CNNs it exports in ~0.2 s against ~7 s for the dynamo exporter, with identical graphs for ORT.
+returns ``logits`` FP32 [N, classes]; the names are `compression.core.ort`'s, and so are the ORT
+sessions that check and run the graphs (the server opens them the same way). We use the
+TorchScript exporter (``dynamo=False``): on these small CNNs it exports in ~0.2 s against ~7 s
+for the dynamo exporter, with identical graphs for ORT.
 """
 
 from __future__ import annotations
@@ -10,21 +12,25 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+# The module, not its names: `export` re-exports nothing of the core (callers import it there).
+from compression.core import ort as core_ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 OPSET = 17
 
 
 def to_onnx(model: nn.Module, input_shape: Sequence[int], *,
-            output_names: Sequence[str] = (OUTPUT_NAME,),
-            input_name: str = INPUT_NAME) -> onnx.ModelProto:
+            output_names: Sequence[str] = (core_ort.OUTPUT_NAME,),
+            input_name: str = core_ort.INPUT_NAME) -> onnx.ModelProto:
     """Export ``model`` (eval mode) for inputs [N, *input_shape]; every axis 0 is dynamic."""
     model = model.eval()
     example = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0))
@@ -40,20 +46,9 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], *,
     return graph
 
 
-def session(graph: onnx.ModelProto | bytes, *, threads: int = 1,
-            providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """An ORT session with ``threads`` intra-op threads (1 for reproducible build-time profiles)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    data = graph if isinstance(graph, bytes) else graph.SerializeToString()
-    return ort.InferenceSession(data, sess_options=opts, providers=list(providers))
-
-
 def run(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """First output of ``sess`` over ``x`` in batches, concatenated."""
+    """First output of ``sess`` (a `compression.core.ort.session`) over ``x`` in batches,
+    concatenated."""
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
@@ -65,7 +60,7 @@ def check_against_torch(model: nn.Module, graph: onnx.ModelProto, input_shape: S
     x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.eval()(x)
-    got = torch.from_numpy(run(session(graph), x.numpy()))
+    got = torch.from_numpy(run(core_ort.session(graph), x.numpy()))
     torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
 
 

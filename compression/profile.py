@@ -1,13 +1,13 @@
 """Measurements every variant gets: parameter count, MACs, artifact size and latency.
 
 Latency is measured on ONNX Runtime with one intra-op thread (the build host's per-core cost, which
-the server rescales online) at batch sizes 1, 8 and 32, reported as p50/p95 in milliseconds.
+the server rescales online) at batch sizes 1, 8 and 32, reported as p50/p95 in milliseconds. The
+sessions and the timing loop are `compression.core.ort`'s, the ones the server and benchmarks use.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compression.core.family import BATCH_SIZES, LatencyTable
-from compression.export import session
+from compression.core.ort import session, time_ms
 
 
 def count_params(model: nn.Module) -> int:
@@ -57,21 +57,6 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     return total
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 50,
-            max_seconds: float = 2.0) -> dict[str, float]:
-    """p50/p95 wall time of ``fn`` in ms; stops early after ``max_seconds`` (big batches)."""
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    while len(samples) < iters and (len(samples) < 10 or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return {"p50": round(float(np.percentile(samples, 50)), 4),
-            "p95": round(float(np.percentile(samples, 95)), 4)}
-
-
 def onnx_latency(graph: onnx.ModelProto | bytes, input_shape: Sequence[int],
                  batch_sizes: Sequence[int] = BATCH_SIZES, iters: int = 50) -> LatencyTable:
     """p50/p95 of one ORT session (1 thread) per batch size."""
@@ -81,7 +66,7 @@ def onnx_latency(graph: onnx.ModelProto | bytes, input_shape: Sequence[int],
     table: LatencyTable = {}
     for b in batch_sizes:
         x = rng.random((b, *input_shape), dtype=np.float32)
-        table[str(b)] = time_fn(lambda x=x: sess.run(None, {name: x}), iters=iters)
+        table[str(b)] = time_ms(lambda x=x: sess.run(None, {name: x}), iters=iters)
     return table
 
 
@@ -96,7 +81,7 @@ def torch_latency(model: nn.Module, input_shape: Sequence[int],
         table: LatencyTable = {}
         for b in batch_sizes:
             x = torch.rand((b, *input_shape))
-            table[str(b)] = time_fn(lambda x=x: model(x), iters=iters)
+            table[str(b)] = time_ms(lambda x=x: model(x), iters=iters)
         return table
     finally:
         torch.set_num_threads(threads)

@@ -1,6 +1,9 @@
 """The method seam: compression methods register here; the builder dispatches by name.
 
-Each method lives in one module with a frozen config dataclass and one ``apply``::
+Each method lives in one module of `compression.methods`, named after the method (``-`` → ``_``),
+with a frozen config dataclass and one ``apply``. Abridged from `compression.methods.int8`, the
+one place ``int8`` is registered (a config may use a method for many variants, e.g. ``int8`` of
+``full`` and of ``pruned-neurons``)::
 
     @dataclass(frozen=True)
     class Int8Config:
@@ -30,17 +33,17 @@ from compression.data import Splits
 from compression.models import Spec
 from compression.train import TrainConfig
 
-# Modules that register methods, imported on first lookup.
+# Modules that register methods, imported on first lookup: each is named after its method.
 METHOD_MODULES: tuple[str, ...] = (
-    "compression.low_rank",
-    "compression.depthwise",
-    "compression.early_exit",
-    "compression.pruning",
-    "compression.channel_pruning",
-    "compression.distillation",
-    "compression.quantization",
-    "compression.clustering",
-    "compression.binary",
+    "compression.methods.low_rank",
+    "compression.methods.depthwise",
+    "compression.methods.early_exit",
+    "compression.methods.pruned_weights",
+    "compression.methods.pruned_neurons",
+    "compression.methods.distilled",
+    "compression.methods.int8",
+    "compression.methods.clustered",
+    "compression.methods.binary",
 )
 
 

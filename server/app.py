@@ -8,10 +8,8 @@ Shutdown (SIGTERM, SIGINT, or `AdaptiveServer.stop`): health NOT_SERVING and new
 requests refused with UNAVAILABLE at once (a client's retry policy moves them to another replica),
 in-flight requests finish for up to ``grace_s``, then gRPC stops.
 
-``--workers N`` forks N processes that each run this whole server on the same port
-(SO_REUSEPORT; the kernel spreads connections). The fork happens before any gRPC object or
-thread exists, and before prometheus_client is imported, so that every worker writes its metrics
-through the multiprocess directory the parent aggregates on ``--metrics-port``. Hence the
+``--workers N`` forks N processes that each run `serve` (see `server.workers`). The fork happens
+before any gRPC object or thread exists, and before prometheus_client is imported: hence the
 function-level imports of grpc-using and prometheus modules below.
 """
 
@@ -21,21 +19,16 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
-import socket
-import sys
-import tempfile
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compression.core.family import Family, load_family
-from server.engine import Settings
+from protos.wire import MAX_MESSAGE_BYTES
 from server.errors import InvalidArgument
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +44,11 @@ class ServeOptions:
     workers: int = 1
     backend: str = "onnxruntime"
     device: str = "auto"
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    intra_op_threads: int = 1
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)
     grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish
-    max_message_bytes: int = 64 << 20  # larger requests: RESOURCE_EXHAUSTED from gRPC itself
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger: RESOURCE_EXHAUSTED from gRPC itself
     tls_cert: str | None = None  # PEM paths; cert + key: TLS, plus client CA: mutual TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -234,7 +226,7 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
              ", ".join(fam.variants))
     runners = await loop.run_in_executor(
         executor, lambda: load_runners(fam, backend=options.backend, device=options.device,
-                                       threads=options.intra_op_threads))
+                                       threads=options.settings.intra_op_threads))
     log.info("runners created: backend %s, providers %s", options.backend,
              providers(options.device))
     faults = (FaultInjector([Fault.parse(f) for f in options.faults]) if options.faults
@@ -263,53 +255,6 @@ async def _gauges(state: Any, interval: float) -> None:
             log.warning("updating gauges failed", exc_info=True)
 
 
-# --- running a server in a background thread (tests, demo, benchmarks) -------------------------
-
-@dataclass
-class RunningServer:
-    server: AdaptiveServer
-    port: int
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
-
-    def call(self, coro: Any, timeout: float | None = 30) -> Any:
-        """Run a coroutine on the server's loop from another thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
-@contextlib.contextmanager
-def serve_in_thread(family: str | Path | Family, *, options: ServeOptions = ServeOptions(),
-                    metrics: bool = True, wait_ready: bool = True, ready_timeout: float = 120,
-                    startup_gate: asyncio.Event | None = None) -> Iterator[RunningServer]:
-    """A server on 127.0.0.1, any free ports, its event loop in a daemon thread; stopped on exit."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
-    thread.start()
-    running: RunningServer | None = None
-    try:
-        srv, port = asyncio.run_coroutine_threadsafe(create_server(
-            family, "127.0.0.1:0", options=options,
-            metrics_address="127.0.0.1:0" if metrics else None,
-            startup_gate=startup_gate), loop).result(60)
-        running = RunningServer(srv, port, loop)
-        if wait_ready:
-            running.call(srv.wait_ready(ready_timeout), timeout=ready_timeout + 5)
-        yield running
-    finally:
-        if running is not None:
-            running.call(running.server.stop(0.5))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-
-
 # --- main: one process, or N forked workers --------------------------------------------------
 
 def main(family_dir: str | Path, options: ServeOptions) -> int:
@@ -317,8 +262,10 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
     if options.workers <= 1:
-        return asyncio.run(_serve(family, options, reuse_port=False, metrics=True))
-    return _serve_workers(family, options)
+        return asyncio.run(serve(family, options, reuse_port=False, metrics=True))
+    from server.workers import serve_workers
+
+    return serve_workers(family, options, serve)
 
 
 def check_faults(family: Family, faults: tuple[str, ...]) -> None:
@@ -335,8 +282,9 @@ def check_faults(family: Family, faults: tuple[str, ...]) -> None:
                                   f"variants: {sorted(family.variants)}")
 
 
-async def _serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool
-                 ) -> int:
+async def serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool
+                ) -> int:
+    """One server process until SIGINT/SIGTERM, then drain; returns the exit status."""
     address = f"{options.host}:{options.port}"
     maddr = (f"{options.metrics_host or options.host}:{options.metrics_port}"
              if metrics and options.metrics_port is not None else None)
@@ -359,72 +307,4 @@ async def _serve(family: Family, options: ServeOptions, *, reuse_port: bool, met
     ready.cancel()
     stopping.cancel()
     await srv.stop(grace=options.grace_s)
-    return status
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when the parent dies, even by SIGKILL, so no orphan keeps
-    serving on the shared port."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _serve_workers(family: Family, options: ServeOptions) -> int:
-    """Fork ``options.workers`` servers on one port; aggregate their metrics here."""
-    mp_dir = tempfile.mkdtemp(prefix="adaptive-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir  # before prometheus_client is imported
-    # Hold the port with SO_REUSEPORT so port 0 resolves once and every worker binds the same.
-    holder = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((options.host, options.port))
-    port = holder.getsockname()[1]
-    child_opts = replace(options, port=port,
-                         threads=max(options.threads // options.workers, 1))
-    pids: list[int] = []
-    for _ in range(options.workers):
-        pid = os.fork()
-        if pid == 0:  # worker: a whole server, metrics through the multiprocess directory
-            holder.close()
-            _die_with_parent()
-            code = 1
-            try:
-                code = asyncio.run(_serve(family, child_opts, reuse_port=True, metrics=False))
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    log.info("%d workers on %s:%d: pids %s", options.workers, options.host, port, pids)
-
-    from prometheus_client import CollectorRegistry, multiprocess
-
-    from server.metrics import serve_http, stop_http
-
-    httpd = None
-    if options.metrics_port is not None:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=mp_dir)
-        httpd, _ = serve_http(options.metrics_port, options.metrics_host or options.host,
-                              registry)
-
-    def forward(signum: int, _frame: Any) -> None:
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    status = 0
-    for _ in pids:
-        pid, wstatus = os.wait()
-        multiprocess.mark_process_dead(pid, mp_dir)
-        code = os.waitstatus_to_exitcode(wstatus)
-        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-            log.error("worker %d exited with %d", pid, code)
-            status = 1
-    holder.close()
-    if httpd is not None:
-        stop_http(httpd)
-    shutil.rmtree(mp_dir, ignore_errors=True)  # the workers' metric files die with them
     return status

@@ -7,9 +7,9 @@ company, but never past the moment its deadline requires it to start: the batch 
 exceeds ``max_batch`` samples (a single larger request runs alone). The batch runs in the worker
 thread pool; the event loop only queues and wakes.
 
-Failures: a batch whose runner raises, or runs past ``timeout_s(samples)``, fails its requests and
+Failures: a batch whose runner raises, or runs past `Costs.timeout_s`, fails its requests and
 every request queued behind it with `VariantFailed` (the engine retries them on another variant)
-and is reported once through ``on_failure``. A timed-out batch cannot be killed (it is a thread):
+and is reported once to the `Listener`. A timed-out batch cannot be killed (it is a thread):
 the variant stays *wedged*, refusing new requests at once, until that call returns, so a hang holds
 at most one worker thread per variant.
 """
@@ -23,12 +23,13 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from server.errors import BudgetExceeded, Overloaded, Unavailable, VariantFailed
-from server.latency import QueueState
-from server.router import Clock
+from server.latency import Clock, QueueState
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +71,52 @@ class BatchOutput:
 
 
 Execute = Callable[[list[Item]], BatchOutput]  # runs in a worker thread
-OnBatch = Callable[[list[Item], float, BatchOutput], None]  # (items, dispatch time, output)
-OnFailure = Callable[[VariantFailed], None]  # once per failed batch
+
+
+class Costs(Protocol):
+    """What a batcher asks about its variant's batches (the engine answers from the latency
+    model, so the batcher never sees the router or the load)."""
+
+    def predict_ms(self, n: int) -> float:
+        """Predicted compute time (p95) of a batch of ``n`` samples."""
+        ...
+
+    def timeout_s(self, n: int) -> float | None:
+        """How long a batch of ``n`` may run before it counts as hung (None: forever)."""
+        ...
+
+    def inline(self, n: int) -> bool:
+        """Run a batch of ``n`` on the event loop itself instead of the thread pool?"""
+        ...
+
+
+class Listener(Protocol):
+    """Who hears about finished and failed batches (on the event loop)."""
+
+    def batch_done(self, variant: str, items: list[Item], started: float, out: BatchOutput
+                   ) -> None: ...
+
+    def batch_failed(self, exc: VariantFailed) -> None:
+        """Once per failed batch."""
+        ...
 
 
 class Batcher:
     """A variant's queue and its batching loop; `submit` from the event loop."""
 
-    def __init__(self, name: str, execute: Execute, executor: Executor, *, clock: Clock,
-                 max_batch: int = 32, max_delay_ms: float = 0.0, max_queue: int = 1024,
-                 predict_ms: Callable[[int], float] = lambda n: 0.0,
-                 drop_expired: bool = False, on_batch: OnBatch | None = None,
-                 inline_ok: Callable[[int], bool] | None = None,
-                 timeout_s: Callable[[int], float] | None = None,
-                 on_failure: OnFailure | None = None) -> None:
+    def __init__(self, name: str, execute: Execute, executor: Executor, costs: Costs, *,
+                 clock: Clock, settings: Settings = Settings(), listener: Listener | None = None
+                 ) -> None:
         self.name = name
         self._execute = execute
         self._executor = executor
+        self._costs = costs
         self._clock = clock
-        self.max_batch = max(int(max_batch), 1)
-        self.max_delay_s = max(float(max_delay_ms), 0.0) / 1e3
-        self.max_queue = max_queue
-        self._predict_ms = predict_ms
-        self._drop_expired = drop_expired
-        self._on_batch = on_batch
-        self._inline_ok = inline_ok
-        self._timeout_s = timeout_s
-        self._on_failure = on_failure
+        self._listener = listener
+        self.max_batch = max(int(settings.max_batch), 1)
+        self.max_delay_s = max(float(settings.max_queue_delay_ms), 0.0) / 1e3
+        self.max_queue = settings.max_queue
+        self._drop_expired = settings.on_miss == "reject"
         self._wedged: asyncio.Future[BatchOutput] | None = None  # a timed-out call still running
         self._queue: collections.deque[Item] = collections.deque()
         self._queued = 0  # samples in _queue
@@ -160,8 +180,7 @@ class Batcher:
                              f"limit {self.max_queue})")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         item = Item(x, deadline, max_exit, self._clock(), future)
-        if (self._inline_ok is not None and not self._running and not self._queue
-                and self._inline_ok(item.n)):
+        if not self._running and not self._queue and self._costs.inline(item.n):
             return self._run_inline(item)
         self._queue.append(item)
         self._queued += x.shape[0]
@@ -185,7 +204,7 @@ class Batcher:
             n = sum(i.n for i in items)
             self._running, self._running_since = n, t0
             call = loop.run_in_executor(self._executor, self._execute, items)
-            timeout = self._timeout_s(n) if self._timeout_s is not None else None
+            timeout = self._costs.timeout_s(n)
             try:
                 # shield: a timeout must not cancel the future the wedge is tracked by
                 out = await asyncio.wait_for(asyncio.shield(call), timeout)
@@ -211,8 +230,8 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result(Result(logits, exits, (t0 - item.enqueued) * 1e3,
                                                   compute_ms, batch))
-            if self._on_batch is not None:
-                self._on_batch(items, t0, out)
+            if self._listener is not None:
+                self._listener.batch_done(self.name, items, t0, out)
 
     def _fail(self, items: list[Item], exc: VariantFailed) -> None:
         """Fail a batch and everything queued behind it (retried elsewhere at once, rather than
@@ -223,8 +242,8 @@ class Batcher:
         for item in (*items, *behind):
             if not item.future.done():
                 item.future.set_exception(exc)
-        if self._on_failure is not None:
-            self._on_failure(exc)
+        if self._listener is not None:
+            self._listener.batch_failed(exc)
 
     async def _unwedge(self, call: asyncio.Future[BatchOutput]) -> None:
         """Wait out a hung call (its result is dropped); new requests are refused meanwhile."""
@@ -234,14 +253,14 @@ class Batcher:
         log.info("variant %s: the timed-out batch returned", self.name)
 
     def _run_inline(self, item: Item) -> Result:
-        """Opt-in (``inline_ok``): an idle variant whose batch is predicted to take less than a
+        """Opt-in (`Costs.inline`): an idle variant whose batch is predicted to take less than a
         thread hand-off runs on the event loop thread itself, blocking the loop about that long
         and saving the two thread wake-ups of the pool."""
         t0 = self._clock()
         out = self._execute([item])
         compute_ms = (self._clock() - t0) * 1e3
-        if self._on_batch is not None:
-            self._on_batch([item], t0, out)
+        if self._listener is not None:
+            self._listener.batch_done(self.name, [item], t0, out)
         return Result(out.logits[0], out.exits[0], (t0 - item.enqueued) * 1e3, compute_ms,
                       item.n)
 
@@ -253,7 +272,7 @@ class Batcher:
             flush_at = first + self.max_delay_s
             deadlines = [i.deadline for i in self._queue if i.deadline is not None]
             if deadlines:
-                flush_at = min(flush_at, min(deadlines) - self._predict_ms(self._queued) / 1e3)
+                flush_at = min(flush_at, min(deadlines) - self._costs.predict_ms(self._queued) / 1e3)
             timeout = flush_at - self._clock()
             if timeout <= 0:
                 return

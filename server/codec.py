@@ -14,13 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protos import wire
 from protos.generated import grpc_service_pb2 as pb
+from protos.wire import BUDGET_PARAM, MAX_BUDGET_MS, MAX_REQUEST_BATCH, TIMEOUT_PARAM
+from server.engine import Call, Outcome
 from server.errors import InvalidArgument, NotFound, shown
-
-BUDGET_PARAM = "latency_budget_ms"
-TIMEOUT_PARAM = "timeout"  # Triton: microseconds
-MAX_REQUEST_BATCH = 4096
-MAX_BUDGET_MS = 3_600_000.0  # an hour: anything longer is a unit mistake, not a budget
 
 
 @dataclass(frozen=True)
@@ -32,16 +30,6 @@ class ModelSpec:
     input_shape: tuple[int, ...]  # [C, H, W]
     output_name: str
     num_classes: int
-
-
-@dataclass(frozen=True)
-class Call:
-    """A decoded, validated inference request."""
-
-    x: np.ndarray  # [N, C, H, W] float32, C-contiguous
-    budget_ms: float | None  # effective budget from now; None: no budget
-    pin: str | None  # model_version: a variant (or variant@exit) the client pinned
-    request_id: str
 
 
 def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
@@ -123,7 +111,7 @@ def _positive(p: pb.InferParameter, name: str) -> float:
     try:
         if kind not in ("double_param", "int64_param", "uint64_param", "string_param"):
             raise ValueError
-        value = float(raw)  # type: ignore[arg-type]
+        value = float(getattr(p, kind))
     except ValueError:
         raise InvalidArgument(f"parameters[{name!r}] {shown(raw)}: expected a number "
                               f"(got {kind or 'no value'})") from None
@@ -136,26 +124,24 @@ def _positive(p: pb.InferParameter, name: str) -> float:
     return value
 
 
-def encode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *, logits: np.ndarray, variant: str,
-                 exit_index: int | None, exits: np.ndarray | None, queue_ms: float,
-                 compute_ms: float, budget_ms: float | None,
-                 retried_from: str | None = None) -> pb.ModelInferResponse:
+def encode_infer(req: pb.ModelInferRequest, spec: ModelSpec, out: Outcome
+                 ) -> pb.ModelInferResponse:
     """The response: logits as raw FP32, the variant as model_version, routing in parameters."""
-    resp = pb.ModelInferResponse(model_name=spec.name, model_version=variant, id=req.id)
-    out = resp.outputs.add()
-    out.name, out.datatype = spec.output_name, "FP32"
-    out.shape.extend(logits.shape)
-    resp.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+    resp = pb.ModelInferResponse(model_name=spec.name, model_version=out.variant, id=req.id)
+    tensor = resp.outputs.add()
+    tensor.name, tensor.datatype = spec.output_name, "FP32"
+    tensor.shape.extend(out.logits.shape)
+    resp.raw_output_contents.append(np.ascontiguousarray(out.logits, dtype="<f4").tobytes())
     params = resp.parameters
-    params["variant"].string_param = variant
-    params["queue_ms"].double_param = queue_ms
-    params["compute_ms"].double_param = compute_ms
-    if budget_ms is not None:
-        params[BUDGET_PARAM].double_param = budget_ms
-    if exit_index is not None:
-        params["exit"].int64_param = exit_index
-    if exits is not None and len(exits) > 1:
-        params["exits"].string_param = ",".join(str(int(e)) for e in exits)
-    if retried_from is not None:  # the variant that failed first; this answer is its retry
-        params["retried_from"].string_param = retried_from
+    params[wire.VARIANT_PARAM].string_param = out.variant
+    params[wire.QUEUE_MS_PARAM].double_param = out.queue_ms
+    params[wire.COMPUTE_MS_PARAM].double_param = out.compute_ms
+    if out.budget_ms is not None:
+        params[BUDGET_PARAM].double_param = out.budget_ms
+    if out.exit is not None:
+        params[wire.EXIT_PARAM].int64_param = out.exit
+    if out.exits is not None and len(out.exits) > 1:
+        params[wire.EXITS_PARAM].string_param = ",".join(str(int(e)) for e in out.exits)
+    if out.retried_from is not None:  # the variant that failed first; this answer is its retry
+        params[wire.RETRIED_FROM_PARAM].string_param = out.retried_from
     return resp

@@ -1,38 +1,40 @@
 """The request path between the wire and the runners: route → queue → batch → run → observe.
 
 `Engine` owns the family's runners, one `Batcher` per variant, the `Router` and its latency model,
-and records the per-request and per-batch metrics. The servicer hands it a decoded `Call` and gets
-an `Outcome` back; everything here is independent of gRPC.
+and records the per-request metrics. The servicer hands it a decoded `Call` and gets an `Outcome`
+back; nothing here knows gRPC or protobuf. The other rooms: `execute` (what a batch runs),
+`quarantine` (failed variants), `warmup` (seeding the latency model), `metrics.publish` (gauges).
 
 Faults: when a routed request's batch fails (its runner raised or timed out), the request is
 retried once on the next-best candidate that fits what is left of its budget, and the variant is
-quarantined: the router skips it until a background probe (one zero image, spaced by a doubling
-back-off) runs cleanly. Pinned requests are not moved to another variant.
+quarantined until a background probe passes. Pinned requests are not moved to another variant.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compression.core.family import Family, Variant
+from compression.core.exits import StageChain
+from compression.core.family import Family
 from server.batcher import Batcher, BatchOutput, Execute, Item
-from server.codec import Call
 from server.errors import AdaptiveError, BudgetExceeded, InternalError, VariantFailed
-from server.faults import FaultInjector, Quarantine
-from server.latency import LatencyModel, Load
+from server.execute import graph_executor, stages_executor
+from server.faults import FaultInjector
+from server.latency import Clock, LatencyModel, Load
 from server.monitor import Monitor
-from server.router import Candidate, Clock, Decision, Router, candidates_for, confident, unit_name
-from server.runtime import LOGITS, Runner, Stages, remeasure
+from server.quarantine import Breaker, Quarantine
+from server.router import Candidate, Decision, Router, candidates_for
+from server.runtime import Runner
+from server.settings import Settings
+from server.warmup import remeasure, seed_from_manifest
 
 if TYPE_CHECKING:  # prometheus_client is imported only after --workers set its multiprocess dir
     from server.metrics import Metrics
@@ -41,19 +43,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The serving knobs (CLI flags of `adaptive-inference serve`)."""
+class Call:
+    """A decoded, validated inference request."""
 
-    max_batch: int = 32
-    max_queue_delay_ms: float = 0.0
-    max_queue: int = 1024
-    on_miss: str = "best-effort"
-    threads_per_batch: int = 1
-    deadline_margin_ms: float = 0.5
-    inline_below_ms: float = 0.0  # > 0: tiny batches on an idle variant skip the thread pool
-    batch_timeout_ms: float = 1000.0  # a batch fails after max(this, 10 × its predicted p95)
-    quarantine_s: float = 2.0  # first re-probe of a failed variant; doubles per failed probe
-    quarantine_max_s: float = 60.0
+    x: np.ndarray  # [N, C, H, W] float32, C-contiguous
+    budget_ms: float | None  # effective budget from now; None: no budget
+    pin: str | None  # model_version: a variant (or variant@exit) the client pinned
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ class Outcome:
 class Engine:
     """Routes and runs requests for one family; see the module docstring."""
 
-    def __init__(self, family: Family, runners: Mapping[str, Runner | Stages], *,
+    def __init__(self, family: Family, runners: Mapping[str, Runner | StageChain], *,
                  executor: Executor, metrics: Metrics, monitor: Monitor,
                  settings: Settings = Settings(), clock: Clock = time.monotonic,
                  faults: FaultInjector | None = None) -> None:
@@ -86,16 +82,16 @@ class Engine:
         self.monitor = monitor
         self.clock = clock
         self.executor = executor
-        self.latency = LatencyModel(threads_per_batch=settings.threads_per_batch)
+        self.latency = LatencyModel(threads_per_batch=settings.intra_op_threads)
         for v in family.variants.values():
-            _seed_from_manifest(self.latency, v)
+            seed_from_manifest(self.latency, v)
         self.router = Router(candidates_for(family.variants.values()), self.latency,
                              max_batch=settings.max_batch, on_miss=settings.on_miss,
                              max_queue=settings.max_queue, clock=clock)
         self.batchers: dict[str, Batcher] = {}
         self.faults = faults
-        self.quarantine = Quarantine(base_s=settings.quarantine_s, max_s=settings.quarantine_max_s)
-        self._probes: set[asyncio.Task[None]] = set()
+        self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
+                                          max_s=settings.quarantine_max_s), self._probe, metrics)
         self._inflight = 0
         self._idle = asyncio.Event()  # set while no request is in flight (graceful shutdown)
         self._idle.set()
@@ -119,12 +115,12 @@ class Engine:
         sizes = sorted({1, 8, min(32, self.settings.max_batch), self.settings.max_batch})
         for name, runner in self.runners.items():
             tables = remeasure(name, runner, shape, batch_sizes=sizes)
-            factor = self.latency.load_factor(self.load(), extra_batches=1)
+            factor = self.load_factor()
             for unit, table in tables.items():
                 # Store unloaded times, like online observations.
                 self.latency.seed(unit, {b: {k: v / factor for k, v in row.items()}
                                          for b, row in table.items()})
-            p = self.router.compute(self._deepest(name), 1, 1.0)
+            p = self.router.compute(self.router.deepest(name), 1, 1.0)
             log.info("variant %s: re-measured on this host, p50 %.3f ms, p95 %.3f ms at batch 1",
                      name, p.p50, p.p95)
 
@@ -135,19 +131,13 @@ class Engine:
             self.runners = self.faults.wrap(self.runners)
             self.faults.arm()
         for name in self.family.variants:
-            self.batchers[name] = Batcher(
-                name, self._executor_for(name), self.executor, clock=self.clock,
-                max_batch=self.settings.max_batch, max_delay_ms=self.settings.max_queue_delay_ms,
-                max_queue=self.settings.max_queue, predict_ms=self._batch_ms(name),
-                drop_expired=self.settings.on_miss == "reject",
-                on_batch=functools.partial(self._on_batch, name),
-                inline_ok=self._inline_ok(name) if self._may_inline(name) else None,
-                timeout_s=self._timeout_s(name), on_failure=self._on_failure)
+            self.batchers[name] = Batcher(name, self._executor_for(name), self.executor,
+                                          _VariantCosts(self, name), clock=self.clock,
+                                          settings=self.settings, listener=self)
             self.batchers[name].start()
 
     async def stop(self) -> None:
-        for t in self._probes:
-            t.cancel()
+        self.breaker.stop()
         if self.faults is not None:
             self.faults.release()  # hung injected calls return, so worker threads can exit
         await asyncio.gather(*(b.stop() for b in self.batchers.values()))
@@ -160,13 +150,19 @@ class Engine:
         """Return once no request is in flight."""
         await self._idle.wait()
 
-    # --- requests ------------------------------------------------------------------------------
+    # --- load ----------------------------------------------------------------------------------
 
     def load(self) -> Load:
         host = self.monitor.latest
         return Load(cores=host.cores, cpu_other=host.cpu_other,
                     executing=sum(1 for b in self.batchers.values() if b.running),
                     queues=self.batchers)
+
+    def load_factor(self, extra_batches: int = 1) -> float:
+        """The latency model's slowdown now, for one more batch (``extra_batches``) starting."""
+        return self.latency.load_factor(self.load(), extra_batches=extra_batches)
+
+    # --- requests ------------------------------------------------------------------------------
 
     async def infer(self, call: Call) -> Outcome:
         """Route, queue and run one request; records its metrics whatever the result."""
@@ -189,7 +185,7 @@ class Engine:
                                      f"before it was decoded (server overloaded)")
             batch = call.x.shape[0]
             decision = self.router.choose(deadline=deadline, batch=batch, load=self.load(),
-                                          pin=call.pin, exclude=self.quarantine.variants)
+                                          pin=call.pin, exclude=self.breaker.variants)
             variant = decision.candidate.variant
             try:
                 res = await self.batchers[variant].submit(call.x, deadline=deadline,
@@ -200,7 +196,7 @@ class Engine:
                 retried_from = variant
                 m.child(m.retries, variant).inc()
                 decision = self.router.choose(deadline=deadline, batch=batch, load=self.load(),
-                                              exclude=self.quarantine.variants | {variant})
+                                              exclude=self.breaker.variants | {variant})
                 variant = decision.candidate.variant
                 log.debug("request %r: %s failed, retrying on %s", call.request_id, retried_from,
                           decision.candidate.name)
@@ -238,37 +234,10 @@ class Engine:
         m = self.metrics
         m.child(m.requests, self.family.name, "none", exc.code).inc()
 
-    # --- failures: quarantine and re-probe ------------------------------------------------------
-
-    def _on_failure(self, exc: VariantFailed) -> None:
-        """A batch of ``exc.variant`` failed (on the event loop, once per batch)."""
-        m = self.metrics
-        m.child(m.variant_failures, exc.variant).inc()
-        if self.quarantine.fail(exc.variant):
-            delay = self.quarantine.next_probe_s(exc.variant)
-            log.warning("variant %s quarantined (%s); re-probing in %.1f s", exc.variant, exc,
-                        delay)
-            m.child(m.quarantined, exc.variant).set(1)
-            task = asyncio.get_running_loop().create_task(self._reprobe(exc.variant, delay),
-                                                          name=f"reprobe-{exc.variant}")
-            self._probes.add(task)
-            task.add_done_callback(self._probes.discard)
-
-    async def _reprobe(self, variant: str, delay: float) -> None:
-        """Run one zero image through the variant until it succeeds; then route to it again."""
+    async def _probe(self, variant: str) -> None:
+        """One zero image through a quarantined variant (the breaker's re-probe)."""
         x = np.zeros((1, *self.family.input_shape), np.float32)
-        while True:
-            await asyncio.sleep(delay)  # the back-off itself: a broken variant is tried rarely
-            try:
-                await self.batchers[variant].submit(x, deadline=None)
-            except AdaptiveError as exc:
-                delay = self.quarantine.probe_failed(variant)
-                log.warning("variant %s failed its probe (%s); next in %.1f s", variant, exc, delay)
-                continue
-            self.quarantine.recovered(variant)
-            self.metrics.child(self.metrics.quarantined, variant).set(0)
-            log.info("variant %s passed its probe; routed to again", variant)
-            return
+        await self.batchers[variant].submit(x, deadline=None)
 
     # --- the variant table and gauges ----------------------------------------------------------
 
@@ -282,69 +251,28 @@ class Engine:
         return rows
 
     def update_gauges(self) -> None:
-        host = self.monitor.latest
-        m = self.metrics
-        m.cpu.set(host.cpu_system)
-        m.process_cpu.set(host.cpu_process)
-        m.memory.set(host.memory_system)
-        for g in host.gpus:
-            m.gpu.labels(str(g.index)).set(g.utilization)
-            m.gpu_memory.labels(str(g.index)).set(g.memory_used)
-        for name, b in self.batchers.items():
-            m.queue_depth.labels(name).set(b.queued)
-        for c, d, _p50 in self.table(1):
-            m.predicted_latency.labels(c.name).set(d.compute_ms / 1e3)
+        self.metrics.publish(self.monitor.latest,
+                             {name: b.queued for name, b in self.batchers.items()},
+                             {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)})
 
-    # --- batches (worker threads) --------------------------------------------------------------
+    # --- batches: what runs, and what each one teaches the latency model -----------------------
 
     def _executor_for(self, name: str) -> Execute:
         runner = self.runners[name]
-        if isinstance(runner, Stages):
-            v = self.family.variant(name)
-            return lambda items: self._run_stages(name, v, runner, items)
-        return lambda items: _run_graph(name, runner, items)
+        if isinstance(runner, StageChain):
+            return stages_executor(self.family.variant(name), runner, self._stages_fit)
+        return graph_executor(name, runner)
 
-    def _run_stages(self, name: str, v: Variant, stages: Stages, items: list[Item]
-                    ) -> BatchOutput:
-        """Stage by stage; a sample leaves at its exit when confident, at its request's deepest
-        allowed exit, or when its request's remaining budget cannot pay for the next stage."""
-        assert v.exits is not None
-        exits = sorted(v.exits, key=lambda e: e.index)
-        x = _concat(items)
-        owner = np.repeat(np.arange(len(items)), [i.n for i in items])  # sample → item
-        max_exit = np.array([len(exits) - 1 if i.max_exit is None else i.max_exit
-                             for i in items])[owner]
-        factor = self.latency.load_factor(self.load(), extra_batches=0)
-        out = np.empty((x.shape[0], self.family.num_classes), np.float32)
-        used = np.full(x.shape[0], -1, np.int64)
-        active = np.arange(x.shape[0])
-        feed: np.ndarray | None = x
-        timings: list[tuple[str, int, float]] = []
-        for s, e in enumerate(exits):
-            assert feed is not None, f"stage {s} of {name!r} got no features"
-            t = time.perf_counter()
-            logits, features = stages.run(s, feed)
-            timings.append((unit_name(name, s), len(active), (time.perf_counter() - t) * 1e3))
-            done = confident(logits, e.threshold, e.criterion) | (max_exit[active] <= s)
-            if s + 1 < len(exits):
-                for k in np.unique(owner[active[~done]]):  # per request: time for one more stage?
-                    mine = owner[active] == k
-                    if not self.router.next_stage_fits(name, s + 1, deadline=items[k].deadline,
-                                                       batch=int((~done).sum()),
-                                                       load_factor=factor):
-                        done |= mine
-            else:
-                done[:] = True
-            out[active[done]] = logits[done]
-            used[active[done]] = s
-            active, feed = active[~done], (features[~done] if features is not None else None)
-            if not len(active):
-                break
-        return BatchOutput(_split(out, items), _split(used, items), timings)
+    def _stages_fit(self, variant: str, stage: int, samples: int,
+                    deadlines: Sequence[float | None]) -> list[bool]:
+        """Early exit, between stages (worker thread): may each request run ``stage``?"""
+        factor = self.load_factor(extra_batches=0)
+        return [self.router.next_stage_fits(variant, stage, deadline=d, batch=samples,
+                                            load_factor=factor) for d in deadlines]
 
-    def _on_batch(self, variant: str, items: list[Item], started: float, out: BatchOutput
-                  ) -> None:
-        """On the event loop after each batch: metrics and the latency model's online update."""
+    def batch_done(self, variant: str, items: list[Item], started: float, out: BatchOutput
+                   ) -> None:
+        """`Listener`: on the event loop after each batch: metrics and the latency model."""
         m = self.metrics
         n = sum(i.n for i in items)
         m.child(m.batch_size, variant).observe(n)
@@ -354,80 +282,40 @@ class Engine:
             if exits is not None:
                 for e, count in zip(*np.unique(exits, return_counts=True), strict=True):
                     m.child(m.early_exit, str(int(e))).inc(int(count))
-        factor = self.latency.load_factor(self.load(), extra_batches=1)
+        factor = self.load_factor()
         for unit, batch, ms in out.timings:
             self.latency.observe(unit, batch, ms, load_factor=factor)
 
-    def _batch_ms(self, name: str) -> Callable[[int], float]:
-        deepest = self._deepest(name)
-
-        def predict(n: int) -> float:
-            factor = self.latency.load_factor(self.load(), extra_batches=1)
-            return self.router.compute(deepest, max(n, 1), factor).p95
-        return predict
-
-    def _timeout_s(self, name: str) -> Callable[[int], float]:
-        """How long a batch of ``n`` may run before it counts as hung."""
-        predict = self._batch_ms(name)
-        floor = self.settings.batch_timeout_ms
-
-        def timeout(n: int) -> float:
-            return max(floor, 10.0 * predict(n)) / 1e3
-        return timeout
-
-    def _may_inline(self, name: str) -> bool:
-        # a batch on the event loop cannot be timed out: never inline a fault-injected variant
-        return self.settings.inline_below_ms > 0 and (self.faults is None
-                                                      or name not in self.faults.faults)
-
-    def _inline_ok(self, name: str) -> Callable[[int], bool]:
-        """Typical (p50) cost of the variant's batch under the threshold: run it inline."""
-        deepest = self._deepest(name)
-        limit = self.settings.inline_below_ms
-
-        def ok(n: int) -> bool:
-            return self.router.compute(deepest, n, self._load_factor_now()).p50 <= limit
-        return ok
-
-    def _load_factor_now(self) -> float:
-        return self.latency.load_factor(self.load(), extra_batches=1)
-
-    def _deepest(self, variant: str) -> Candidate:
-        return max((c for c in self.router.candidates if c.variant == variant),
-                   key=lambda c: len(c.units))
+    def batch_failed(self, exc: VariantFailed) -> None:
+        """`Listener`: a batch failed; quarantine its variant."""
+        self.breaker.failed(exc)
 
 
-def _run_graph(name: str, runner: Runner, items: list[Item]) -> BatchOutput:
-    x = _concat(items)
-    t = time.perf_counter()
-    logits = runner(x)[LOGITS]
-    ms = (time.perf_counter() - t) * 1e3
-    return BatchOutput(_split(logits, items), [None] * len(items),
-                       [(unit_name(name), x.shape[0], ms)])
+class _VariantCosts:
+    """A batcher's `Costs`: its variant's batches as the latency model predicts them now."""
 
+    def __init__(self, engine: Engine, variant: str) -> None:
+        self._engine = engine
+        self._deepest = engine.router.deepest(variant)
+        s = engine.settings
+        self._timeout_floor_ms = s.batch_timeout_ms
+        # A batch on the event loop cannot be timed out: never inline a fault-injected variant.
+        self._may_inline = s.inline_below_ms > 0 and (engine.faults is None
+                                                      or variant not in engine.faults.faults)
 
-def _split(a: np.ndarray, items: list[Item]) -> list[np.ndarray]:
-    """Rows of a batch result back to the requests they came from."""
-    bounds = np.cumsum([0, *[i.n for i in items]])
-    return [a[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+    def _predict(self, n: int) -> tuple[float, float]:
+        p = self._engine.router.compute(self._deepest, max(n, 1), self._engine.load_factor())
+        return p.p50, p.p95
 
+    def predict_ms(self, n: int) -> float:
+        return self._predict(n)[1]
 
-def _concat(items: list[Item]) -> np.ndarray:
-    return items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
+    def timeout_s(self, n: int) -> float:
+        return max(self._timeout_floor_ms, 10.0 * self.predict_ms(n)) / 1e3
 
-
-def _seed_from_manifest(latency: LatencyModel, v: Variant) -> None:
-    """Build-host latencies until warm-up re-measures: early-exit stages as increments of the
-    cumulative exit latencies."""
-    if not v.exits:
-        latency.seed(unit_name(v.name), v.latency_ms)
-        return
-    prev: dict[str, dict[str, float]] | None = None
-    for e in sorted(v.exits, key=lambda e: e.index):
-        inc = {b: {k: max(row[k] - (prev[b][k] if prev and b in prev else 0.0), 0.0)
-                   for k in ("p50", "p95")} for b, row in e.latency_ms.items()}
-        latency.seed(unit_name(v.name, e.index), inc)
-        prev = e.latency_ms
+    def inline(self, n: int) -> bool:
+        """Typical (p50) cost under ``--inline-below-ms``: run it on the event loop."""
+        return self._may_inline and self._predict(n)[0] <= self._engine.settings.inline_below_ms
 
 
 def _log_decision(call: Call, d: Decision, met: bool) -> None:

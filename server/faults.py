@@ -1,13 +1,9 @@
-"""Runtime faults: injecting them (for tests) and quarantining the variants they hit.
+"""Injected runtime faults, to test the failure path (`server.quarantine` handles real ones).
 
 ``--inject-fault VARIANT:raise|hang[:RATE]`` wraps a variant's runner so that a share ``RATE``
 (default 1) of its batches raise `InjectedFault` or hang (block their worker thread until
 ``hang_s`` passes or the server stops). It exists to test the failure path; never use it in
 production. Faults are armed only after warm-up, so the server still starts.
-
-`Quarantine` is the circuit breaker's bookkeeping: a variant that failed is *open* (the router
-skips it) until a background probe succeeds; probes are spaced by a back-off that doubles per
-failed probe, from ``base_s`` up to ``max_s``. Pure: the engine runs the probes.
 """
 
 from __future__ import annotations
@@ -73,6 +69,22 @@ class _Faulty:
         return getattr(self.runner, name)
 
 
+class _FaultySession:
+    """An ORT session (an early-exit stage) that trips its fault before each run."""
+
+    def __init__(self, session: Any, fault: Fault, injector: FaultInjector) -> None:
+        self.session = session
+        self.fault = fault
+        self.injector = injector
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.injector.trip(self.fault)
+        return self.session.run(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, …
+        return getattr(self.session, name)
+
+
 class FaultInjector:
     """Wraps the runners named by ``faults``; `arm` after warm-up, `release` on stop."""
 
@@ -86,7 +98,7 @@ class FaultInjector:
         self.trips = 0
 
     def wrap(self, runners: Mapping[str, Any]) -> dict[str, Any]:
-        from server.runtime import Stages  # runtime imports onnxruntime; keep this module light
+        from compression.core.exits import StageChain  # imports onnxruntime: keep this light
 
         unknown = sorted(set(self.faults) - set(runners))
         if unknown:
@@ -96,8 +108,9 @@ class FaultInjector:
         for name, fault in self.faults.items():
             r = runners[name]
             # the early-exit network fails as a whole: its first stage trips
-            out[name] = (Stages([_Faulty(r.runners[0], fault, self), *r.runners[1:]])
-                         if isinstance(r, Stages) else _Faulty(r, fault, self))
+            out[name] = (StageChain([_FaultySession(r.sessions[0], fault, self),
+                                     *r.sessions[1:]])
+                         if isinstance(r, StageChain) else _Faulty(r, fault, self))
             log.warning("fault injection on variant %s: %s at rate %g (testing only)", name,
                         fault.mode, fault.rate)
         return out
@@ -122,33 +135,3 @@ class FaultInjector:
             self._release.wait(self.hang_s)
             raise InjectedFault(f"injected hang on {fault.variant!r} ended")
         raise InjectedFault(f"injected fault on {fault.variant!r}")
-
-
-class Quarantine:
-    """Which variants the router must skip, and when to probe each again."""
-
-    def __init__(self, *, base_s: float = 2.0, max_s: float = 60.0) -> None:
-        self.base_s = base_s
-        self.max_s = max_s
-        self._backoff: dict[str, float] = {}  # variant → seconds before its next probe
-        self.variants: frozenset[str] = frozenset()  # read on every request: a cheap snapshot
-
-    def fail(self, variant: str) -> bool:
-        """Record a failure; True when this opens the breaker (the caller starts probing)."""
-        if variant in self.variants:
-            return False
-        self._backoff[variant] = self.base_s
-        self.variants = self.variants | {variant}
-        return True
-
-    def next_probe_s(self, variant: str) -> float:
-        return self._backoff.get(variant, self.base_s)
-
-    def probe_failed(self, variant: str) -> float:
-        """Back off; returns the delay before the next probe."""
-        self._backoff[variant] = min(self.next_probe_s(variant) * 2, self.max_s)
-        return self._backoff[variant]
-
-    def recovered(self, variant: str) -> None:
-        self._backoff.pop(variant, None)
-        self.variants = self.variants - {variant}

@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 # Floor for any prediction: even an empty graph costs a session call.
 MIN_MS = 0.005
+
+Clock = Callable[[], float]  # monotonic seconds; injected everywhere so tests can fake time
+
+
+def unit_name(variant: str, stage: int | None = None) -> str:
+    """Latency-model unit of a variant's graph, or of one early-exit stage."""
+    return variant if stage is None else f"{variant}/{stage}"
 
 
 @dataclass(frozen=True)

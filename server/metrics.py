@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -20,6 +21,8 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+
+from server.monitor import HostSample
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,22 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+    def publish(self, host: HostSample, queued: Mapping[str, int],
+                predicted_s: Mapping[str, float]) -> None:
+        """The gauges sampled once per monitor interval: host load, queue depths (samples per
+        variant), and the predicted compute time of each candidate at batch 1."""
+        self.cpu.set(host.cpu_system)
+        self.process_cpu.set(host.cpu_process)
+        self.memory.set(host.memory_system)
+        for g in host.gpus:
+            self.gpu.labels(str(g.index)).set(g.utilization)
+            self.gpu_memory.labels(str(g.index)).set(g.memory_used)
+        for name, n in queued.items():
+            self.queue_depth.labels(name).set(n)
+        for name, s in predicted_s.items():
+            self.predicted_latency.labels(name).set(s)
 
 
 def serve_http(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, int]:

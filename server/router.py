@@ -18,32 +18,20 @@ refused at once (`Unavailable`, `Overloaded`) instead of queueing.
 
 For the early-exit network the chosen candidate fixes the *deepest* exit; while it runs, the
 runner asks `Router.next_stage_fits` before each further stage and stops early when an exit is
-confident enough (`confident`). Pure: no grpc, no I/O; the clock is injected (tests use a fake).
+confident enough (`compression.core.exits`). Pure: no grpc, no I/O; the clock is injected (tests use a fake).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from compression.core.family import Variant
+from protos.wire import candidate_name
 from server.errors import BudgetExceeded, InvalidArgument, NotFound, Overloaded, Unavailable, shown
-from server.latency import LatencyModel, Load, Prediction, QueueView
-
-Clock = Callable[[], float]  # monotonic seconds
-ON_MISS = ("best-effort", "reject")
-
-
-def unit_name(variant: str, stage: int | None = None) -> str:
-    """Latency-model unit of a variant's graph, or of one early-exit stage."""
-    return variant if stage is None else f"{variant}/{stage}"
-
-
-def candidate_name(variant: str, exit_index: int | None = None) -> str:
-    return variant if exit_index is None else f"{variant}@{exit_index}"
+from server.latency import Clock, LatencyModel, Load, Prediction, QueueView, unit_name
+from server.settings import ON_MISS
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +102,10 @@ class Router:
 
     def candidate(self, name: str) -> Candidate:
         return self._by_name[name]
+
+    def deepest(self, variant: str) -> Candidate:
+        """The variant's most expensive candidate: what its queued batches cost at worst."""
+        return self._deepest[variant]
 
     def remaining_ms(self, deadline: float | None) -> float | None:
         return None if deadline is None else (deadline - self.clock()) * 1e3
@@ -227,22 +219,3 @@ class Router:
             raise NotFound(f"model_version {shown(pin)}: no such variant; variants: "
                            f"{sorted({c.variant for c in self.candidates})}")
         return pool
-
-
-# --- early-exit confidence ---------------------------------------------------------------------
-
-def confident(logits: np.ndarray, threshold: float, criterion: str = "max_prob") -> np.ndarray:
-    """Per sample: may it leave at this exit? [N, classes] logits → [N] bool.
-
-    ``max_prob``: the softmax's largest probability reaches ``threshold``; ``entropy``
-    (BranchyNet): the softmax entropy (nats) is at most ``threshold``.
-    """
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    if criterion == "entropy":
-        ent = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
-        return ent <= threshold
-    if criterion != "max_prob":
-        raise ValueError(f"exit criterion {criterion!r}: expected 'max_prob' or 'entropy'")
-    return p.max(axis=1) >= threshold

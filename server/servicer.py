@@ -24,8 +24,9 @@ import grpc
 from protos.generated import adaptive_pb2 as apb
 from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
 from protos.generated import grpc_service_pb2 as pb
-from server.codec import MAX_REQUEST_BATCH, ModelSpec, decode_infer, encode_infer
-from server.engine import Engine, Outcome
+from protos.wire import MAX_REQUEST_BATCH
+from server.codec import ModelSpec, decode_infer, encode_infer
+from server.engine import Engine
 from server.errors import AdaptiveError, InvalidArgument, NotFound, Unavailable, shown
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,12 @@ def add_services(server: grpc.aio.Server, state: ServingState) -> list[str]:
             (adaptive_pb2_grpc.add_AdaptiveServiceServicer_to_server, AdaptiveServicer(state),
              apb)):
         cap = _Capture()
-        add(servicer, cap)  # type: ignore[arg-type]
+        add(servicer, cap)
         service = messages.DESCRIPTOR.services_by_name[cap.service.rsplit(".", 1)[-1]]
         handlers = {}
         for method, h in cap.handlers.items():
             expected = service.methods_by_name[method].input_type.full_name
-            handlers[method] = h._replace(  # type: ignore[attr-defined]
+            handlers[method] = h._replace(
                 request_deserializer=_tolerant(h.request_deserializer, expected))
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(cap.service, handlers),))
@@ -220,11 +221,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         except AdaptiveError as exc:
             engine.rejected(exc)
             raise
-        out: Outcome = await engine.infer(call)
-        return encode_infer(request, spec, logits=out.logits, variant=out.variant,
-                            exit_index=out.exit, exits=out.exits, queue_ms=out.queue_ms,
-                            compute_ms=out.compute_ms, budget_ms=out.budget_ms,
-                            retried_from=out.retried_from)
+        return encode_infer(request, spec, await engine.infer(call))
 
 
 class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):

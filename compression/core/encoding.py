@@ -165,8 +165,8 @@ def huffman_encode(symbols: np.ndarray, lengths: Mapping[int, int]) -> bytes:
     top = max(max(lengths), int(symbols.max())) + 1
     code_of = np.zeros(top, dtype=np.uint64)
     len_of = np.zeros(top, dtype=np.int64)
-    for s, ln in lengths.items():
-        code_of[s], len_of[s] = codes[s], ln
+    for s, length in lengths.items():
+        code_of[s], len_of[s] = codes[s], length
     if np.any(len_of[symbols] == 0):
         raise ValueError("symbol without a code in the Huffman table")
     c, ln = code_of[symbols], len_of[symbols]

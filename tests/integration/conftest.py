@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from client import AdaptiveClient
-from server.app import RunningServer, ServeOptions, serve_in_thread
+from server.app import ServeOptions
+from tests.harness import RunningServer, serve_in_thread
 
 from .families import SHAPE, serving_family_at
 

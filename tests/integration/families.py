@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compression.core.exits import stage_io
 from compression.core.family import SCHEMA_VERSION, Exit, Variant, write_artifact, write_manifest
 from compression.export import to_onnx
 
@@ -84,13 +85,14 @@ def plain(root: Path, name: str, accuracy: float, model: nn.Module, ms: float) -
 
 
 def _early_exit(root: Path) -> Variant:
-    stages = [(_BrightStage(), SHAPE, ("features", "logits")),
-              (_HeavyStage(8, last=False), (8, 28, 28), ("features", "logits")),
-              (_HeavyStage(48, last=True), (48, 28, 28), ("logits",))]
-    arts = [write_artifact(root, f"early-exit/stage_{i}.onnx",
-                           to_onnx(m, shape, output_names=outs).SerializeToString(),
-                           role="stage", stage=i)
-            for i, (m, shape, outs) in enumerate(stages)]
+    stages = [(_BrightStage(), SHAPE), (_HeavyStage(8, last=False), (8, 28, 28)),
+              (_HeavyStage(48, last=True), (48, 28, 28))]
+    arts = []
+    for i, (m, shape) in enumerate(stages):
+        inp, outs = stage_io(i, len(stages))
+        graph = to_onnx(m, shape, output_names=outs, input_name=inp)
+        arts.append(write_artifact(root, f"early-exit/stage_{i}.onnx", graph.SerializeToString(),
+                                   role="stage", stage=i))
     exits = [Exit(0, 0.80, table(0.05), 0.9, 0.3), Exit(1, 0.96, table(1.0), 0.9, 0.3),
              Exit(2, 0.985, table(2.0), 0.0, 0.4)]
     return Variant(name="early-exit", method="early_exit", params={}, artifacts=arts,

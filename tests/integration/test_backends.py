@@ -12,8 +12,9 @@ from client import AdaptiveClient
 from compression.core.family import Variant, write_artifact
 from compression.export import to_onnx
 from compression.models import build_model
-from server.app import ServeOptions, serve_in_thread
+from server.app import ServeOptions
 from server.runtime import OrtRunner, TorchRunner
+from tests.harness import serve_in_thread
 
 from .families import SHAPE, cnn, plain, table, write_family
 

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from compression.core.family import load_family
-from server.app import RunningServer
+from tests.harness import RunningServer
 
 PROBE = Path(__file__).with_name("kserve_probe.py")
 

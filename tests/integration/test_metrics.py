@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, InvalidArgument
-from server.app import RunningServer
+from tests.harness import RunningServer
 
 REQUIRED = {  # family names as the parser reports them (counters without `_total`)
     "adaptive_requests", "adaptive_request_latency_seconds", "adaptive_queue_wait_seconds",

@@ -29,8 +29,9 @@ import pytest
 from deploy_checks import DEPLOY, alert_exprs, dashboard_queries, exported_series, names_in
 
 from client import AdaptiveClient, AdaptiveError
-from server.app import RunningServer, ServeOptions, serve_in_thread
+from server.app import ServeOptions
 from server.metrics import LATENCY_BUCKETS
+from tests.harness import RunningServer, serve_in_thread
 
 SCRAPE_S = 1.0
 PROMETHEUS = shutil.which("prometheus")

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from client import AdaptiveClient, InferResult, Unavailable
-from server.app import RunningServer, ServeOptions, serve_in_thread
-from server.engine import Settings
+from server.app import ServeOptions
 from server.faults import Fault
+from server.settings import Settings
+from tests.harness import RunningServer, serve_in_thread
 
 from .families import SHAPE
 
@@ -81,7 +82,7 @@ def test_raising_variant_is_retried_quarantined_and_reprobed(serving_family: Pat
             with pytest.raises(Unavailable, match="'slow' is quarantined"):
                 c.infer(x, variant="slow")  # a pin is not moved to another variant
             running.server.engine.faults.arm(False)  # the variant heals; a probe will notice
-            _wait_until(lambda: not running.server.engine.quarantine.variants, 15,
+            _wait_until(lambda: not running.server.engine.breaker.variants, 15,
                         "the re-probe to clear the quarantine")
             assert _sample(running, "adaptive_variant_quarantined") == 0
             assert c.infer(x).variant == "slow"

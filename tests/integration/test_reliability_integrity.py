@@ -16,7 +16,8 @@ import pytest
 
 from client import AdaptiveClient, Unavailable
 from compression.core.errors import FamilyError
-from server.app import ServeOptions, serve_in_thread
+from server.app import ServeOptions
+from tests.harness import serve_in_thread
 
 from .families import SHAPE
 

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from client import AdaptiveClient, Unauthenticated, Unavailable
-from server.app import RunningServer, ServeOptions, serve_in_thread
+from server.app import ServeOptions
+from tests.harness import RunningServer, serve_in_thread
 
 from .families import SHAPE, cnn, plain, write_family
 

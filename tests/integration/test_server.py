@@ -17,8 +17,9 @@ from client.client import build_request
 from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
-from server.app import RunningServer, ServeOptions, serve_in_thread
-from server.engine import Settings
+from server.app import ServeOptions
+from server.settings import Settings
+from tests.harness import RunningServer, serve_in_thread
 
 CHEAPEST = {("fast", None), ("early-exit", 0)}  # (variant, exit) of the ~0.03 ms candidates
 

@@ -14,6 +14,23 @@ import pytest
 
 from server.batcher import Batcher, BatchOutput, Item
 from server.errors import BudgetExceeded, Overloaded
+from server.settings import Settings
+
+
+class FakeCosts:
+    """A variant whose batches are predicted to take ``ms``; never inline, never timed out."""
+
+    def __init__(self, ms: float = 0.0) -> None:
+        self.ms = ms
+
+    def predict_ms(self, n: int) -> float:
+        return self.ms
+
+    def timeout_s(self, n: int) -> float | None:
+        return None
+
+    def inline(self, n: int) -> bool:
+        return False
 
 
 class FakeRunner:
@@ -53,7 +70,7 @@ def test_requests_queued_behind_a_running_batch_share_the_next_one() -> None:
     runner = FakeRunner(hold_first=True)
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=4)
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic, settings=Settings(max_batch=4))
         b.start()
         first = asyncio.create_task(b.submit(_x(), deadline=None))
         await _until_started(runner)
@@ -74,7 +91,8 @@ def test_queue_delay_waits_for_company() -> None:
     runner = FakeRunner()
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8, max_delay_ms=200)
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=8, max_queue_delay_ms=200))
         b.start()
         await asyncio.gather(*(b.submit(_x(), deadline=None) for _ in range(3)))
         assert runner.sizes == [3]
@@ -87,7 +105,8 @@ def test_a_full_batch_does_not_wait_for_the_delay() -> None:
     runner = FakeRunner()
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=4, max_delay_ms=10_000)
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=4, max_queue_delay_ms=10_000))
         b.start()
         t0 = time.monotonic()
         await asyncio.gather(*(b.submit(_x(2), deadline=None) for _ in range(2)))
@@ -101,8 +120,8 @@ def test_deadline_cuts_the_batching_delay_short() -> None:
     runner = FakeRunner()
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8, max_delay_ms=10_000,
-                    predict_ms=lambda n: 5.0)
+        b = Batcher("v", runner, pool, FakeCosts(5.0), clock=time.monotonic,
+                    settings=Settings(max_batch=8, max_queue_delay_ms=10_000))
         b.start()
         r = await b.submit(_x(), deadline=time.monotonic() + 0.05)  # must start by +45 ms
         assert runner.sizes == [1] and r.queue_ms < 1000  # not the 10 s delay
@@ -115,7 +134,7 @@ def test_cancelled_request_never_runs() -> None:
     runner = FakeRunner(hold_first=True)
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8)
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic, settings=Settings(max_batch=8))
         b.start()
         first = asyncio.create_task(b.submit(_x(), deadline=None))
         await _until_started(runner)
@@ -135,8 +154,8 @@ def test_full_queue_is_overloaded_and_expired_requests_are_dropped_in_reject_mod
     runner = FakeRunner(hold_first=True)
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic, max_batch=8, max_queue=3,
-                    drop_expired=True)
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=8, max_queue=3, on_miss="reject"))
         b.start()
         first = asyncio.create_task(b.submit(_x(), deadline=None))
         await _until_started(runner)
@@ -158,7 +177,7 @@ def test_runner_failure_fails_its_batch_only() -> None:
     runner = FakeRunner(fail=True)
 
     async def test(pool: ThreadPoolExecutor) -> None:
-        b = Batcher("v", runner, pool, clock=time.monotonic)
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic)
         b.start()
         with pytest.raises(RuntimeError, match="runner broke"):
             await b.submit(_x(), deadline=None)

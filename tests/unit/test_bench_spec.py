@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
-from client.bench import DROPPED, BudgetSpec, RunConfig, parse_rates, summarize_run
-from client.load import Record
+from client.loadgen import DROPPED, BudgetSpec, Record, RunConfig, parse_rates
+from client.results import read_records, summarize_run, write_records_csv
 
 
 @pytest.mark.parametrize(("text", "values", "weights", "uniform"), [
@@ -76,3 +77,28 @@ def test_summary_counts_add_up_and_errors_are_misses() -> None:
     assert s["send_lag_ms"]["p50"] == 0.3 and s["send_lag_ms"]["max"] == 5.0
     assert s["by_budget"] == {"5": {"requests": 5, "attainment": 0.2},
                               "none": {"requests": 1, "attainment": 1.0}}
+
+
+def test_budget_choice_is_an_even_mixture() -> None:
+    spec = BudgetSpec.choice([1.0, 25.0, None])
+    assert spec.values == (1.0, 25.0, None) and spec.weights == pytest.approx((1 / 3,) * 3)
+    assert BudgetSpec.choice([250.0]).values == (250.0,)
+    assert BudgetSpec.choice([None]).sample(random.Random(0)) is None
+    with pytest.raises(ValueError):
+        BudgetSpec.choice([])
+
+
+def test_deadlines_follow_the_config() -> None:
+    spec = BudgetSpec.parse("none")
+    assert RunConfig(1, 1, spec).deadline(10.0) == pytest.approx(0.07)  # 2 x budget + 50 ms
+    assert RunConfig(1, 1, spec).deadline(None) is None
+    assert RunConfig(1, 1, spec, no_budget_timeout_s=10.0).deadline(None) == 10.0
+    assert RunConfig(1, 1, spec, timeout_s=3.0).deadline(None) == 3.0
+    assert RunConfig(1, 1, spec, deadline_is_budget=True).deadline(10.0) == pytest.approx(0.01)
+
+
+def test_requests_csv_round_trips(tmp_path: Path) -> None:
+    recs = [Record(0, 5.0, "OK", "early-exit@1", 3.25, 2, 2),
+            Record(1, None, DROPPED, None, 0.0, None, 2)]
+    path = write_records_csv(tmp_path / "requests.csv", recs, [10.0, 20.0])
+    assert read_records(path) == recs

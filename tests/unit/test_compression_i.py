@@ -19,19 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import (
-    binary,
-    channel_pruning,
-    clustering,
-    distillation,
-    encoding,
-    export,
-    pruning,
-    quantization,
-)
+from compression import export
 from compression.build import _base_model, build, load_config
+from compression.core import encoding
 from compression.core.family import load_family
+from compression.core.ort import session
 from compression.data import Splits
+from compression.methods import (
+    binary,
+    clustered,
+    distilled,
+    int8,
+    pruned_neurons,
+    pruned_weights,
+)
 from compression.models import DEFAULT_CNN, build_model, fold_batchnorm
 from compression.registry import BuildContext
 from compression.train import TrainConfig, TrainResult, accuracy, seed_everything, train
@@ -87,29 +88,29 @@ def trained() -> tuple[nn.Module, Splits]:
 def test_pruning_reaches_the_sparsity_and_masks_hold_through_fine_tuning() -> None:
     ctx = _ctx(_splits())
     model = _tiny()
-    config = pruning.PrunedWeightsConfig(sparsity=0.8, steps=2, epochs_per_step=1,
+    config = pruned_weights.PrunedWeightsConfig(sparsity=0.8, steps=2, epochs_per_step=1,
                                          final_epochs=1, lr=1e-2, min_layer_weights=0)
     before = copy.deepcopy(model)
-    masks = pruning.prune_iteratively(ctx, model, config, desc="t")
-    assert pruning.sparsity(model) == pytest.approx(0.8, abs=0.005)
-    weights = pruning.prunable(model)
+    masks = pruned_weights.prune_iteratively(ctx, model, config, desc="t")
+    assert pruned_weights.sparsity(model) == pytest.approx(0.8, abs=0.005)
+    weights = pruned_weights.prunable(model)
     for name, mask in masks.items():
         assert not weights[name][~mask].any(), f"{name}: a pruned weight came back"
     # and the survivors were really fine-tuned (a frozen model would pass the mask check too)
-    kept = pruning.prunable(before)["stages.1.1.0.weight"][masks["stages.1.1.0.weight"]]
+    kept = pruned_weights.prunable(before)["stages.1.1.0.weight"][masks["stages.1.1.0.weight"]]
     assert not torch.equal(kept, weights["stages.1.1.0.weight"][masks["stages.1.1.0.weight"]])
 
 
 def test_small_layers_stay_dense_and_the_others_make_up_for_them() -> None:
     model = _tiny()
-    masks = pruning.magnitude_masks(model, 0.5, min_layer_weights=100)
+    masks = pruned_weights.magnitude_masks(model, 0.5, min_layer_weights=100)
     assert masks["stages.0.0.0.weight"].all()  # 72 weights: kept dense
-    pruning.apply_masks(model, masks)
-    assert pruning.sparsity(model) == pytest.approx(0.5, abs=0.002)
+    pruned_weights.apply_masks(model, masks)
+    assert pruned_weights.sparsity(model) == pytest.approx(0.5, abs=0.002)
 
 
 def test_sparsity_schedule_ramps_up_to_the_target() -> None:
-    s = pruning.schedule(0.9, 3)
+    s = pruned_weights.schedule(0.9, 3)
     assert s == sorted(s) and s[-1] == pytest.approx(0.9) and s[0] > 0.5
 
 
@@ -126,11 +127,11 @@ def test_rewind_to_init_reproduces_the_builders_initial_weights(
     monkeypatch.setattr("compression.build.train", fake_train)
     spec = {**cfg.arch, "num_classes": 10}
     _base_model(cfg, spec, _splits(), "fp", None, tmp_path, False)
-    rebuilt = pruning.initial_weights(spec, 7).state_dict()
+    rebuilt = pruned_weights.initial_weights(spec, 7).state_dict()
     assert captured.keys() == rebuilt.keys()
     for k, v in captured.items():
         torch.testing.assert_close(rebuilt[k], v, rtol=0, atol=0)
-    other = pruning.initial_weights(spec, 8).state_dict()
+    other = pruned_weights.initial_weights(spec, 8).state_dict()
     assert not torch.equal(other["stages.0.0.0.weight"], captured["stages.0.0.0.weight"])
 
 
@@ -138,14 +139,14 @@ def test_rewind_to_init_reproduces_the_builders_initial_weights(
 
 def test_channel_pruning_shrinks_channels_and_keeps_output_shape() -> None:
     model = _tiny(num_classes=7).eval()
-    before = channel_pruning.conv_widths(model)
-    channel_pruning.prune_channels(model, (1, 28, 28), ratio=0.5, steps=2)
-    after = channel_pruning.conv_widths(model)
+    before = pruned_neurons.conv_widths(model)
+    pruned_neurons.prune_channels(model, (1, 28, 28), ratio=0.5, steps=2)
+    after = pruned_neurons.conv_widths(model)
     assert after == [[4], [8, 8]] and before == [[8], [16, 16]]
     x = torch.rand(3, 1, 28, 28)
     assert model(x).shape == (3, 7)
     # the spec rebuilds exactly the pruned network
-    spec = channel_pruning.pruned_spec({**TINY, "num_classes": 7}, model)
+    spec = pruned_neurons.pruned_spec({**TINY, "num_classes": 7}, model)
     clean = build_model(spec)
     clean.load_state_dict(model.state_dict())
     torch.testing.assert_close(clean.eval()(x), model(x))
@@ -169,7 +170,7 @@ def test_kd_loss_matches_a_hand_computation() -> None:
     kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1))
     ce = np.mean(-np.log(softmax(sn)[np.arange(2), y.numpy()]))
     expected = alpha * temp ** 2 * kl + (1 - alpha) * ce
-    got = distillation.kd_loss(s, t, y, temperature=temp, alpha=alpha)
+    got = distilled.kd_loss(s, t, y, temperature=temp, alpha=alpha)
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
@@ -180,21 +181,34 @@ def test_kd_loss_averages_the_ensembles_soft_targets() -> None:
     temp = 2.0
     avg = (F.softmax(t1 / temp, -1) + F.softmax(t2 / temp, -1)) / 2
     expected = F.kl_div(F.log_softmax(s / temp, -1), avg, reduction="batchmean") * temp ** 2
-    got = distillation.kd_loss(s, torch.stack([t1, t2]), y, temperature=temp, alpha=1.0)
+    got = distilled.kd_loss(s, torch.stack([t1, t2]), y, temperature=temp, alpha=1.0)
     torch.testing.assert_close(got, expected)
 
 
+def test_kd_training_loss_is_kd_loss_against_a_frozen_teacher() -> None:
+    teacher, student = _tiny().train(), _tiny()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    loss = distilled.kd_training_loss(teacher, temperature=2.0, alpha=0.7)(student, x, y)
+    assert not teacher.training  # the teacher answers in eval mode (BN running statistics)
+    with torch.no_grad():
+        expected = distilled.kd_loss(student(x), teacher(x), y, temperature=2.0, alpha=0.7)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+
+
 def test_student_inherits_input_and_classes_and_bad_student_fails_at_parse() -> None:
-    spec = distillation.student_spec({**TINY, "num_classes": 3, "input": [1, 14, 14]},
+    spec = distilled.student_spec({**TINY, "num_classes": 3, "input": [1, 14, 14]},
                                      {"stages": [{"channels": 4, "depth": 1}]})
     assert spec["num_classes"] == 3 and spec["input"] == [1, 14, 14]
     with pytest.raises(ValueError, match="student"):
-        distillation.DistilledConfig(student={"stages": [{"width": 4}]})
+        distilled.DistilledConfig(student={"stages": [{"width": 4}]})
 
 
 def test_memoised_teacher_matches_the_model() -> None:
     model = _tiny().eval()
-    teachers = distillation.Teachers([model])
+    teachers = distilled.Teachers([model])
     x = torch.rand(5, 1, 28, 28)
     first = teachers(x)
     with torch.no_grad():
@@ -205,12 +219,12 @@ def test_memoised_teacher_matches_the_model() -> None:
 
 def test_a_variants_served_graph_teaches_like_its_model() -> None:
     model = _tiny().eval()
-    graph_teacher = distillation.GraphTeacher(export.to_onnx(model, (1, 28, 28)))
+    graph_teacher = distilled.GraphTeacher(export.to_onnx(model, (1, 28, 28)))
     x = torch.rand(6, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(graph_teacher(x), model(x), atol=1e-4, rtol=1e-4)
     splits = _splits(80)
-    both = distillation.Teachers([model, graph_teacher])
+    both = distilled.Teachers([model, graph_teacher])
     assert both(x).shape == (2, 6, 4)
     assert both.accuracy(splits.x_test, splits.y_test) == accuracy(model, splits.x_test,
                                                                    splits.y_test)
@@ -221,15 +235,15 @@ def test_a_variants_served_graph_teaches_like_its_model() -> None:
 def test_int8_graph_has_qdq_nodes_and_agrees_with_fp32(trained: tuple[nn.Module, Splits]) -> None:
     model, splits = trained
     graph = export.to_onnx(model, (1, 28, 28))
-    q = quantization.quantize(graph, splits.x_train[:64], quantization.Int8Config())
+    q = int8.quantize(graph, splits.x_train[:64], int8.Int8Config())
     ops = Counter(n.op_type for n in q.graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     int8_inits = [t for t in q.graph.initializer if t.data_type == 3]  # INT8 weights
     assert int8_inits
     x = splits.x_test
-    fp32 = export.run(export.session(graph), x).argmax(1)
-    int8 = export.run(export.session(q), x).argmax(1)
-    assert (fp32 == int8).mean() >= 0.95
+    fp32 = export.run(session(graph), x).argmax(1)
+    quantized = export.run(session(q), x).argmax(1)
+    assert (fp32 == quantized).mean() >= 0.95
 
 
 # --- Huffman + kmeans-huffman codec ------------------------------------------------------------
@@ -299,7 +313,7 @@ def test_kmeans_1d_finds_well_separated_clusters() -> None:
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([-1.0, 0.2, 3.0])
     values = centres.repeat_interleave(50) + 0.01 * torch.randn(150, generator=g)
-    c, idx = clustering.kmeans_1d(values, 3)
+    c, idx = clustered.kmeans_1d(values, 3)
     torch.testing.assert_close(c, centres, atol=0.01, rtol=0)
     assert torch.equal(idx, torch.arange(3).repeat_interleave(50))
 
@@ -311,7 +325,7 @@ def test_shared_weights_gradient_is_the_sum_over_the_cluster() -> None:
         conv.weight[conv.weight.abs() < 0.05] = 0
     plain = copy.deepcopy(conv)
     mask = conv.weight != 0
-    codebooks = clustering.share_weights(conv, bits=2)
+    codebooks = clustered.share_weights(conv, bits=2)
     with torch.no_grad():
         plain.weight.copy_(conv.weight)  # the shared weights, as a plain tensor
     x = torch.rand(2, 3, 6, 6)
@@ -320,8 +334,8 @@ def test_shared_weights_gradient_is_the_sum_over_the_cluster() -> None:
     index = conv.parametrizations.weight[0].index
     expected = torch.zeros(len(codebooks[0])).index_add_(0, index[mask], plain.weight.grad[mask])
     torch.testing.assert_close(codebooks[0].grad, expected)
-    clustering.bake(conv)
-    assert clustering.distinct_values(conv) == [len(codebooks[0])] and len(codebooks[0]) <= 4
+    clustered.bake(conv)
+    assert clustered.distinct_values(conv) == [len(codebooks[0])] and len(codebooks[0]) <= 4
     assert torch.equal(conv.weight == 0, ~mask)
 
 
@@ -333,9 +347,9 @@ def test_fold_batchnorm_matches_and_clustered_graph_stores_shared_values(
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-4, rtol=1e-4)
-    clustering.share_weights(folded, bits=3)
-    clustering.bake(folded)
-    tensors = clustering.weight_tensors(folded, (1, 28, 28))  # exactly what ONNX serves
+    clustered.share_weights(folded, bits=3)
+    clustered.bake(folded)
+    tensors = clustered.weight_tensors(folded, (1, 28, 28))  # exactly what ONNX serves
     convs = [v for v in tensors.values() if v.size > 1]
     assert convs and all(len(np.unique(v[v != 0])) <= 8 for v in convs)
     blob = encoding.encode("kmeans-huffman", tensors)
@@ -378,12 +392,12 @@ def test_binary_codec_refuses_a_real_valued_tensor() -> None:
 # --- configs -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls, field, value", [
-    (pruning.PrunedWeightsConfig, "sparsity", 1.0),
-    (pruning.PrunedWeightsConfig, "rewind", "later"),
-    (channel_pruning.PrunedNeuronsConfig, "ratio", 0.0),
-    (distillation.DistilledConfig, "alpha", 1.5),
-    (quantization.Int8Config, "calibrate_method", "magic"),
-    (clustering.ClusteredConfig, "bits", 9),
+    (pruned_weights.PrunedWeightsConfig, "sparsity", 1.0),
+    (pruned_weights.PrunedWeightsConfig, "rewind", "later"),
+    (pruned_neurons.PrunedNeuronsConfig, "ratio", 0.0),
+    (distilled.DistilledConfig, "alpha", 1.5),
+    (int8.Int8Config, "calibrate_method", "magic"),
+    (clustered.ClusteredConfig, "bits", 9),
     (binary.BinaryConfig, "clip", 0.0),
 ])
 def test_configs_reject_bad_values_naming_them(cls: type, field: str, value: object) -> None:
@@ -486,7 +500,7 @@ def test_every_method_builds_verifies_and_loads(tmp_path: Path) -> None:
     assert codecs["clustered"] == {"kmeans-huffman"}
     x = splits.x_test[:8]
     for name, v in fam.variants.items():
-        logits = export.run(export.session(fam.graph(name)), x)
+        logits = export.run(session(fam.graph(name)), x)
         assert logits.shape == (8, 4), name
         assert v.size_bytes > 0 and v.latency_ms["1"]["p50"] > 0 and v.params_count > 0
     assert fam.variant("pruned-weights").details["sparsity"] == pytest.approx(0.8, abs=0.01)

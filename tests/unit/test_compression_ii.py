@@ -8,26 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compression import data as datasets
 from compression import registry
 from compression.core.errors import ConfigError
-from compression.core.family import BATCH_SIZES, load_family
-from compression.depthwise import conv_records
-from compression.early_exit import (
-    EarlyExitNet,
+from compression.core.exits import (
     StageChain,
     assign_exits,
     calibrate,
     confidence,
     exit_shares,
-    export_stages,
-    feature_shapes,
     policy_predictions,
     stage_io,
 )
-from compression.low_rank import (
+from compression.core.family import BATCH_SIZES, load_family
+from compression.methods.depthwise import conv_records
+from compression.methods.early_exit import EarlyExitNet, export_stages, feature_shapes, joint_loss
+from compression.methods.low_rank import (
     LowRankConfig,
     choose_rank,
     factorize,
@@ -187,13 +186,43 @@ def test_stage_graphs_chained_in_ort_match_torch_at_every_exit() -> None:
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = net.exit_logits(x)
-    got = StageChain(graphs).run(x.numpy())
+    got = StageChain.from_graphs(graphs).run(x.numpy())
     assert len(got) == 3
     for g, t in zip(got, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(g), t, atol=1e-4, rtol=1e-3)
     # stopping early runs only the stages up to that exit, with the same logits
-    torch.testing.assert_close(torch.from_numpy(StageChain(graphs).run(x.numpy(), upto=0)[0]),
+    torch.testing.assert_close(torch.from_numpy(StageChain.from_graphs(graphs).run(x.numpy(), upto=0)[0]),
                                expected[0], atol=1e-4, rtol=1e-3)
+
+
+def test_joint_loss_is_the_former_hand_written_kd_formula() -> None:
+    """joint_loss distils through `distilled.soft_target_loss`; it must equal the formula it
+    replaced, Σ wᵢ·CE + distill·T²·Σ_{i<last} KL(log_softmax(last/T) ‖ log_softmax(exit i/T)),
+    in value and in every gradient (the last exit detached as the teacher)."""
+    weights, distill, temp = (0.5, 1.0, 2.0), 0.7, 3.0
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+
+    def former(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        outs = model.exit_logits(x)
+        total = sum(w * F.cross_entropy(o, y) for w, o in zip(weights, outs, strict=True))
+        soft = F.log_softmax(outs[-1].detach() / temp, dim=1)
+        for o in outs[:-1]:
+            total = total + distill * temp**2 * F.kl_div(
+                F.log_softmax(o / temp, dim=1), soft, log_target=True, reduction="batchmean")
+        return total
+
+    losses, grads = [], []
+    for fn in (joint_loss(weights, distill, temp), former):
+        net = _tiny_exit_net().train()
+        loss = fn(net, x, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert len(grads[0]) == len(grads[1])
+    for g_new, g_old in zip(*grads, strict=True):
+        torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6)
 
 
 def _synthetic_exits(n: int = 600, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -323,10 +352,10 @@ def test_tiny_family_with_the_three_methods(tmp_path: Path) -> None:
     cfg = fam.manifest["build"]["config"]
     splits = datasets.split(datasets.load(cfg["data_spec"]), seed=cfg["seed"],
                             val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"])
-    val = StageChain(graphs).all_logits(splits.x_val)
+    val = StageChain.from_graphs(graphs).all_logits(splits.x_val)
     where = assign_exits(val, [e.threshold for e in ee.exits], ee.exits[0].criterion)
     np.testing.assert_allclose(exit_shares(where, 3), [e.exit_share for e in ee.exits], atol=1e-6)
     # and the variant's accuracy is the policy's on the test split
-    test = StageChain(graphs).all_logits(splits.x_test)
+    test = StageChain.from_graphs(graphs).all_logits(splits.x_test)
     where = assign_exits(test, [e.threshold for e in ee.exits], ee.exits[0].criterion)
     assert abs((policy_predictions(test, where) == splits.y_test).mean() - ee.accuracy) < 1e-6

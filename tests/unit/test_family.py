@@ -13,6 +13,7 @@ from compression import export
 from compression.core import encoding
 from compression.core.errors import FamilyError
 from compression.core.family import SCHEMA_VERSION, load_family
+from compression.core.ort import session
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_built_family_loads_and_serves(quick_family: Path) -> None:
     assert 0.0 < full.accuracy <= 1.0 and full.macs > 0 and full.params_count > 0
     assert set(full.latency_ms) == {"1", "8", "32"}
     assert full.size_bytes == sum(a.bytes for a in full.artifacts)
-    logits = export.run(export.session(fam.graph("full")), np.zeros((3, *fam.input_shape), np.float32))
+    logits = export.run(session(fam.graph("full")), np.zeros((3, *fam.input_shape), np.float32))
     assert logits.shape == (3, fam.num_classes)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from compression import export, profile
 from compression.core.errors import ConfigError
+from compression.core.ort import session
 from compression.models import DEFAULT_CNN, DEFAULT_MLP, build_model, example_input, validate
 
 
@@ -46,7 +47,7 @@ def test_onnx_equals_torch(spec: dict) -> None:
     graph = export.to_onnx(model, spec["input"])
     for batch in (1, 5):  # the batch axis is dynamic
         x = example_input(spec, batch)
-        got = torch.from_numpy(export.run(export.session(graph), x.numpy()))
+        got = torch.from_numpy(export.run(session(graph), x.numpy()))
         torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-3)
 
 

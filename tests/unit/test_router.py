@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from compression.core.family import Exit, Variant
 from server.errors import BudgetExceeded, NotFound
 from server.latency import LatencyModel, Load, QueueState
-from server.router import Router, candidates_for, confident, unit_name
+from server.router import Router, candidates_for
+from server.warmup import seed_from_manifest
 
 
 class FakeClock:
@@ -43,15 +43,7 @@ IDLE = Load(cores=4)
 def _router(variants: list[Variant], clock: FakeClock, **kw: object) -> Router:
     lat = LatencyModel()
     for v in variants:
-        if v.exits:
-            prev: dict[str, dict[str, float]] | None = None
-            for e in v.exits:  # stage increments from cumulative exit latencies
-                inc = {b: {k: e.latency_ms[b][k] - (prev[b][k] if prev else 0.0) for k in ("p50", "p95")}
-                       for b in e.latency_ms}
-                lat.seed(unit_name(v.name, e.index), inc)
-                prev = e.latency_ms
-        else:
-            lat.seed(unit_name(v.name), v.latency_ms)
+        seed_from_manifest(lat, v)
     return Router(candidates_for(variants), lat, clock=clock, **kw)  # type: ignore[arg-type]
 
 
@@ -150,12 +142,3 @@ def test_next_stage_only_when_the_remaining_budget_allows(clock: FakeClock) -> N
     clock.now += 0.004  # 1 ms left; stage 1 alone needs ~1.65 ms at p95
     assert not r.next_stage_fits("early-exit", 1, deadline=deadline, batch=1, load_factor=1.0)
     assert r.next_stage_fits("early-exit", 1, deadline=None, batch=1, load_factor=1.0)
-
-
-def test_confident_sample_exits_earlier() -> None:
-    logits = np.array([[8.0, 0.0, 0.0], [0.3, 0.2, 0.1]], np.float32)  # sure, unsure
-    assert confident(logits, 0.9).tolist() == [True, False]
-    assert confident(logits, 0.2, "entropy").tolist() == [True, False]
-    assert confident(logits, 0.0).all()  # the last exit's threshold 0 always leaves
-    with pytest.raises(ValueError, match="'margin'"):
-        confident(logits, 0.5, "margin")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compression import export, profile, report
+from compression.core.ort import session
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.train import train
 
@@ -188,7 +189,7 @@ def apply(ctx: BuildContext, base: Built, config: LowRankConfig) -> MethodOutput
 
 
 def _onnx_accuracy(ctx: BuildContext, model: nn.Module) -> float:
-    logits = export.run(export.session(export.to_onnx(model, ctx.input_shape)), ctx.splits.x_test)
+    logits = export.run(session(export.to_onnx(model, ctx.input_shape)), ctx.splits.x_test)
     return float((logits.argmax(1) == ctx.splits.y_test).mean())
 
 

@@ -10,49 +10,61 @@ Two trainings, both reported: heads alone on the frozen base backbone, and joint
 weighted sum of every exit's cross-entropy, early exits also distilling from the last) that starts
 from the base weights and the frozen run's heads. ``serve`` picks which one ships.
 
-Served form: one ONNX graph per stage (`StageSegment`). Stage 0 takes ``input`` (FP32 pixels in
-[0, 1], [N, C, H, W]); stage i > 0 takes ``features_in``, which is stage i-1's ``features`` output
-(ONNX forbids a graph input and output of the same name). Every stage but the last outputs
-``features`` (for the next stage) and ``logits`` ([N, classes], its exit); the last stage outputs
-``logits`` only. The server runs stages in order and stops at exit i when the exit's
-confidence (`confidence`) passes its threshold.
+Served form: one ONNX graph per stage (`StageSegment`), named by `compression.core.exits.stage_io`:
+stage 0 takes ``input`` (FP32 pixels in [0, 1], [N, C, H, W]), stage i > 0 takes ``features_in``
+(stage i-1's ``features``); every stage outputs its exit's ``logits``, all but the last also
+``features``. The server runs stages in order and stops at exit i when the exit's confidence
+passes its threshold. Those rules — stage I/O, confidence, calibration, the walk down the chain
+— are torch-free code in `compression.core.exits`, which this module and the server both call:
+the policy measured here is the policy served.
 
-Thresholds are calibrated on the validation split, exit by exit in order, on the samples still
-running: exit i lets go its most confident samples as long as, on exactly those samples, it is at
-least as accurate as the target (by default: the last exit's accuracy on the same samples, minus
-``target_drop``) — so the policy loses at most ``target_drop`` against running the full depth.
+Thresholds are calibrated (`calibrate`) on the validation split, exit by exit in order, on the
+samples still running: exit i lets go its most confident samples as long as, on exactly those
+samples, it is at least as accurate as the target (by default: the last exit's accuracy on the
+same samples, minus ``target_drop``) — so the policy loses at most ``target_drop`` against
+running the full depth.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compression import export, profile, report
+from compression.core import ort as core_ort
 from compression.core.errors import ConfigError
+from compression.core.exits import (
+    CRITERIA,
+    StageChain,
+    assign_exits,
+    calibrate,
+    exit_shares,
+    last_threshold,
+    policy_predictions,
+    stage_io,
+    walk,
+)
 from compression.core.family import BATCH_SIZES, Exit, LatencyTable
+from compression.methods.distilled import soft_target_loss
 from compression.models import StagedCNN
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.train import LossFn, train
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 log = logging.getLogger(__name__)
 
-CRITERIA = ("max_prob", "entropy")
-FEATURES = "features"  # output of every stage but the last
-# Input of stages i > 0: an ONNX graph cannot take and return a value of the same name.
-FEATURES_IN = "features_in"
 # Common thresholds for the accuracy/latency curve (applied to every early exit alike).
 CURVE = {"max_prob": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999),
          "entropy": (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001)}
@@ -186,13 +198,6 @@ class StageSegment(nn.Module):
         return logits if self.last else (features, logits)
 
 
-def stage_io(index: int, num_stages: int) -> tuple[str, tuple[str, ...]]:
-    """(input name, output names) of stage ``index``: the contract the server relies on."""
-    inp = export.INPUT_NAME if index == 0 else FEATURES_IN
-    outs = (export.OUTPUT_NAME,) if index == num_stages - 1 else (FEATURES, export.OUTPUT_NAME)
-    return inp, outs
-
-
 def feature_shapes(base: StagedCNN, input_shape: Sequence[int]) -> list[list[int]]:
     """[C, H, W] after each stage, from a dry run."""
     shapes = []
@@ -217,37 +222,7 @@ def export_stages(net: EarlyExitNet, input_shape: Sequence[int]) -> list[onnx.Mo
     return graphs
 
 
-# --- running the chain ------------------------------------------------------------------------
-
-class StageChain:
-    """ORT sessions of the stage graphs, run one after another as the server does."""
-
-    def __init__(self, graphs: Sequence[onnx.ModelProto | bytes], threads: int = 1) -> None:
-        self.sessions: list[ort.InferenceSession] = [export.session(g, threads=threads)
-                                                     for g in graphs]
-
-    def __len__(self) -> int:
-        return len(self.sessions)
-
-    def run(self, x: np.ndarray, upto: int | None = None) -> list[np.ndarray]:
-        """Logits of exits 0..upto (default: all) for one batch."""
-        last = len(self.sessions) - 1 if upto is None else upto
-        out = []
-        feed = x
-        for sess in self.sessions[:last + 1]:
-            res = sess.run(None, {sess.get_inputs()[0].name: feed})
-            if len(res) == 2:
-                feed, logits = res
-            else:
-                logits = res[0]
-            out.append(logits)
-        return out
-
-    def all_logits(self, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
-        """Every exit's logits over a whole array, batched."""
-        parts = [self.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-        return [np.concatenate([p[e] for p in parts]) for e in range(len(self.sessions))]
-
+# --- the served chain against torch ---------------------------------------------------------
 
 def check_against_torch(net: EarlyExitNet, graphs: Sequence[onnx.ModelProto],
                         input_shape: Sequence[int], *, batch: int = 8) -> None:
@@ -255,121 +230,29 @@ def check_against_torch(net: EarlyExitNet, graphs: Sequence[onnx.ModelProto],
     x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = net.eval().exit_logits(x)
-    got = StageChain(graphs).run(x.numpy())
+    got = StageChain.from_graphs(graphs).run(x.numpy())
     for e, (g, t) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(torch.from_numpy(g), t, atol=1e-4, rtol=1e-3,
                                    msg=lambda m, e=e: f"exit {e}: {m}")
 
 
-# --- confidence and calibration ---------------------------------------------------------------
-
-def confidence(logits: np.ndarray, criterion: str) -> np.ndarray:
-    """Per row: max softmax probability, or the softmax entropy (nats) for ``entropy``.
-
-    Computed in float64 so a server recomputing it gets the same side of each threshold.
-    """
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    if criterion == "max_prob":
-        return p.max(axis=1)
-    return -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
-
-
-def leaves(conf: np.ndarray, threshold: float, criterion: str) -> np.ndarray:
-    """Whether each sample leaves at an exit: prob ≥ threshold, or entropy ≤ threshold."""
-    return conf >= threshold if criterion == "max_prob" else conf <= threshold
-
-
-def never_threshold(criterion: str) -> float:
-    """A threshold no sample passes (an exit the calibration shuts)."""
-    return 1.5 if criterion == "max_prob" else -1.0
-
-
-def last_threshold(criterion: str, num_classes: int) -> float:
-    """The last exit's threshold: every sample passes (max_prob 0; entropy ≥ ln(classes))."""
-    return 0.0 if criterion == "max_prob" else math.log(num_classes) + 1e-6
-
-
-def assign_exits(exit_logits: Sequence[np.ndarray], thresholds: Sequence[float],
-                 criterion: str) -> np.ndarray:
-    """For each sample, the first exit whose confidence passes its threshold (the last always)."""
-    n = len(exit_logits[0])
-    where = np.full(n, len(exit_logits) - 1)
-    running = np.ones(n, dtype=bool)
-    for e, (lg, t) in enumerate(zip(exit_logits[:-1], thresholds[:-1], strict=True)):
-        go = running & leaves(confidence(lg, criterion), t, criterion)
-        where[go] = e
-        running &= ~go
-    return where
-
-
-def policy_predictions(exit_logits: Sequence[np.ndarray], where: np.ndarray) -> np.ndarray:
-    stacked = np.stack([lg.argmax(1) for lg in exit_logits])  # [exits, N]
-    return stacked[where, np.arange(len(where))]
-
-
-def calibrate(exit_logits: Sequence[np.ndarray], y: np.ndarray, criterion: str, *,
-              target_accuracy: float = 0.0, target_drop: float = 0.0) -> list[float]:
-    """Per-exit thresholds on a calibration split; see the module docstring for the rule.
-
-    Exit by exit on the samples still running: sort them by confidence, and take the longest
-    most-confident prefix (cut only between distinct confidences) whose accuracy meets the target.
-    The threshold sits halfway between the last sample taken and the first one left, so a
-    recomputation that differs in the last bits does not move a sample across it.
-    """
-    n_exits = len(exit_logits)
-    num_classes = exit_logits[0].shape[1]
-    final_correct = exit_logits[-1].argmax(1) == y
-    running = np.ones(len(y), dtype=bool)
-    thresholds: list[float] = []
-    for lg in exit_logits[:-1]:
-        idx = np.flatnonzero(running)
-        score = confidence(lg[idx], criterion)
-        if criterion == "entropy":
-            score = -score  # higher = more confident, for both criteria below
-        order = np.argsort(-score, kind="stable")
-        s = score[order]
-        correct = (lg[idx].argmax(1) == y[idx])[order]
-        count = np.arange(1, len(s) + 1)
-        if target_accuracy > 0:
-            ok = np.cumsum(correct) >= target_accuracy * count
-        else:  # no worse than the last exit on the same samples, up to target_drop
-            ok = np.cumsum(correct) >= np.cumsum(final_correct[idx][order]) - target_drop * count
-        boundary = np.append(s[:-1] > s[1:], True)  # a cut after j separates distinct scores
-        good = np.flatnonzero(ok & boundary)
-        if len(good) == 0:
-            thresholds.append(never_threshold(criterion))
-            continue
-        j = int(good[-1])
-        cut = (s[j] + s[j + 1]) / 2 if j + 1 < len(s) else s[j] - 1e-9
-        threshold = float(cut if criterion == "max_prob" else -cut)
-        thresholds.append(threshold)
-        running[idx[leaves(confidence(lg[idx], criterion), threshold, criterion)]] = False
-    thresholds.append(last_threshold(criterion, num_classes))
-    assert len(thresholds) == n_exits
-    return thresholds
-
-
-def exit_shares(where: np.ndarray, n_exits: int) -> list[float]:
-    return [float(np.mean(where == e)) for e in range(n_exits)]
-
-
 # --- training ---------------------------------------------------------------------------------
 
 def joint_loss(weights: Sequence[float], distill: float, temperature: float) -> LossFn:
-    """Σ wᵢ·CE(exit i) + distill·T²·Σ_{i<last} KL(last_T ‖ exit i_T), the last exit detached."""
+    """Σ wᵢ·CE(exit i) + distill·Σ_{i<last} T²·KL(last_T ‖ exit i_T), the last exit detached.
+
+    The KD term is `distilled.soft_target_loss` (the soft half of `distilled.kd_loss`), not
+    `kd_loss` itself: here the hard-label weight of exit i is its own wᵢ, not 1 − distill, so
+    the two halves are weighted separately.
+    """
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         outs = model.exit_logits(x)  # type: ignore[operator]
         total = sum(w * F.cross_entropy(o, y) for w, o in zip(weights, outs, strict=True))
         if distill > 0:
-            soft = F.log_softmax(outs[-1].detach() / temperature, dim=1)
+            teacher = outs[-1].detach()  # the last exit teaches; it learns from its labels only
             for o in outs[:-1]:
-                total = total + distill * temperature**2 * F.kl_div(
-                    F.log_softmax(o / temperature, dim=1), soft, log_target=True,
-                    reduction="batchmean")
+                total = total + distill * soft_target_loss(o, teacher, temperature=temperature)
         return total  # type: ignore[return-value]
 
     return loss
@@ -422,7 +305,7 @@ def cumulative_latency(chain: StageChain, input_shape: Sequence[int],
     for b in batch_sizes:
         x = rng.random((b, *input_shape), dtype=np.float32)
         for e in range(len(chain)):
-            tables[e][str(b)] = profile.time_fn(lambda x=x, e=e: chain.run(x, upto=e))
+            tables[e][str(b)] = core_ort.time_ms(lambda x=x, e=e: chain.run(x, upto=e))
     return tables
 
 
@@ -431,9 +314,10 @@ def measured_policy_latency(chain: StageChain, full: ort.InferenceSession, x: np
                             passes: int = 3) -> dict[str, float]:
     """Mean per-request latency (batch 1) of the exit policy and of ``full`` over ``x``.
 
-    The two are timed back to back sample by sample, and each sample's time is its fastest of
-    ``passes`` runs, so that bursts of load from other processes on a shared host inflate neither
-    side (the mean over samples still weighs every exit by how often it is taken).
+    The policy runs as the server runs it, `compression.core.exits.walk` on one request at a
+    time. The two are timed back to back sample by sample, and each sample's time is its fastest
+    of ``passes`` runs, so that bursts of load from other processes on a shared host inflate
+    neither side (the mean over samples still weighs every exit by how often it is taken).
     """
     full_name = full.get_inputs()[0].name
     t_policy = np.full(len(x), np.inf)
@@ -445,13 +329,7 @@ def measured_policy_latency(chain: StageChain, full: ort.InferenceSession, x: np
             full.run(None, {full_name: xi})
             t_full[i] = min(t_full[i], time.perf_counter() - t0)
             t0 = time.perf_counter()
-            feed = xi
-            for e, sess in enumerate(chain.sessions):
-                res = sess.run(None, {sess.get_inputs()[0].name: feed})
-                if e == len(chain) - 1 or leaves(confidence(res[-1], criterion), thresholds[e],
-                                                 criterion)[0]:
-                    break
-                feed = res[0]
+            walk(chain, xi, thresholds, criterion)
             t_policy[i] = min(t_policy[i], time.perf_counter() - t0)
     mean_policy, mean_full = 1e3 * float(t_policy.mean()), 1e3 * float(t_full.mean())
     return {"policy_mean_ms": round(mean_policy, 4), "full_mean_ms": round(mean_full, 4),
@@ -484,7 +362,7 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
 
     graphs = export_stages(net, shape)
     check_against_torch(net, graphs, shape)
-    chain = StageChain(graphs)
+    chain = StageChain.from_graphs(graphs)
     val, test = chain.all_logits(splits.x_val), chain.all_logits(splits.x_test)
     thresholds = calibrate(val, splits.y_val, config.criterion,
                            target_accuracy=config.target_accuracy, target_drop=config.target_drop)
@@ -496,7 +374,7 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
 
     latencies = cumulative_latency(chain, shape)
     full = ctx.built.get("full", base)
-    measured = measured_policy_latency(chain, export.session(full.graph), splits.x_test,
+    measured = measured_policy_latency(chain, core_ort.session(full.graph), splits.x_test,
                                        thresholds, config.criterion)
     expected = sum(s * lat["1"]["p50"] for s, lat in zip(test_shares, latencies, strict=True))
     full_p50 = profile.onnx_latency(full.graph, shape, batch_sizes=(1,))["1"]["p50"]
@@ -520,15 +398,8 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
                     "macs": macs[i], "macs_cumulative": sum(macs[:i + 1]),
                     "params": profile.count_params(StageSegment(net, i))}
                    for i in range(n_exits)],
-        "io_contract": (
-            "Run stage_0 on 'input' (FP32 [N,C,H,W], pixels in [0,1]); stage i>0 takes "
-            "'features_in' = the previous stage's 'features' output. Every stage but the last outputs "
-            "['features', 'logits']; the last outputs ['logits'] only. After stage i compute the "
-            "exit's confidence from its 'logits' (float64 softmax: max probability, or entropy in "
-            "nats) and answer from exit i when max_prob ≥ threshold (entropy ≤ threshold); the "
-            "last exit always answers. A threshold no confidence can pass (> 1 for max_prob, < 0 "
-            "for entropy) marks an exit the calibration shut. Stage i's graph is the variant's "
-            "artifact with role 'stage' and stage = i."),
+        # The contract is code, not prose: the module both the build and the server run.
+        "io_contract": "compression.core.exits",
         "served_training": "joint" if net is joint else "frozen",
         "policy": {
             "criterion": config.criterion, "thresholds": thresholds,

@@ -2,7 +2,9 @@
 
     loss = α · KL(softmax(z_t / T) ‖ softmax(z_s / T)) · T²  +  (1 − α) · CE(z_s, labels)
 
-The T² keeps the soft term's gradients on the scale of the hard term's as T changes. The teacher
+The T² keeps the soft term's gradients on the scale of the hard term's as T changes. The formula
+is `kd_loss` (its soft term `soft_target_loss`), and `kd_training_loss` makes a training loss of
+it against a fixed teacher; `depthwise` and `early_exit` distil with them too. The teacher
 is the ``base`` variant, or an ensemble whose softened probabilities are averaged: the base plus
 ``teachers`` (earlier variants of this build, run from their served ONNX graphs, so any variant
 can teach, int8 included) plus ``ensemble − 1`` members of the base's architecture trained here
@@ -31,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import export, profile
+from compression import profile
 from compression.core.errors import ConfigError
+from compression.core.ort import session
 from compression.models import Spec, build_model, validate
 from compression.registry import BuildContext, Built, MethodOutput, register
 from compression.report import markdown_table
-from compression.train import accuracy, seed_everything, train
+from compression.train import LossFn, accuracy, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +91,61 @@ def student_spec(base_spec: Spec, student: dict[str, Any]) -> Spec:
     return validate({"kind": "cnn", **student, **inherited})
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            *, temperature: float, alpha: float) -> torch.Tensor:
-    """The distillation loss for student logits [N, C] against teacher logits [N, C], or
-    [K, N, C] for an ensemble of K (their softened probabilities are averaged)."""
+Teacher = Callable[[torch.Tensor], torch.Tensor]  # images [N, C, H, W] → logits [N, classes]
+
+
+# --- the distillation loss: the formula, and the training loss built on it ----------------------
+# Other methods distil too (`depthwise` from its base, `early_exit`'s early exits from its last
+# one), so the formula lives here once.
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                     temperature: float) -> torch.Tensor:
+    """The soft term alone: T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)), averaged over the batch.
+
+    Student logits [N, C]; teacher logits [N, C], or [K, N, C] for an ensemble of K whose
+    softened probabilities are averaged. The T² keeps the soft term's gradients on the scale of
+    a hard-label term's whatever T is (Hinton et al. 2015, §2). The teacher gets no gradient
+    from here only if the caller detaches it (or computes it under ``torch.no_grad``).
+    """
     t = temperature
     soft = F.softmax(teacher_logits / t, dim=-1)
     if soft.ndim == 3:
         soft = soft.mean(dim=0)
     # KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s), averaged over the batch
     kl = F.kl_div(F.log_softmax(student_logits / t, dim=-1), soft, reduction="batchmean")
-    return alpha * kl * t * t + (1 - alpha) * F.cross_entropy(student_logits, labels)
+    return kl * t * t
 
 
-Teacher = Callable[[torch.Tensor], torch.Tensor]  # images [N, C, H, W] → logits [N, classes]
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            *, temperature: float, alpha: float) -> torch.Tensor:
+    """The distillation loss (the module docstring's formula) of student logits [N, C] against
+    teacher logits [N, C] or [K, N, C] (an ensemble): α · `soft_target_loss` + (1 − α) · CE."""
+    return (alpha * soft_target_loss(student_logits, teacher_logits, temperature=temperature)
+            + (1 - alpha) * F.cross_entropy(student_logits, labels))
+
+
+def kd_training_loss(teacher: Teacher, *, temperature: float, alpha: float) -> LossFn:
+    """`kd_loss` against a fixed teacher, as a training loss for `compression.train.train`.
+
+    The teacher (a torch model, put in eval mode, or any `Teacher` such as `Teachers`) sees the
+    very batch the student sees, augmentation included, and runs without gradients.
+    """
+    if isinstance(teacher, nn.Module):
+        teacher = teacher.eval()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return kd_loss(model(x), teacher_logits, y, temperature=temperature, alpha=alpha)
+
+    return loss
 
 
 class GraphTeacher:
     """A variant's served ONNX graph as a teacher (ONNX Runtime, as many threads as torch)."""
 
     def __init__(self, graph: onnx.ModelProto) -> None:
-        self._session = export.session(graph, threads=torch.get_num_threads())
+        self._session = session(graph, threads=torch.get_num_threads())
         self._input = self._session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +189,7 @@ def _train_student(ctx: BuildContext, spec: Spec, teachers: Teachers | None,
         train(student, ctx.splits, cfg, seed=ctx.seed, desc=desc, progress=ctx.progress)
         return student
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return kd_loss(model(x), teachers(x), y, temperature=temperature, alpha=config.alpha)
-
+    loss_fn = kd_training_loss(teachers, temperature=temperature, alpha=config.alpha)
     train(student, ctx.splits, cfg, seed=ctx.seed, loss_fn=loss_fn, desc=desc,
           progress=ctx.progress)
     return student

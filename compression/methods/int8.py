@@ -30,6 +30,7 @@ from onnxruntime.quantization import (
 )
 
 from compression import export, profile
+from compression.core.ort import INPUT_NAME, session
 from compression.registry import BuildContext, Built, MethodOutput, register
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Int8Config:
 class ImageReader(CalibrationDataReader):
     """Feeds calibration images to ORT's calibrator, one batch per `get_next` call."""
 
-    def __init__(self, images: np.ndarray, batch: int, input_name: str = export.INPUT_NAME):
+    def __init__(self, images: np.ndarray, batch: int, input_name: str = INPUT_NAME):
         self._batches: Iterator[np.ndarray] = iter(
             [images[i:i + batch] for i in range(0, len(images), batch)])
         self._name = input_name
@@ -110,8 +111,8 @@ def apply(ctx: BuildContext, base: Built, config: Int8Config) -> MethodOutput:
         macs = 0
         log.warning("int8 of %r: the base has no torch model, MACs are not counted", base.name)
     # agreement with the base on the calibration images: a cheap check that nothing broke
-    fp32 = export.run(export.session(base.graph), images).argmax(1)
-    int8 = export.run(export.session(q), images).argmax(1)
+    fp32 = export.run(session(base.graph), images).argmax(1)
+    int8 = export.run(session(q), images).argmax(1)
     agree = float((fp32 == int8).mean())
     report = (
         f"Static int8 (QDQ) of `{base.name}` with ONNX Runtime: {config.calibration_images} "

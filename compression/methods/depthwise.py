@@ -6,7 +6,8 @@ followed by a 1×1 pointwise conv (I·O weights), BN-ReLU after each. Per layer 
 by (k²·I + I·O) / (k²·I·O) = 1/O + 1/k², and so do the MACs. The first conv has one input
 channel, so it has nothing to separate and stays standard. The architecture is the base spec with
 ``conv = "depthwise"``, so the variant stays expressible as a spec; the new weights start from
-PyTorch's init and learn from the base model's soft targets (Hinton et al. 2015).
+PyTorch's init and learn from the base model's soft targets (Hinton et al. 2015), with the
+distillation loss of `compression.methods.distilled` (`kd_training_loss`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from compression import distillation, export, profile, report
+from compression import export, profile, report
+from compression.methods.distilled import kd_training_loss
 from compression.models import StagedCNN, build_model
 from compression.registry import BuildContext, Built, MethodOutput, register
-from compression.train import LossFn, train
+from compression.train import train
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,6 @@ class DepthwiseConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
-
-
-def kd_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
-    """`distillation.kd_loss` against a fixed teacher, as a training loss: the T² keeps
-    soft-target gradients on the scale of the hard-label ones whatever T is (Hinton 2015, §2)."""
-    teacher = teacher.eval()
-
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        return distillation.kd_loss(model(x), teacher_logits, y, temperature=temperature,
-                                    alpha=alpha)
-
-    return loss
 
 
 def conv_records(before: StagedCNN, after: StagedCNN) -> list[dict[str, Any]]:
@@ -106,9 +93,9 @@ def apply(ctx: BuildContext, base: Built, config: DepthwiseConfig) -> MethodOutp
             "stages": [{k: v for k, v in st.items() if k != "conv"} for st in base.spec["stages"]]}
     model = build_model(spec)
     records = conv_records(base.model, model)  # type: ignore[arg-type]
+    loss_fn = kd_training_loss(base.model, temperature=config.temperature, alpha=config.alpha)
     result = train(model, ctx.splits, ctx.train.scaled(epochs=config.epochs, lr=config.lr),
-                   seed=ctx.seed, loss_fn=kd_loss(base.model, config.temperature, config.alpha),
-                   desc="depthwise distill", progress=ctx.progress)
+                   seed=ctx.seed, loss_fn=loss_fn, desc="depthwise distill", progress=ctx.progress)
     log.info("depthwise: trained %d epochs, best val accuracy %.4f", result.epochs_run,
              result.best_val_accuracy)
     details = {"layers": records, "epochs_run": result.epochs_run,

@@ -1,0 +1,28 @@
+"""The serving knobs of one server process (the flags of `adaptive-inference serve` that shape
+routing, batching and failure handling). Pure data, imported by every room of `server/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ON_MISS = ("best-effort", "reject")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Routing, batching and fault-handling settings; see `adaptive-inference serve --help`."""
+
+    max_batch: int = 32
+    max_queue_delay_ms: float = 0.0
+    max_queue: int = 1024
+    on_miss: str = "best-effort"
+    intra_op_threads: int = 1  # ORT threads per batch; the latency model counts them as load
+    deadline_margin_ms: float = 0.5
+    inline_below_ms: float = 0.0  # > 0: tiny batches on an idle variant skip the thread pool
+    batch_timeout_ms: float = 1000.0  # a batch fails after max(this, 10 × its predicted p95)
+    quarantine_s: float = 2.0  # first re-probe of a failed variant; doubles per failed probe
+    quarantine_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.on_miss not in ON_MISS:
+            raise ValueError(f"on_miss must be one of {ON_MISS}, got {self.on_miss!r}")

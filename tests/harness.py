@@ -1,0 +1,64 @@
+"""A real server in a background thread of the test process: `serve_in_thread`.
+
+The server is the product's own (`server.app.create_server` on 127.0.0.1, any free port), with its
+event loop in a daemon thread, so a test talks to it through the real client library over real
+gRPC and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compression.core.family import Family
+from server.app import AdaptiveServer, ServeOptions, create_server
+
+
+@dataclass
+class RunningServer:
+    server: AdaptiveServer
+    port: int
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def call(self, coro: Any, timeout: float | None = 30) -> Any:
+        """Run a coroutine on the server's loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def serve_in_thread(family: str | Path | Family, *, options: ServeOptions = ServeOptions(),
+                    metrics: bool = True, wait_ready: bool = True, ready_timeout: float = 120,
+                    startup_gate: asyncio.Event | None = None) -> Iterator[RunningServer]:
+    """A server on 127.0.0.1, any free ports, its event loop in a daemon thread; stopped on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
+    thread.start()
+    running: RunningServer | None = None
+    try:
+        srv, port = asyncio.run_coroutine_threadsafe(create_server(
+            family, "127.0.0.1:0", options=options,
+            metrics_address="127.0.0.1:0" if metrics else None,
+            startup_gate=startup_gate), loop).result(60)
+        running = RunningServer(srv, port, loop)
+        if wait_ready:
+            running.call(srv.wait_ready(ready_timeout), timeout=ready_timeout + 5)
+        yield running
+    finally:
+        if running is not None:
+            running.call(running.server.stop(0.5))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
