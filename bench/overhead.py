@@ -3,7 +3,8 @@ Runtime time, beside a bare gRPC echo with the same payloads, measured in the sa
 
 Both servers run as their own processes (`adaptive-inference serve`, bench/echo_server.py); one
 client sends sequential requests, alternating between them in blocks so both see the same machine
-load. Target: overhead ≤ 1.5 × echo p50.
+load. Target: overhead ≤ 1.5 × echo p50. (The timing loop is its own, not `client.loadgen`'s: it
+alternates raw stubs, one of them not KServe, and times nothing but the call.)
 
     .venv/bin/python bench/overhead.py [--family DIR] [--requests 3000] [--json FILE]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from client.client import build_request
 from client.process import SERVING, ServerProcess
+from client.results import host_info
 from compression.core.family import load_family
 from protos.generated import grpc_service_pb2_grpc
 
@@ -112,15 +113,16 @@ def main() -> None:
         echo[0].wait(timeout=30)
     ort_ms = ort_p50_ms(family_dir, fastest, x, args.requests)
     echo_p50 = float(np.percentile(times["echo"], 50) * 1e3)
+    host = host_info()
     print(f"family {fam.name!r}, fastest variant {fastest!r}, batch 1, "
-          f"{args.requests} sequential requests per server, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+          f"{args.requests} sequential requests per server, {host['cpus']} cores, "
+          f"load average {host['load_average'][0]:.1f} at the end")
     print(f"  in-process ORT p50            {ort_ms:8.3f} ms")
     print(f"  bare gRPC echo p50            {echo_p50:8.3f} ms  (p99 "
           f"{np.percentile(times['echo'], 99) * 1e3:.3f} ms)")
     figures: dict[str, object] = {
         "family": fam.name, "variant": fastest, "requests": args.requests,
-        "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
+        "cores": host["cpus"], "load_average": host["load_average"][0],
         "ort_p50_ms": round(ort_ms, 4), "echo_p50_ms": round(echo_p50, 4),
         "echo_p99_ms": round(float(np.percentile(times["echo"], 99) * 1e3), 4)}
     for k, label in (("pool", "server, thread pool (default)"),

@@ -17,6 +17,9 @@ at offered loads from 0.5x to 4x the `full` variant's capacity on this host.
    the servers' queues are empty.
 4. ``summary.json`` with every run's figures, the calibration and the host.
 
+The calibration's load is `client.loadgen` (sequential, closed loop); each point's is the
+`bench` command's open loop.
+
     .venv/bin/python bench/policies.py [--family families/mnist5k] [--loads 0.5,1,2,4]
         [--seconds 8] [--out results/bench/policies]
 """
@@ -29,7 +32,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -40,15 +42,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.bench import load_test_data
-from client.client import AdaptiveClient, build_request
+from client.client import AdaptiveClient
+from client.loadgen import closed_loop, load_test_data, sequential_ms
 from client.process import METRICS, ServerProcess
+from client.results import host_info, host_span
 from compression.core.family import load_family
-from protos.generated import grpc_service_pb2_grpc
 
 log = logging.getLogger("bench.policies")
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,37 +64,6 @@ def choose_images(client: AdaptiveClient, min_compute_ms: float) -> int:
         if full.predicted_p50_ms >= min_compute_ms:
             return b
     return IMAGE_CHOICES[-1]
-
-
-def idle_round_trips(client: AdaptiveClient, x: np.ndarray, variant: str, n: int) -> np.ndarray:
-    """Sequential requests pinned to ``variant``, one in flight: round trips (ms)."""
-    for _ in range(10):  # warm the connection and the variant
-        client.infer(x, variant=variant)
-    out = []
-    for _ in range(n):
-        out.append(client.infer(x, variant=variant).latency_ms)
-    return np.asarray(out)
-
-
-async def closed_loop_rps(target: str, model: str, x: np.ndarray, variant: str,
-                          concurrency: int, seconds: float) -> float:
-    """Throughput of ``variant`` with ``concurrency`` requests always in flight (saturation)."""
-    done = 0
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        request = build_request(model, x, variant=variant)
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                await stub.ModelInfer(request, timeout=30)
-                done += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    return done / elapsed
 
 
 def server_busy(metrics_url: str) -> float:
@@ -176,7 +146,7 @@ def main() -> None:
     extra = [] if args.loose_deadline else ["--deadline-is-budget"]
     data = load_test_data(None, family_dir)
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    load_avg_start = os.getloadavg()
+    load_avg_start = host_info()["load_average"]
     t_start = time.perf_counter()
 
     tuned = shlex.split(args.serve_args)
@@ -192,14 +162,18 @@ def main() -> None:
             fastest = min(table, key=lambda v: v.predicted_p95_ms).name
             # Three blocks, the median block's p99: one burst of a neighbour's CPU use must not
             # set the budgets for the whole run.
-            blocks = [idle_round_trips(client, x, "full", 100) for _ in range(3)]
-            idle_fastest = idle_round_trips(client, x, fastest, 100)
+            blocks = [sequential_ms(client, x, 100, variant="full", warmup=10) for _ in range(3)]
+            idle_fastest = sequential_ms(client, x, 100, variant=fastest, warmup=10)
         idle = np.concatenate(blocks)
         p50, p95 = (float(np.percentile(idle, q)) for q in (50, 95))
         p99 = float(np.median([np.percentile(b, 99) for b in blocks]))
         lo, hi = p99, args.budget_range * p99
         budget = f"uniform:{lo:.3f}:{hi:.3f}"
-        capacity = asyncio.run(closed_loop_rps(target, fam.name, x, "full", 8, 5.0))
+        saturated = asyncio.run(closed_loop(target, fam.name, x, variant="full", concurrency=8,
+                                            seconds=5.0, timeout_s=30.0))
+        if saturated.errors:
+            log.warning("capacity run: errors %s", saturated.errors)
+        capacity = saturated.rps
         log.info("%d images/request; full idle round trip p50 %.2f / p95 %.2f / p99 %.2f ms; "
                  "capacity %.1f req/s; budgets %s ms; fastest %s (idle p50 %.2f ms)", images,
                  p50, p95, p99, capacity, budget, fastest, float(np.median(idle_fastest)))
@@ -236,11 +210,7 @@ def main() -> None:
     summary = {
         "started": started, "seconds_total": round(time.perf_counter() - t_start, 1),
         "family": fam.name, "family_dir": os.path.relpath(family_dir, ROOT),
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                 "system": f"{platform.system()} {platform.release()}",
-                 "python": platform.python_version(),
-                 "load_average_start": [round(v, 2) for v in load_avg_start],
-                 "load_average_end": [round(v, 2) for v in os.getloadavg()]},
+        "host": host_span(load_avg_start),
         "calibration": {"images_per_request": images, "full_idle_ms": {
             "p50": round(p50, 3), "p95": round(p95, 3), "p99": round(p99, 3)},
             "fastest": fastest, "fastest_idle_p50_ms": round(float(np.median(idle_fastest)), 3),

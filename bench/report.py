@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from client import bench_plots
-from client.bench import read_records
+from client.results import read_records
 from compression.core.family import Variant, load_family
 from compression.report import markdown_table
 

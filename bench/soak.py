@@ -4,15 +4,17 @@ Measures, against one `adaptive-inference serve --on-miss reject` process:
 
 1. idle latency (median of sequential requests) and capacity (answers/s of a closed loop with a
    few concurrent clients) for one request shape;
-2. a soak: open-loop arrivals at ``--factor`` × capacity for ``--seconds``, each request with its
-   budget and a gRPC deadline of 2 × budget + 50 ms (as `AdaptiveClient`); meanwhile health checks
-   every 0.5 s and the server's RSS every second;
+2. a soak: open-loop arrivals at ``--factor`` × capacity for ``--seconds``, evenly spaced, each
+   request with its budget and a gRPC deadline of 2 × budget + 50 ms (as `AdaptiveClient`);
+   meanwhile health checks every 0.5 s and the server's RSS every second;
 3. recovery: sequential requests after the load stops until the median of the last five is back
    within 1.5 × the idle latency.
 
-By default it builds the integration tests' serving family (untrained; its ``slow`` variant costs
-milliseconds per image, so compute, not the gRPC stack, is what saturates) and pins ``slow`` with
-8 images per request. Prints a markdown report (``--json FILE`` for the raw figures).
+The load comes from `client.loadgen` (closed loop, open loop, sequential). By default it builds
+the synthetic family of `client.synthetic` (the serving tests' family: untrained; its ``slow``
+variant costs milliseconds per image, so compute, not the gRPC stack, is what saturates) and
+pins ``slow`` with 8 images per request. Prints a markdown report (``--json FILE`` for the raw
+figures).
 
     .venv/bin/python bench/soak.py [--family DIR --variant NAME] [--seconds 60] [--factor 5]
 """
@@ -20,9 +22,9 @@ milliseconds per image, so compute, not the gRPC stack, is what saturates) and p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -30,45 +32,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.integration.families builds the default family
+from client import AdaptiveClient
+from client.loadgen import OK, BudgetSpec, RunConfig, closed_loop, fixed_images, run_open_loop, sequential_ms
+from client.process import LISTENING, SERVING, ServerProcess
+from client.results import host_info
+from compression.core.family import load_family
+from compression.report import markdown_table
 
-from client import AdaptiveClient  # noqa: E402
-from client.client import build_request  # noqa: E402
-from client.process import LISTENING, SERVING, ServerProcess  # noqa: E402
-from compression.core.family import load_family  # noqa: E402
-from protos.generated import grpc_service_pb2_grpc  # noqa: E402
-
-
-def closed_loop_rps(target: str, req: Any, workers: int, seconds: float, timeout: float) -> float:
-    """Answers per second with ``workers`` clients each sending the next request on an answer."""
-    done = Counter[str]()
-    stop = time.perf_counter() + seconds
-
-    def work() -> None:
-        with grpc.insecure_channel(target) as ch:
-            infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer
-            while time.perf_counter() < stop:
-                try:
-                    infer(req, timeout=timeout)
-                    done["OK"] += 1
-                except grpc.RpcError as exc:
-                    done[exc.code().name] += 1
-
-    threads = [threading.Thread(target=work) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return done["OK"] / seconds
+CAPACITY_CLIENTS = 4  # the closed loop's concurrency
+CAPACITY_S = 5.0
+# Sequential (idle, recovery) requests carry a generous budget: with --on-miss reject a lone
+# request must never be refused, only timed.
+IDLE_BUDGET_MS = 5000.0
 
 
-def sequential_ms(c: AdaptiveClient, x: np.ndarray, variant: str | None, n: int) -> list[float]:
-    return [c.infer(x, variant=variant, budget_ms=5000).latency_ms for _ in range(n)]
+def idle_ms(c: AdaptiveClient, x: np.ndarray, variant: str | None, n: int) -> float:
+    """Median round trip of ``n`` sequential requests."""
+    return float(statistics.median(sequential_ms(c, x, n, variant=variant,
+                                                 budget_ms=IDLE_BUDGET_MS)))
 
 
 class Sampler(threading.Thread):
@@ -92,35 +76,9 @@ class Sampler(threading.Thread):
                 tick += 1
 
 
-def soak(target: str, req: Any, rate: float, seconds: float, timeout: float
-         ) -> list[tuple[str, float]]:
-    """Open-loop arrivals at ``rate`` for ``seconds``; returns (status, ms) per request."""
-    outcomes: list[tuple[str, float]] = []
-
-    def recorder(started: float) -> Any:
-        def done(call: grpc.Future) -> None:
-            outcomes.append((call.code().name, (time.perf_counter() - started) * 1e3))
-        return done
-
-    with grpc.insecure_channel(target) as ch:
-        infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer
-        calls = []
-        t0 = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            call = infer.future(req, timeout=timeout)
-            call.add_done_callback(recorder(time.perf_counter()))
-            calls.append(call)
-        for call in calls:
-            call.exception()  # wait for every answer
-    return outcomes
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", help="family dir (default: the tests' serving family, built)")
+    ap.add_argument("--family", help="family dir (default: client.synthetic's family, built)")
     ap.add_argument("--variant", default="slow", help="pinned variant ('none': the router picks)")
     ap.add_argument("--images", type=int, default=8, help="images per request (default 8)")
     ap.add_argument("--budget-ms", type=float, default=250.0, help="per-request budget")
@@ -135,56 +93,59 @@ def main() -> None:
         if args.family:
             family = Path(args.family)
         else:
-            from tests.integration.families import serving_family_at
+            from client.synthetic import serving_family_at  # torch: only when building it
 
             family = serving_family_at(Path(tmp) / "family")
         name = load_family(family).name
         proc = ServerProcess([str(family), "--port", "0", "--metrics-port", "-1", "--threads",
-                              "2", "--on-miss", "reject", "--max-queue", str(args.max_queue)])
+                              "2", "--on-miss", "shed", "--max-queue", str(args.max_queue)])
         try:
             port = proc.port(LISTENING)
             proc.wait_for(SERVING)
             target = f"127.0.0.1:{port}"
             shape = load_family(family).input_shape
             x = np.zeros((args.images, *shape), np.float32)
-            req = build_request(name, x, budget_ms=args.budget_ms, variant=variant)
-            timeout = 2 * args.budget_ms / 1e3 + 0.05
             with AdaptiveClient(target, model=name) as c:
-                sequential_ms(c, x, variant, 20)  # warm-up
-                idle = statistics.median(sequential_ms(c, x, variant, 30))
-            capacity = closed_loop_rps(target, req, workers=4, seconds=5.0, timeout=timeout)
+                idle_ms(c, x, variant, 20)  # warm-up
+                idle = idle_ms(c, x, variant, 30)
+            capacity = asyncio.run(closed_loop(
+                target, name, x, concurrency=CAPACITY_CLIENTS, seconds=CAPACITY_S,
+                variant=variant, budget_ms=args.budget_ms)).rps
             rate = args.factor * capacity
+            # Evenly spaced arrivals (a steady push, not Poisson bursts), every one sent: the
+            # server's admission control is what is measured, so the client drops nothing.
+            cfg = RunConfig(rate=rate, seconds=args.seconds,
+                            budget=BudgetSpec.choice([args.budget_ms]), variant=variant,
+                            images=args.images, max_inflight=1 << 30, poisson=False)
             sampler = Sampler(target, proc.proc.pid)
             rss_start = sampler.proc.memory_info().rss
             sampler.start()
-            t_soak = time.perf_counter()
-            outcomes = soak(target, req, rate, args.seconds, timeout)
-            soak_s = time.perf_counter() - t_soak
+            out = asyncio.run(run_open_loop(target, name, fixed_images(x), cfg))
             load_end = time.perf_counter()
             recovery_s: float | None = None
             recent: list[float] = []
             with AdaptiveClient(target, model=name) as c:
                 while time.perf_counter() - load_end < 60:
-                    recent = (recent + sequential_ms(c, x, variant, 1))[-5:]
+                    recent = [*recent, idle_ms(c, x, variant, 1)][-5:]
                     if len(recent) == 5 and statistics.median(recent) <= 1.5 * idle:
                         recovery_s = time.perf_counter() - load_end
                         break
-                after = statistics.median(sequential_ms(c, x, variant, 30))
+                after = idle_ms(c, x, variant, 30)
             sampler.stop.set()
             sampler.join()
             rss_end = sampler.proc.memory_info().rss
         finally:
             proc.stop()
 
-    codes = Counter(code for code, _ in outcomes)
-    ok_ms = [ms for code, ms in outcomes if code == "OK"]
-    refused_ms = [ms for code, ms in outcomes if code == "RESOURCE_EXHAUSTED"]
+    codes = Counter(r.status for r in out.records)
+    ok_ms = [r.latency_ms for r in out.records if r.status == OK]
+    refused_ms = [r.latency_ms for r in out.records if r.status == "RESOURCE_EXHAUSTED"]
     health_ok = sum(1 for s, _ in sampler.health if s == "SERVING")
     figures = {
         "variant": variant or "router", "images": args.images, "budget_ms": args.budget_ms,
         "idle_p50_ms": idle, "capacity_rps": capacity, "offered_rps": rate,
-        "soak_s": soak_s, "requests": len(outcomes), "codes": dict(codes),
-        "answered_rps": codes["OK"] / soak_s,
+        "soak_s": out.wall_s, "requests": len(out.records), "codes": dict(codes),
+        "answered_rps": codes[OK] / out.wall_s,
         "ok_p50_ms": float(np.percentile(ok_ms, 50)) if ok_ms else None,
         "ok_p99_ms": float(np.percentile(ok_ms, 99)) if ok_ms else None,
         "refused_p50_ms": float(np.percentile(refused_ms, 50)) if refused_ms else None,
@@ -194,7 +155,7 @@ def main() -> None:
         "rss_max_mib": max([*sampler.rss, rss_end]) / 2**20,
         "rss_growth": rss_end / rss_start - 1,
         "recovery_s": recovery_s, "after_p50_ms": after,
-        "load_average": list(psutil.getloadavg()),
+        "load_average": host_info()["load_average"],
     }
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
@@ -211,7 +172,8 @@ def report(f: dict[str, Any], factor: float) -> str:
     rows = [
         ("request", f"{f['images']} images, `{f['variant']}`, budget {f['budget_ms']:.0f} ms"),
         ("idle latency (p50, sequential)", _ms(f["idle_p50_ms"])),
-        ("capacity (closed loop, 4 clients)", f"{f['capacity_rps']:.1f} requests/s"),
+        (f"capacity (closed loop, {CAPACITY_CLIENTS} clients)",
+         f"{f['capacity_rps']:.1f} requests/s"),
         ("offered (open loop)", f"{f['offered_rps']:.1f} requests/s for {f['soak_s']:.0f} s "
                                 f"({factor:g}x)"),
         ("outcomes", ", ".join(f"{k} {v}" for k, v in sorted(f["codes"].items()))),
@@ -226,7 +188,8 @@ def report(f: dict[str, Any], factor: float) -> str:
                                       f"{recovery:.2f} s") + f" (p50 after: {_ms(f['after_p50_ms'])})"),
         ("load average (1, 5, 15 min)", ", ".join(f"{v:.1f}" for v in f["load_average"])),
     ]
-    return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return markdown_table(["figure", "value"], rows)
+
 
 if __name__ == "__main__":
     main()

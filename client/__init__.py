@@ -4,6 +4,12 @@
 ``InvalidArgument``, ``BudgetExceeded``, ``Overloaded``, ``Unavailable``, ``Unauthenticated``,
 ``AdaptiveError``).
 Imported lazily, so the CLI's ``build`` never loads grpc.
+
+The modules: ``client`` (the library), ``cli`` (the command), ``images`` (reading image files),
+``process`` (``serve`` as a child process), ``loadgen`` (every load the bench, demo and benchmark
+scripts send), ``results`` (figures, tables, CSV and host info of that load), ``bench`` and
+``demo`` (those two subcommands), ``bench_plots`` (their PNGs), ``synthetic`` (a tiny untrained
+family of very different variant costs, for tests and the soak benchmark).
 """
 
 from __future__ import annotations

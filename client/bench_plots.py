@@ -1,7 +1,8 @@
 """The benchmark's PNG plots: latency CDF against the budget, and figures against offered load.
 
-Used by `adaptive-inference bench` (one policy, its rates) and by ``bench/policies.py`` (the
-three policies side by side). matplotlib runs headless (Agg).
+Used by `adaptive-inference bench` (one policy, its rates) and by ``bench/report.py`` (the
+policies side by side). Latency plots read `client.loadgen.Record`s; load curves read the run
+figures of `client.results.summarize_run`. matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from client.load import Record
+from client.loadgen import DROPPED, OK, Record
 
 
 def _plt() -> Any:
@@ -38,8 +39,8 @@ def latency_cdf(groups: Mapping[str, Sequence[Record]], path: Path, *, title: st
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     budgets: list[float] = []
     for label, recs in groups.items():
-        sent = [r for r in recs if r.status != "CLIENT_DROPPED"]
-        ok = [r for r in sent if r.status == "OK"]
+        sent = [r for r in recs if r.status != DROPPED]
+        ok = [r for r in sent if r.status == OK]
         if not ok:
             continue
         xs, ys = _cdf([r.latency_ms for r in ok], len(recs))

@@ -40,16 +40,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import ServeOptions, main
-    from server.engine import Settings
+    from server.settings import Settings
 
     opts = ServeOptions(
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, workers=args.workers,
-        backend=args.backend, device=args.device, intra_op_threads=args.intra_op_threads,
+        backend=args.backend, device=args.device,
         **({"threads": args.threads} if args.threads else {}),
         settings=Settings(max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
                           max_queue=args.max_queue, on_miss=args.on_miss,
-                          threads_per_batch=args.intra_op_threads,
+                          target_miss_rate=args.target_miss_rate,
+                          intra_op_threads=args.intra_op_threads,
                           deadline_margin_ms=args.deadline_margin_ms,
                           inline_below_ms=args.inline_below_ms,
                           batch_timeout_ms=args.batch_timeout_ms,
@@ -107,7 +108,7 @@ def _health(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from client import bench
+    from client import bench, loadgen, results
     from server.errors import InvalidArgument
 
     def progress(line: str) -> None:  # one line rewritten in place on a terminal
@@ -118,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     try:
-        data = bench.load_test_data(args.data, args.family, seed=args.seed)
+        data = loadgen.load_test_data(args.data, args.family, seed=args.seed)
         result = bench.run_bench(
             args.target, args.rate, args.duration, args.budget_ms, data, variant=args.variant,
             images=args.images, seed=args.seed, max_inflight=args.max_inflight,
@@ -130,7 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.quiet and sys.stderr.isatty():
         sys.stderr.write("\n")
     paths = bench.write_outputs(result, Path(args.out), plots=not args.no_plots)
-    print(bench.summary_table(result.results))
+    print(results.summary_table(result.results))
     print(f"\n{result.results['policy']}, budget {args.budget_ms}, {args.images} image(s) per "
           f"request; written: {', '.join(str(p) for p in paths)}")
     return 0
@@ -157,13 +158,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _rates(text: str) -> list[float]:
-    from client.bench import parse_rates
+    from client.loadgen import parse_rates
 
     return parse_rates(text)
 
 
 def _budget_spec(text: str) -> object:
-    from client.bench import BudgetSpec
+    from client.loadgen import BudgetSpec
 
     return BudgetSpec.parse(text)
 
@@ -208,9 +209,13 @@ def parser() -> argparse.ArgumentParser:
                         "deadline allows (default 0: batch only what queued meanwhile)")
     s.add_argument("--max-queue", type=int, default=1024,
                    help="samples queued per variant before RESOURCE_EXHAUSTED (default 1024)")
-    s.add_argument("--on-miss", choices=["best-effort", "reject"], default="best-effort",
-                   help="when no variant fits the budget: run the fastest, or fail at once "
-                        "with DEADLINE_EXCEEDED")
+    s.add_argument("--on-miss", choices=["shed", "best-effort"], default="shed",
+                   help="when not even the fastest candidate can finish inside a request's "
+                        "budget under the load now: fail it at once with DEADLINE_EXCEEDED "
+                        "(shed, default), or run the fastest anyway (best-effort)")
+    s.add_argument("--target-miss-rate", type=float, default=0.01,
+                   help="share of budgeted requests allowed to finish late; the router's "
+                        "safety margin adapts to hold it (default 0.01)")
     s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
     s.add_argument("--intra-op-threads", type=int, default=1,
                    help="ORT threads per batch (default 1)")

@@ -4,8 +4,8 @@ Speaks the KServe v2 protocol (any KServe v2 server answers `infer`; the variant
 are filled by ours). gRPC failures become the typed errors of `server.errors` (``NotFound``,
 ``InvalidArgument``, ``BudgetExceeded``, ``Unavailable``, …), matched by status code.
 
-Budget and deadline: ``budget_ms`` travels as the ``latency_budget_ms`` request parameter and is
-what the router plans for. The gRPC deadline follows it: ``timeout`` if given, else twice the
+Budget and deadline: ``budget_ms`` travels as the `protos.wire.BUDGET_PARAM` request parameter
+and is what the router plans for. The gRPC deadline follows it: ``timeout`` if given, else twice the
 budget plus 50 ms, so a best-effort answer that misses its budget still arrives (and is reported
 as missed) instead of being cut off; without a budget the deadline is ``timeout`` or none.
 
@@ -30,12 +30,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos import wire
 from protos.generated import adaptive_pb2 as apb
 from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
 from protos.generated import grpc_service_pb2 as pb
 from server.errors import AdaptiveError, InvalidArgument, from_code
 
-BUDGET_PARAM = "latency_budget_ms"
 _ids = itertools.count(1)
 
 
@@ -53,6 +53,12 @@ class InferResult:
     budget_ms: float | None  # the budget the server planned for
     exits: tuple[int, ...] | None = None  # per-sample exits when N > 1
     retried_from: str | None = None  # the server retried this request after that variant failed
+
+    @property
+    def candidate(self) -> str:
+        """Who answered, as the server names its routing candidates: ``variant`` or
+        ``variant@exit``."""
+        return wire.candidate_name(self.variant, self.exit)
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -103,7 +109,7 @@ def build_request(model: str, x: np.ndarray, *, budget_ms: float | None = None,
     t.shape.extend(x.shape)
     req.raw_input_contents.append(x.tobytes())
     if budget_ms is not None:
-        req.parameters[BUDGET_PARAM].double_param = float(budget_ms)
+        req.parameters[wire.BUDGET_PARAM].double_param = float(budget_ms)
     return req
 
 
@@ -119,15 +125,19 @@ def parse_response(resp: pb.ModelInferResponse, latency_ms: float) -> InferResul
     def num(key: str) -> float | None:
         return p[key].double_param if key in p else None
 
-    exits = (tuple(int(e) for e in p["exits"].string_param.split(","))
-             if "exits" in p else None)
+    def text(key: str) -> str | None:
+        return p[key].string_param if key in p else None
+
+    exits, variant = text(wire.EXITS_PARAM), text(wire.VARIANT_PARAM)
     return InferResult(
         outputs=logits, classes=logits.argmax(axis=1),
-        variant=p["variant"].string_param if "variant" in p else resp.model_version,
-        exit=int(p["exit"].int64_param) if "exit" in p else None,
-        latency_ms=latency_ms, queue_ms=num("queue_ms"), compute_ms=num("compute_ms"),
-        budget_ms=num(BUDGET_PARAM), exits=exits,
-        retried_from=p["retried_from"].string_param if "retried_from" in p else None)
+        # any KServe v2 server names the answering version; ours also sets the parameter
+        variant=resp.model_version if variant is None else variant,
+        exit=int(p[wire.EXIT_PARAM].int64_param) if wire.EXIT_PARAM in p else None,
+        latency_ms=latency_ms, queue_ms=num(wire.QUEUE_MS_PARAM),
+        compute_ms=num(wire.COMPUTE_MS_PARAM), budget_ms=num(wire.BUDGET_PARAM),
+        exits=None if exits is None else tuple(int(e) for e in exits.split(",")),
+        retried_from=text(wire.RETRIED_FROM_PARAM))
 
 
 def deadline_s(budget_ms: float | None, timeout: float | None) -> float | None:
@@ -182,7 +192,9 @@ class AdaptiveClient:
         if load_balancing is None and target.startswith("dns:"):
             load_balancing = "round_robin"  # a headless Service resolves to every replica
         opts: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", 64 << 20),
+            # Answers up to the wire limit. No send cap: what a request may weigh is the
+            # server's to say (serve --max-message-mb), and it answers RESOURCE_EXHAUSTED.
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ("grpc.service_config", service_config(load_balancing, retry_unavailable)),
             *(options or [])]
         if (client_cert is None) != (client_key is None):

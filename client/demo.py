@@ -4,9 +4,11 @@
    into it (a lighter preset than the default family, so a fresh clone finishes in minutes).
 2. ``adaptive-inference serve`` starts as a child process on free ports (its log goes to a file;
    the load generator must not share a GIL with the server it measures).
-3. The load generator offers phases of rising rate with mixed budgets, using the family's own
-   held-out test images so accuracy is real. Budgets are judged on the client's round trip.
-4. The tables: per phase, per variant/exit used, per budget. Then the server stops (SIGTERM).
+3. The load generator (`client.loadgen.run_phases`) offers phases of rising rate with mixed
+   budgets, using the family's own held-out test images (`client.loadgen.load_test_data`) so
+   accuracy is real. Budgets are judged on the client's round trip.
+4. The tables (`client.results.summarize_phases`): per phase, per variant/exit used, per budget.
+   Then the server stops (SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from client.load import Phase, run_load, summarize
-from compression.core.errors import FamilyError
+from client.loadgen import BudgetSpec, Phase, RunConfig, TestData, load_test_data, run_phases
+from client.results import summarize_phases
+from compression.core.errors import BuildError, FamilyError
 from compression.core.family import Family, load_family
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PHASES = (Phase(25, 4), Phase(50, 4), Phase(100, 4), Phase(200, 4), Phase(400, 4))
 DEFAULT_BUDGETS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 10.0, 25.0, None)
 DEFAULT_BATCH = 8  # images per request: enough compute that the variants' costs differ
+MAX_INFLIGHT = 512  # unanswered requests before arrivals are dropped (the client overloaded)
+NO_BUDGET_TIMEOUT_S = 10.0  # deadline of requests without a budget, so a stuck server cannot hang us
 
 
 def ensure_family(out: Path, config: Path) -> Family:
@@ -45,21 +48,14 @@ def ensure_family(out: Path, config: Path) -> Family:
     return load_family(out)
 
 
-def test_images(family: Family) -> tuple[np.ndarray, np.ndarray | None]:
-    """The family's held-out test split (same data, seed and fractions as its build)."""
-    from compression import data
-
+def test_images(family: Family) -> TestData:
+    """The family's held-out test split (same data, seed and fractions as its build); random
+    pixels, without labels, for a family whose dataset cannot be loaded here."""
     try:
-        cfg = family.manifest["build"]["config"]
-        ds = data.load(family.manifest["dataset"]["spec"])
-        splits = data.split(ds, seed=int(family.manifest["build"]["seed"]),
-                            val_fraction=float(cfg["val_fraction"]),
-                            test_fraction=float(cfg["test_fraction"]))
-        return splits.x_test, splits.y_test
-    except (KeyError, ValueError, OSError) as exc:  # a family without its data: random pixels
+        return load_test_data(None, family)
+    except (BuildError, KeyError, ValueError, OSError) as exc:
         log.warning("demo: no test split for %r (%s); sending random images", family.name, exc)
-        rng = np.random.default_rng(0)
-        return rng.random((256, *family.input_shape), dtype=np.float32), None
+        return load_test_data("random", family)
 
 
 def run_demo(family_dir: Path, config: Path, *, phases: Sequence[Phase] = DEFAULT_PHASES,
@@ -70,7 +66,7 @@ def run_demo(family_dir: Path, config: Path, *, phases: Sequence[Phase] = DEFAUL
     from client.process import METRICS, ServerProcess
 
     family = family or ensure_family(family_dir, config)
-    x, y = test_images(family)
+    data = test_images(family)
     t0 = time.perf_counter()
     with tempfile.NamedTemporaryFile("w", prefix="adaptive-demo-serve-", suffix=".log",
                                      delete=False) as log_file, \
@@ -87,9 +83,12 @@ def run_demo(family_dir: Path, config: Path, *, phases: Sequence[Phase] = DEFAUL
         offered = ", ".join(f"{p.rate:.0f}/s for {p.seconds:.0f} s" for p in phases)
         log.info("demo: offering %s, %d images per request; budgets %s", offered, batch,
                  ", ".join("none" if b is None else f"{b:g} ms" for b in budgets))
-        records = asyncio.run(run_load(f"127.0.0.1:{port}", family.name, x, y, phases, budgets,
-                                       batch=batch))
+        # rate and seconds come from each phase; the rest holds for every request
+        cfg = RunConfig(rate=phases[0].rate, seconds=phases[0].seconds,
+                        budget=BudgetSpec.choice(budgets), images=batch,
+                        max_inflight=MAX_INFLIGHT, no_budget_timeout_s=NO_BUDGET_TIMEOUT_S)
+        out = asyncio.run(run_phases(f"127.0.0.1:{port}", family.name, data, cfg, phases))
     lines = [f"family {family.name!r}: {len(family.variants)} variants "
              f"({', '.join(family.variants)}); server log {log_file.name}", "",
-             summarize(records, phases)]
+             summarize_phases(out.records, phases)]
     return "\n".join(lines)

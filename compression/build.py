@@ -252,11 +252,21 @@ def _finish(ctx: BuildContext, root: Path, name: str, method: str, base: str | N
             export.check_against_torch(result.model, graph, shape)
         artifacts = _write_graph(root, name, graph, result)
         served = _read_back(root, artifacts)
+    # Test accuracy for reports, validation accuracy for routing: the same served graph (or the
+    # method's own measure of what it serves, e.g. the early-exit policy) on both splits.
+    sess = None
     if result.accuracy is not None:
         acc = result.accuracy
     else:
-        acc = float((export.run(session(served), ctx.splits.x_test).argmax(1)
-                     == ctx.splits.y_test).mean())
+        sess = session(served)
+        acc = _graph_accuracy(sess, ctx.splits.x_test, ctx.splits.y_test)
+    if result.val_accuracy is not None:
+        val_acc: float | None = result.val_accuracy
+    elif result.stages is None:
+        val_acc = _graph_accuracy(sess or session(served), ctx.splits.x_val, ctx.splits.y_val)
+    else:
+        val_acc = None
+        log.warning("variant %s: method %s gave no validation accuracy", name, method)
     latency = result.latency_ms or profile.onnx_latency(served, shape)
     model = result.model
     params_count = result.params_count if result.params_count is not None else (
@@ -268,10 +278,17 @@ def _finish(ctx: BuildContext, root: Path, name: str, method: str, base: str | N
                 accuracy=round(acc, 6), params_count=int(params_count), macs=int(macs),
                 size_bytes=sum(a.bytes for a in artifacts), latency_ms=latency, base=base,
                 exits=result.exits, details=result.details,
-                build_seconds=round(time.perf_counter() - t0, 1))
-    log.info("variant %s: accuracy %.4f, %d params, %.1f M MACs, %d bytes, p50 %.3f ms (%.0f s)",
-             name, acc, v.params_count, v.macs / 1e6, v.size_bytes, v.p50(1), v.build_seconds)
+                build_seconds=round(time.perf_counter() - t0, 1),
+                val_accuracy=None if val_acc is None else round(val_acc, 6))
+    log.info("variant %s: accuracy %.4f (val %s), %d params, %.1f M MACs, %d bytes, p50 %.3f ms "
+             "(%.0f s)", name, acc, "-" if val_acc is None else f"{val_acc:.4f}", v.params_count,
+             v.macs / 1e6, v.size_bytes, v.p50(1), v.build_seconds)
     return v
+
+
+def _graph_accuracy(sess: onnxruntime.InferenceSession, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of a served graph's session on one split."""
+    return float((export.run(sess, x).argmax(1) == y).mean())
 
 
 def _write_graph(root: Path, name: str, graph: onnx.ModelProto,

@@ -93,7 +93,9 @@ class MethodOutput:
     Give ``model`` (exported to ONNX by the builder) or ``graph`` (a graph built directly, e.g.
     int8). ``weights_codec`` stores the graph as a skeleton plus weights encoded by that codec
     (see `compression.core.encoding`). An early-exit network gives ``stages`` and ``exits`` and its
-    own ``accuracy``/``latency_ms``.
+    own ``accuracy``/``latency_ms``; a method that gives ``accuracy`` (test split) also gives
+    ``val_accuracy`` (validation split) of the same served thing. Otherwise the builder measures
+    both on the served graph.
     """
 
     model: nn.Module | None = None
@@ -107,7 +109,8 @@ class MethodOutput:
     report_md: str = ""  # a markdown section for report.md (comparisons, sweeps)
     stages: list[onnx.ModelProto] | None = None
     exits: list[Exit] | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None  # test split
+    val_accuracy: float | None = None  # validation split
     latency_ms: LatencyTable | None = None
 
 

@@ -1,4 +1,9 @@
-"""The family's human-facing summaries: the terminal table, ``report.md`` and ``pareto.png``."""
+"""The family's human-facing summaries: the terminal table, ``report.md`` and ``pareto.png``.
+
+Accuracy is the test split's (``Variant.accuracy``), Δ and the plot included; the ``val`` column
+is the validation split's (``Variant.val_accuracy``, for routing; ``-`` for manifests written
+before it was recorded).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from compression.core.family import BATCH_SIZES, Variant
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("variant", "method", "accuracy", "Δ vs full", "params", "MACs", "size", "size ratio",
+COLUMNS = ("variant", "method", "accuracy", "Δ vs full", "val", "params", "MACs", "size", "size ratio",
            "p50 b1 ms", "p95 b1 ms", "speed-up")
 
 
@@ -29,7 +34,9 @@ def rows(variants: Sequence[Variant]) -> list[list[str]]:
     for v in variants:
         out.append([
             v.name, v.method, f"{100 * v.accuracy:.2f}%",
-            f"{100 * (v.accuracy - full.accuracy):+.2f} pt", _human(v.params_count),
+            f"{100 * (v.accuracy - full.accuracy):+.2f} pt",
+            "-" if v.val_accuracy is None else f"{100 * v.val_accuracy:.2f}%",
+            _human(v.params_count),
             _human(v.macs), _human(v.size_bytes, "B"),
             f"{full.size_bytes / max(v.size_bytes, 1):.1f}x smaller",
             f"{v.p50(1):.3f}", f"{v.p95(1):.3f}", f"{full.p50(1) / max(v.p50(1), 1e-9):.2f}x",

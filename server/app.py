@@ -232,7 +232,7 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
     faults = (FaultInjector([Fault.parse(f) for f in options.faults]) if options.faults
               else None)
     engine = Engine(fam, runners, executor=executor, metrics=metrics, monitor=monitor,
-                    settings=options.settings, faults=faults)
+                    settings=options.settings, threads=options.threads, faults=faults)
     await loop.run_in_executor(executor, engine.warm_up)
     log.info("warm-up and latency re-measurement done")
     engine.start()

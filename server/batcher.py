@@ -116,12 +116,13 @@ class Batcher:
         self.max_batch = max(int(settings.max_batch), 1)
         self.max_delay_s = max(float(settings.max_queue_delay_ms), 0.0) / 1e3
         self.max_queue = settings.max_queue
-        self._drop_expired = settings.on_miss == "reject"
+        # Shedding: a request whose deadline passed in the queue is failed, not computed.
+        self._drop_expired = settings.on_miss == "shed"
         self._wedged: asyncio.Future[BatchOutput] | None = None  # a timed-out call still running
         self._queue: collections.deque[Item] = collections.deque()
         self._queued = 0  # samples in _queue
-        self._running = 0  # samples in the batch computing now
-        self._running_since = 0.0
+        self._running = 0  # samples in the batch dispatched now
+        self._started_at: float | None = None  # when a worker thread began it (None: waiting)
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -137,10 +138,17 @@ class Batcher:
 
     @property
     def running_for_ms(self) -> float:
-        return (self._clock() - self._running_since) * 1e3 if self._running else 0.0
+        """How long the dispatched batch has been computing on its worker thread."""
+        started = self._started_at
+        return (self._clock() - started) * 1e3 if self._running and started is not None else 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """The dispatched batch still waits in the pool for a free worker thread."""
+        return bool(self._running) and self._started_at is None
 
     def state(self) -> QueueState:
-        return QueueState(self.queued, self.running, self.running_for_ms)
+        return QueueState(self.queued, self.running, self.running_for_ms, self.waiting)
 
     @property
     def wedged(self) -> bool:
@@ -202,8 +210,8 @@ class Batcher:
                 continue
             t0 = self._clock()
             n = sum(i.n for i in items)
-            self._running, self._running_since = n, t0
-            call = loop.run_in_executor(self._executor, self._execute, items)
+            self._running, self._started_at = n, None
+            call = loop.run_in_executor(self._executor, self._run, items)
             timeout = self._costs.timeout_s(n)
             try:
                 # shield: a timeout must not cancel the future the wedge is tracked by
@@ -232,6 +240,11 @@ class Batcher:
                                                   compute_ms, batch))
             if self._listener is not None:
                 self._listener.batch_done(self.name, items, t0, out)
+
+    def _run(self, items: list[Item]) -> BatchOutput:
+        """In the worker thread: mark the start (the router's view of the pool), then run."""
+        self._started_at = self._clock()
+        return self._execute(items)
 
     def _fail(self, items: list[Item], exc: VariantFailed) -> None:
         """Fail a batch and everything queued behind it (retried elsewhere at once, rather than

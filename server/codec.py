@@ -33,7 +33,8 @@ class ModelSpec:
 
 
 def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
-                 time_remaining_s: float | None, margin_ms: float) -> Call:
+                 time_remaining_s: float | None, margin_ms: float,
+                 received: float | None = None) -> Call:
     """Validate and decode a ModelInferRequest."""
     if req.model_name != spec.name:
         raise NotFound(f"model_name {shown(req.model_name)}: this server hosts {spec.name!r}")
@@ -60,7 +61,7 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
     x = _tensor(req, shape)
     _finite(x)
     return Call(x=x, budget_ms=_budget(req, time_remaining_s, margin_ms),
-                pin=req.model_version or None, request_id=req.id)
+                pin=req.model_version or None, request_id=req.id, received=received)
 
 
 def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from compression.core.exits import StageChain
 from compression.core.family import Family
 from server.batcher import Batcher, BatchOutput, Execute, Item
-from server.errors import AdaptiveError, BudgetExceeded, InternalError, VariantFailed
+from server.errors import AdaptiveError, BudgetExceeded, InternalError, Shed, VariantFailed
 from server.execute import graph_executor, stages_executor
 from server.faults import FaultInjector
 from server.latency import Clock, LatencyModel, Load
@@ -50,6 +50,7 @@ class Call:
     budget_ms: float | None  # effective budget from now; None: no budget
     pin: str | None  # model_version: a variant (or variant@exit) the client pinned
     request_id: str
+    received: float | None = None  # clock seconds when the handler got it (None: at `infer`)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Engine:
     def __init__(self, family: Family, runners: Mapping[str, Runner | StageChain], *,
                  executor: Executor, metrics: Metrics, monitor: Monitor,
                  settings: Settings = Settings(), clock: Clock = time.monotonic,
-                 faults: FaultInjector | None = None) -> None:
+                 threads: int = 1, faults: FaultInjector | None = None) -> None:
         self.family = family
         self.runners = dict(runners)
         self.settings = settings
@@ -82,12 +83,14 @@ class Engine:
         self.monitor = monitor
         self.clock = clock
         self.executor = executor
+        self.threads = max(int(threads), 1)  # the executor's worker threads
         self.latency = LatencyModel(threads_per_batch=settings.intra_op_threads)
         for v in family.variants.values():
             seed_from_manifest(self.latency, v)
         self.router = Router(candidates_for(family.variants.values()), self.latency,
                              max_batch=settings.max_batch, on_miss=settings.on_miss,
-                             max_queue=settings.max_queue, clock=clock)
+                             max_queue=settings.max_queue,
+                             target_miss_rate=settings.target_miss_rate, clock=clock)
         self.batchers: dict[str, Batcher] = {}
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
@@ -113,16 +116,20 @@ class Engine:
         times (blocking: call it in a worker thread before serving)."""
         shape = self.family.input_shape
         sizes = sorted({1, 8, min(32, self.settings.max_batch), self.settings.max_batch})
+        spreads: list[float] = []
         for name, runner in self.runners.items():
             tables = remeasure(name, runner, shape, batch_sizes=sizes)
-            factor = self.load_factor()
+            slowdown = self.slowdown()
             for unit, table in tables.items():
-                # Store unloaded times, like online observations.
-                self.latency.seed(unit, {b: {k: v / factor for k, v in row.items()}
+                # Store uncontended times, like online observations.
+                self.latency.seed(unit, {b: {k: v / slowdown for k, v in row.items()}
                                          for b, row in table.items()})
-            p = self.router.compute(self.router.deepest(name), 1, 1.0)
+            p = self.router.compute(self.router.deepest(name), 1)
+            spreads.append(p.p95 - p.p50)
             log.info("variant %s: re-measured on this host, p50 %.3f ms, p95 %.3f ms at batch 1",
                      name, p.p50, p.p95)
+        # The closed loop moves the margin from here: a typical timing spread on this host.
+        self.router.calibration.margin_ms = float(np.median(spreads)) if spreads else 0.0
 
     def start(self) -> None:
         """Start the batchers (on the running event loop); arm injected faults (after warm-up,
@@ -155,18 +162,19 @@ class Engine:
     def load(self) -> Load:
         host = self.monitor.latest
         return Load(cores=host.cores, cpu_other=host.cpu_other,
-                    executing=sum(1 for b in self.batchers.values() if b.running),
-                    queues=self.batchers)
+                    executing=sum(1 for b in self.batchers.values()
+                                  if b.running and not b.waiting),
+                    threads=self.threads, queues=self.batchers)
 
-    def load_factor(self, extra_batches: int = 1) -> float:
-        """The latency model's slowdown now, for one more batch (``extra_batches``) starting."""
-        return self.latency.load_factor(self.load(), extra_batches=extra_batches)
+    def slowdown(self, starting: int = 1) -> float:
+        """The CPU slowdown now of a batch, with ``starting`` more batches about to start."""
+        return self.latency.slowdown(self.load(), starting=starting)
 
     # --- requests ------------------------------------------------------------------------------
 
     async def infer(self, call: Call) -> Outcome:
         """Route, queue and run one request; records its metrics whatever the result."""
-        t0 = self.clock()
+        t0 = self.clock() if call.received is None else call.received
         m = self.metrics
         model = self.family.name
         deadline = None if call.budget_ms is None else t0 + call.budget_ms / 1e3
@@ -203,6 +211,10 @@ class Engine:
                 res = await self.batchers[variant].submit(call.x, deadline=deadline,
                                                           max_exit=decision.candidate.exit)
             cand = decision.candidate
+        except Shed as exc:
+            m.child(m.shed, model).inc()
+            m.child(m.requests, model, variant, exc.code).inc()
+            raise
         except AdaptiveError as exc:
             m.child(m.requests, model, variant, exc.code).inc()
             raise
@@ -224,6 +236,9 @@ class Engine:
         m.child(m.request_latency, model, variant).observe(done - t0)
         if not met:
             m.child(m.budget_misses, model, variant).inc()
+        actual_ms = (done - decision.decided_at) * 1e3
+        self.router.observe(decision, actual_ms, missed=None if deadline is None else not met,
+                            outside_ms=actual_ms - res.queue_ms - res.compute_ms)
         exit_index = int(res.exits.max()) if res.exits is not None else None
         _log_decision(call, decision, met)
         return Outcome(res.logits, variant, cand.name, exit_index, res.exits, res.queue_ms,
@@ -242,18 +257,20 @@ class Engine:
     # --- the variant table and gauges ----------------------------------------------------------
 
     def table(self, batch: int = 1) -> list[tuple[Candidate, Decision, float]]:
-        """Per candidate: the router's prediction now and the compute p50 (ms)."""
+        """Per candidate: the router's prediction now and the compute p95 (ms)."""
         load = self.load()
         rows = []
         for c in self.router.candidates:
             d = self.router.predict(c, batch, load)
-            rows.append((c, d, self.router.compute(c, batch, d.load_factor).p50))
+            rows.append((c, d, self.router.compute(c, batch, d.slowdown).p95))
         return rows
 
     def update_gauges(self) -> None:
+        cal = self.router.calibration
         self.metrics.publish(self.monitor.latest,
                              {name: b.queued for name, b in self.batchers.items()},
-                             {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)})
+                             {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)},
+                             (cal.margin_ms, cal.miss_rate, self.router.overhead.ms))
 
     # --- batches: what runs, and what each one teaches the latency model -----------------------
 
@@ -266,9 +283,9 @@ class Engine:
     def _stages_fit(self, variant: str, stage: int, samples: int,
                     deadlines: Sequence[float | None]) -> list[bool]:
         """Early exit, between stages (worker thread): may each request run ``stage``?"""
-        factor = self.load_factor(extra_batches=0)
+        slowdown = self.slowdown(starting=0)
         return [self.router.next_stage_fits(variant, stage, deadline=d, batch=samples,
-                                            load_factor=factor) for d in deadlines]
+                                            slowdown=slowdown) for d in deadlines]
 
     def batch_done(self, variant: str, items: list[Item], started: float, out: BatchOutput
                    ) -> None:
@@ -282,9 +299,9 @@ class Engine:
             if exits is not None:
                 for e, count in zip(*np.unique(exits, return_counts=True), strict=True):
                     m.child(m.early_exit, str(int(e))).inc(int(count))
-        factor = self.load_factor()
+        slowdown = self.slowdown()  # this batch has left `executing`: count it as starting
         for unit, batch, ms in out.timings:
-            self.latency.observe(unit, batch, ms, load_factor=factor)
+            self.latency.observe(unit, batch, ms, slowdown=slowdown)
 
     def batch_failed(self, exc: VariantFailed) -> None:
         """`Listener`: a batch failed; quarantine its variant."""
@@ -304,7 +321,7 @@ class _VariantCosts:
                                                       or variant not in engine.faults.faults)
 
     def _predict(self, n: int) -> tuple[float, float]:
-        p = self._engine.router.compute(self._deepest, max(n, 1), self._engine.load_factor())
+        p = self._engine.router.compute(self._deepest, max(n, 1), self._engine.slowdown())
         return p.p50, p.p95
 
     def predict_ms(self, n: int) -> float:
@@ -320,7 +337,7 @@ class _VariantCosts:
 
 def _log_decision(call: Call, d: Decision, met: bool) -> None:
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("request %r: %d samples, budget %s ms → %s (predicted %.3f ms, load x%.2f), %s",
-                  call.request_id, call.x.shape[0],
+        log.debug("request %r: %d samples, budget %s ms → %s (predicted %.3f + margin %.3f ms, "
+                  "CPU x%.2f), %s", call.request_id, call.x.shape[0],
                   "none" if call.budget_ms is None else f"{call.budget_ms:.3f}", d.candidate.name,
-                  d.predicted_ms, d.load_factor, "met" if met else "missed")
+                  d.predicted_ms, d.margin_ms, d.slowdown, "met" if met else "missed")

@@ -34,6 +34,11 @@ class BudgetExceeded(AdaptiveError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Shed(BudgetExceeded):
+    """Refused at once: under the current load not even the fastest candidate can finish inside
+    the budget, so computing it would only delay requests that can."""
+
+
 class Overloaded(AdaptiveError):
     """A queue is full; retry later or with a larger budget."""
 

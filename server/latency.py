@@ -1,4 +1,4 @@
-"""The latency model: how long a unit of work takes at a batch size, on this host, under this load.
+"""The latency model: how long a unit of work computes at a batch size, on this host.
 
 A *unit* is one thing a runner executes: a variant's graph (``"full"``) or one stage of the
 early-exit network (``"early-exit/1"``); a routing candidate costs the sum of its units. For each
@@ -6,10 +6,12 @@ unit we keep estimates at a few batch sizes, seeded from the manifest (measured 
 or the warm-up re-measurement, then updated online with an EWMA of observed compute times, in the
 style of TCP's RTT estimator: a smoothed mean and a smoothed absolute deviation, p95 ≈ mean + k·dev.
 
-Observations are divided by the load factor in force when they were made, so the stored numbers
-are *unloaded* times; predictions multiply by the load factor now. That keeps one busy minute from
-poisoning the estimates once the host is idle again, and lets the router react to load at once
-instead of waiting for slow observations. Pure: no clock, no I/O, no grpc.
+Waiting is not modelled here: the router lays queued work out on the worker threads itself
+(`server.schedule`). What this model does scale by is *CPU contention* — other processes' busy
+cores, or more running batches than cores — because that slows a batch down while it runs.
+Observations are divided by the slowdown in force when they were made, so the stored numbers are
+uncontended times and one busy minute does not poison the estimates once the host is quiet again.
+Pure: no clock, no I/O, no grpc.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ def unit_name(variant: str, stage: int | None = None) -> str:
 
 @dataclass(frozen=True)
 class Load:
-    """The host and server state a prediction is scaled by (built by the monitor and batchers)."""
+    """The host and server state a prediction depends on (built by the monitor and batchers)."""
 
     cores: int = 1
     cpu_other: float = 0.0  # share of all cores busy with work outside this server, 0..1
-    executing: int = 0  # batches this server is computing right now
+    executing: int = 0  # batches computing on a worker thread right now
+    threads: int = 1  # worker threads, shared by every variant's batches
     queues: Mapping[str, QueueView] = field(default_factory=dict)  # per variant
 
 
@@ -50,6 +53,8 @@ class QueueView(Protocol):
     def running(self) -> int: ...
     @property
     def running_for_ms(self) -> float: ...
+    @property
+    def waiting(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,9 @@ class QueueState:
     """A snapshot of one variant's queue (tests, benchmarks)."""
 
     queued: int = 0  # samples waiting, not yet dispatched
-    running: int = 0  # samples in the batch executing now (0: idle)
-    running_for_ms: float = 0.0  # how long that batch has been executing
+    running: int = 0  # samples in the batch dispatched now (0: idle)
+    running_for_ms: float = 0.0  # how long that batch has been computing on its thread
+    waiting: bool = False  # the dispatched batch still waits for a free worker thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,27 +117,28 @@ class LatencyModel:
     def __contains__(self, unit: str) -> bool:
         return unit in self._points
 
-    # --- load ----------------------------------------------------------------------------------
+    # --- CPU contention ------------------------------------------------------------------------
 
-    def load_factor(self, load: Load, *, extra_batches: int = 1) -> float:
-        """Slowdown of one more batch on this host: runnable threads per core, at least 1.
+    def slowdown(self, load: Load, *, starting: int = 1) -> float:
+        """How much slower than uncontended a batch computes now, at least 1.
 
-        Demand = other processes' busy cores + our executing batches + the ``extra_batches`` about
-        to start, each using ``threads_per_batch`` threads; past one thread per core, everything
-        shares the cores and slows down in proportion.
+        Demand on the cores = other processes' busy cores + the batches computing (plus
+        ``starting`` about to start, at most one per worker thread), each using
+        ``threads_per_batch`` threads; past one runnable thread per core, they share the cores.
         """
         cores = max(load.cores, 1)
-        demand = (min(max(load.cpu_other, 0.0), 1.0) * cores
-                  + (load.executing + extra_batches) * self.threads_per_batch)
+        running = min(load.executing + starting, max(load.threads, 1))
+        demand = min(max(load.cpu_other, 0.0), 1.0) * cores + running * self.threads_per_batch
         return max(1.0, demand / cores)
 
     # --- online updates ------------------------------------------------------------------------
 
-    def observe(self, unit: str, batch: int, ms: float, *, load_factor: float = 1.0) -> None:
-        """Fold one observed compute time (``ms`` for ``batch`` samples) into the estimate."""
+    def observe(self, unit: str, batch: int, ms: float, *, slowdown: float = 1.0) -> None:
+        """Fold one observed compute time (``ms`` for ``batch`` samples, computed under
+        ``slowdown``) into the estimate."""
         if unit not in self._points or batch < 1 or not math.isfinite(ms) or ms < 0:
             return
-        unloaded = max(ms / max(load_factor, 1.0), MIN_MS)
+        unloaded = max(ms / max(slowdown, 1.0), MIN_MS)
         points = self._points[unit]
         point = points.get(batch)
         if point is None:  # a new batch size: start from what we would have predicted
@@ -146,21 +153,21 @@ class LatencyModel:
 
     # --- predictions ---------------------------------------------------------------------------
 
-    def predict(self, unit: str, batch: int = 1, *, load_factor: float = 1.0) -> Prediction:
-        """Predicted compute time of ``unit`` at ``batch`` under ``load_factor``."""
+    def predict(self, unit: str, batch: int = 1, *, slowdown: float = 1.0) -> Prediction:
+        """Predicted compute time of ``unit`` at ``batch`` under ``slowdown``."""
         base = self._unloaded(unit, batch)
-        f = max(load_factor, 1.0)
+        f = max(slowdown, 1.0)
         return Prediction(p50=base.p50 * f, p95=base.p95 * f)
 
-    def predict_sum(self, units: tuple[str, ...], batch: int = 1, *, load_factor: float = 1.0
+    def predict_sum(self, units: tuple[str, ...], batch: int = 1, *, slowdown: float = 1.0
                     ) -> Prediction:
         """Units run one after another: sum the p50s and, conservatively, the p95s."""
         p50, p95 = self.sum_ms(units, batch)
-        f = load_factor if load_factor > 1.0 else 1.0
+        f = slowdown if slowdown > 1.0 else 1.0
         return Prediction(p50=p50 * f, p95=p95 * f)
 
     def sum_ms(self, units: tuple[str, ...], batch: int) -> tuple[float, float]:
-        """Unloaded (p50, p95) of ``units`` run in sequence: the router's hot path, memoised."""
+        """Uncontended (p50, p95) of ``units`` run in sequence: the router's hot path, memoised."""
         key = (units, batch)
         hit = self._sums.get(key)
         if hit is None:

@@ -85,11 +85,28 @@ class Metrics:
             "adaptive_queue_depth", "Samples waiting in each variant's batch queue.",
             ["variant"], registry=r, multiprocess_mode="livesum")
         self.predicted_latency = Gauge(
-            "adaptive_variant_predicted_latency_seconds", "Predicted compute p95 of one sample "
-            "on each candidate now (variant, or early-exit depth as variant@exit), load included.",
+            "adaptive_variant_predicted_latency_seconds", "Predicted compute of one sample on each "
+            "candidate now (variant, or early-exit depth as variant@exit), CPU contention "
+            "included.",
             ["variant"], registry=r, multiprocess_mode="livemax")
+        self.shed = Counter(
+            "adaptive_shed_total", "Requests refused at once because not even the fastest "
+            "candidate could finish inside their budget under the load (DEADLINE_EXCEEDED).",
+            ["model"], registry=r)
+        self.router_margin = Gauge(
+            "adaptive_router_margin_seconds", "The router's calibrated safety margin, added to "
+            "every predicted completion to hold the target miss rate.", registry=r,
+            multiprocess_mode="livemax")
+        self.router_miss = Gauge(
+            "adaptive_router_miss_ratio", "Share of recent budgeted requests answered after "
+            "their budget (EWMA over ~100 requests), to compare with --target-miss-rate.",
+            registry=r, multiprocess_mode="livemax")
+        self.router_overhead = Gauge(
+            "adaptive_router_overhead_seconds", "Learned per-request time outside the model "
+            "(routing, hand-offs, event-loop wake-ups).", registry=r, multiprocess_mode="livemax")
         self.accuracy = Gauge(
-            "adaptive_variant_accuracy_ratio", "Test accuracy of each candidate from the manifest.",
+            "adaptive_variant_accuracy_ratio", "Accuracy each candidate is ranked by (validation, "
+            "from the manifest).",
             ["variant"], registry=r, multiprocess_mode="livemax")
         self.variant_failures = Counter(
             "adaptive_variant_failures_total", "Batches (and re-probes) of each variant whose "
@@ -116,9 +133,14 @@ class Metrics:
 
 
     def publish(self, host: HostSample, queued: Mapping[str, int],
-                predicted_s: Mapping[str, float]) -> None:
+                predicted_s: Mapping[str, float], router: tuple[float, float, float]) -> None:
         """The gauges sampled once per monitor interval: host load, queue depths (samples per
-        variant), and the predicted compute time of each candidate at batch 1."""
+        variant), the predicted compute time of each candidate at batch 1, and the router's
+        (margin, miss ratio, overhead) in (ms, ratio, ms)."""
+        margin_ms, miss, overhead_ms = router
+        self.router_margin.set(margin_ms / 1e3)
+        self.router_miss.set(miss)
+        self.router_overhead.set(overhead_ms / 1e3)
         self.cpu.set(host.cpu_system)
         self.process_cpu.set(host.cpu_process)
         self.memory.set(host.memory_system)

@@ -1,16 +1,27 @@
 """The routing policy: which variant, or early-exit depth, answers a request inside its budget.
 
 Candidates are the family's variants plus one per exit of the early-exit network
-(``early-exit@0``, ``early-exit@1``, …), each with its manifest accuracy and the latency-model
-units it runs. For a request with deadline ``d`` and ``n`` samples the router predicts, per
-candidate, the queue wait in front of it plus its compute p95 at the batch size it will join,
-both scaled by the current load, and picks
+(``early-exit@0``, ``early-exit@1``, …), each ranked by its *validation* accuracy (for
+``early-exit@k``: the calibrated exit policy capped at depth k, which is what the server returns)
+and costed by the latency-model units it runs. For a request with ``n`` samples due at ``d`` the
+router predicts, per candidate, when it would finish if sent now:
+
+    completion = start of its batch + compute of that batch + overhead + margin
+
+- *start*: the work ahead of it, laid out on the shared worker threads (`server.schedule`): the
+  rest of its variant's running batch and queued batches, and every other variant's batches that
+  hold or will hold the threads first. A request joins its variant's last queued batch when that
+  has room (and then pays for the bigger batch), else starts a new one.
+- *compute*: the latency model's p50 for the batch, times the CPU slowdown now.
+- *overhead*: the per-request time outside the model, learned from every answer.
+- *margin*: the closed-loop safety margin (`server.calibration`) that holds the target miss rate.
+
+It then picks
 
 1. the most accurate candidate whose predicted completion fits the time left (ties: faster);
-2. if none fits: the fastest candidate (``on_miss="best-effort"``), or a refusal at once
-   (``on_miss="reject"``): `Overloaded` (RESOURCE_EXHAUSTED, retry later) when the fastest
-   candidate would fit an idle server, `BudgetExceeded` when the budget is below even that;
-3. with no deadline: the most accurate candidate.
+2. if none fits, not even the fastest: `Shed` (DEADLINE_EXCEEDED) at once (``on_miss="shed"``, the default:
+   doomed work would only delay others), or the fastest anyway (``on_miss="best-effort"``);
+3. with no deadline: the most accurate candidate (requests without a budget are never shed).
 
 Candidates of ``exclude``d variants (quarantined after failures) and of variants whose queue
 cannot take the request (``max_queue``) are skipped; when that leaves nothing the request is
@@ -18,7 +29,8 @@ refused at once (`Unavailable`, `Overloaded`) instead of queueing.
 
 For the early-exit network the chosen candidate fixes the *deepest* exit; while it runs, the
 runner asks `Router.next_stage_fits` before each further stage and stops early when an exit is
-confident enough (`compression.core.exits`). Pure: no grpc, no I/O; the clock is injected (tests use a fake).
+confident enough (`compression.core.exits`). Every answer reports back through `Router.observe`.
+Pure: no grpc, no I/O; the clock is injected (tests use a fake clock and fake queues).
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ from dataclasses import dataclass
 
 from compression.core.family import Variant
 from protos.wire import candidate_name
-from server.errors import BudgetExceeded, InvalidArgument, NotFound, Overloaded, Unavailable, shown
-from server.latency import Clock, LatencyModel, Load, Prediction, QueueView, unit_name
+from server.calibration import Calibration, Overhead
+from server.errors import InvalidArgument, NotFound, Overloaded, Shed, Unavailable, shown
+from server.latency import Clock, LatencyModel, Load, Prediction, unit_name
+from server.schedule import IDLE_PLAN, Backlog, Plan, plan
 from server.settings import ON_MISS
 
 
@@ -51,36 +65,48 @@ class Decision:
 
     candidate: Candidate
     queue_ms: float  # predicted wait before the batch starts
-    compute_ms: float  # predicted compute p95 at the batch size it joins, load included
+    compute_ms: float  # predicted compute (p50) of the batch it joins, CPU slowdown included
+    overhead_ms: float  # predicted time outside the model
+    margin_ms: float  # the calibrated safety margin added on top
     remaining_ms: float | None  # time left to the deadline when deciding (None: no deadline)
     fits: bool
-    load_factor: float
+    slowdown: float
+    decided_at: float = 0.0  # clock seconds
 
     @property
     def predicted_ms(self) -> float:
-        return self.queue_ms + self.compute_ms
+        """Expected completion from the decision, ms (without the margin)."""
+        return self.queue_ms + self.compute_ms + self.overhead_ms
 
 
 def candidates_for(variants: Iterable[Variant]) -> list[Candidate]:
-    """Candidates of a family: each plain variant, and each exit depth of early-exit variants."""
+    """Candidates of a family: each plain variant, and each exit depth of early-exit variants,
+    with the accuracy they are ranked by (validation; test only for manifests without it)."""
     out: list[Candidate] = []
     for v in variants:
         if v.exits:
             for e in sorted(v.exits, key=lambda e: e.index):
                 units = tuple(unit_name(v.name, s) for s in range(e.index + 1))
-                out.append(Candidate(candidate_name(v.name, e.index), v.name, float(e.accuracy),
-                                     units, exit=e.index))
+                accuracy = _first(e.policy_val_accuracy, e.accuracy)
+                out.append(Candidate(candidate_name(v.name, e.index), v.name, accuracy, units,
+                                     exit=e.index))
         else:
-            out.append(Candidate(v.name, v.name, float(v.accuracy), (unit_name(v.name),)))
+            out.append(Candidate(v.name, v.name, _first(v.val_accuracy, v.accuracy),
+                                 (unit_name(v.name),)))
     return out
+
+
+def _first(*values: float | None) -> float:
+    """The first recorded accuracy (validation; test for manifests written before it was kept)."""
+    return float(next(v for v in values if v is not None))
 
 
 class Router:
     """Chooses a candidate per request; see the module docstring for the policy."""
 
     def __init__(self, candidates: Sequence[Candidate], latency: LatencyModel, *,
-                 max_batch: int = 32, on_miss: str = "best-effort", max_queue: int | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 max_batch: int = 32, on_miss: str = "shed", max_queue: int | None = None,
+                 target_miss_rate: float = 0.01, clock: Clock = time.monotonic) -> None:
         if not candidates:
             raise ValueError("the router needs at least one candidate")
         if on_miss not in ON_MISS:
@@ -91,6 +117,8 @@ class Router:
         self.on_miss = on_miss
         self.max_queue = max_queue  # samples per variant queue; None: unbounded
         self.clock = clock
+        self.calibration = Calibration(target=target_miss_rate)
+        self.overhead = Overhead()
         self._by_name = {c.name: c for c in self.candidates}
         # The deepest candidate of each variant: what its queued batches cost at worst.
         self._deepest: dict[str, Candidate] = {}
@@ -131,73 +159,98 @@ class Router:
                                   f"background); retry later")
         if self.max_queue is not None:
             pool = self._with_room(pool, batch, load)
-        remaining = self.remaining_ms(deadline)
-        factor = self.latency.load_factor(load)
-        queues: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
-        fastest: tuple[float, Candidate, float, float] | None = None
+        now = self.clock()
+        remaining = None if deadline is None else (deadline - now) * 1e3
+        slowdown = self.latency.slowdown(load)
+        layout = self._plan(load, slowdown)
+        overhead, margin = self.overhead.ms, self.calibration.margin_ms
+        starts: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
+        fastest: Decision | None = None
         sum_ms = self.latency.sum_ms
         for c in pool:  # most accurate first: the first that fits is the answer
-            q = queues.get(c.variant)
-            if q is None:
-                q = queues[c.variant] = self._queue(c.variant, load.queues.get(c.variant),
-                                                    factor)
-            wait, joins = q
-            compute = sum_ms(c.units, joins + batch)[1] * factor
-            if remaining is None or wait + compute <= remaining:
-                return Decision(c, wait, compute, remaining, True, factor)
-            if fastest is None or wait + compute < fastest[0]:
-                fastest = (wait + compute, c, wait, compute)
+            st = starts.get(c.variant)
+            if st is None:
+                st = starts[c.variant] = self._start(c.variant, layout, load, batch)
+            wait, joins = st
+            compute = sum_ms(c.units, joins + batch)[0] * slowdown
+            total = wait + compute + overhead + margin
+            if remaining is None or total <= remaining:
+                return Decision(c, wait, compute, overhead, margin, remaining, True, slowdown, now)
+            if fastest is None or total < fastest.predicted_ms + fastest.margin_ms:
+                fastest = Decision(c, wait, compute, overhead, margin, remaining, False, slowdown,
+                                   now)
         assert fastest is not None and remaining is not None
-        total, c, wait, compute = fastest
-        if self.on_miss == "reject":
-            idle = sum_ms(c.units, batch)[1]
-            if idle <= remaining:  # it is the load, not the budget: admission control says later
-                raise Overloaded(
-                    f"latency budget: {remaining:.3f} ms left, under the current load the fastest "
-                    f"candidate {c.name!r} needs {total:.3f} ms (queue {wait:.3f} + compute "
-                    f"{compute:.3f}, load x{factor:.2f}), {idle:.3f} ms when idle; retry later")
-            raise BudgetExceeded(
-                f"latency budget: {max(remaining, 0.0):.3f} ms left, the fastest candidate "
-                f"{c.name!r} needs {total:.3f} ms (queue {wait:.3f} + compute {compute:.3f})")
-        return Decision(c, wait, compute, remaining, False, factor)
+        if self.on_miss == "best-effort":
+            return fastest
+        raise Shed(
+            f"latency budget: {max(remaining, 0.0):.3f} ms left, the fastest candidate "
+            f"{fastest.candidate.name!r} would need {fastest.predicted_ms + margin:.3f} ms now "
+            f"(wait {fastest.queue_ms:.3f} + compute {fastest.compute_ms:.3f} + overhead "
+            f"{overhead:.3f} + margin {margin:.3f}); shed at once rather than queued")
+
+    def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
+                outside_ms: float | None = None) -> None:
+        """Feedback from one answered request: ``actual_ms`` from the decision to the answer,
+        whether it ``missed`` its budget (None: it had none), and the part of it spent outside
+        its batch's queue and compute (``outside_ms``)."""
+        self.calibration.observe(decision.predicted_ms, actual_ms, missed=missed)
+        if outside_ms is not None:
+            self.overhead.observe(outside_ms)
 
     def next_stage_fits(self, variant: str, stage: int, *, deadline: float | None, batch: int,
-                        load_factor: float) -> bool:
+                        slowdown: float) -> bool:
         """Early exit: is there time to run ``stage`` (and its exit) before ``deadline``?"""
         if deadline is None:
             return True
         remaining = self.remaining_ms(deadline)
         assert remaining is not None
-        cost = self.latency.predict(unit_name(variant, stage), batch, load_factor=load_factor)
+        cost = self.latency.predict(unit_name(variant, stage), batch, slowdown=slowdown)
         return cost.p95 <= remaining
 
     # --- predictions ---------------------------------------------------------------------------
 
     def predict(self, c: Candidate, batch: int, load: Load) -> Decision:
-        """Predicted queue wait and compute p95 of ``c`` for ``batch`` more samples now."""
-        factor = self.latency.load_factor(load)
-        queue_ms, joins = self._queue(c.variant, load.queues.get(c.variant), factor)
-        compute = self.compute(c, joins + batch, factor)
-        return Decision(c, queue_ms, compute.p95, None, True, factor)
+        """What ``c`` would cost for ``batch`` more samples now (the variant table)."""
+        slowdown = self.latency.slowdown(load)
+        wait, joins = self._start(c.variant, self._plan(load, slowdown), load, batch)
+        compute = self.latency.sum_ms(c.units, joins + batch)[0] * slowdown
+        return Decision(c, wait, compute, self.overhead.ms, self.calibration.margin_ms, None, True,
+                        slowdown, self.clock())
 
-    def compute(self, c: Candidate, batch: int, load_factor: float) -> Prediction:
-        return self.latency.predict_sum(c.units, batch, load_factor=load_factor)
+    def compute(self, c: Candidate, batch: int, slowdown: float = 1.0) -> Prediction:
+        return self.latency.predict_sum(c.units, batch, slowdown=slowdown)
 
-    def _queue(self, variant: str, q: QueueView | None, factor: float) -> tuple[float, int]:
-        """(ms until our batch starts, samples already waiting in the batch we will join)."""
-        if q is None or (q.running == 0 and q.queued == 0):
+    def _plan(self, load: Load, slowdown: float) -> Plan:
+        """Every busy variant's backlog laid out on the worker threads."""
+        backlogs: dict[str, Backlog] = {}
+        mb = self.max_batch
+        for name, q in load.queues.items():
+            running, queued = q.running, q.queued
+            if not running and not queued:
+                continue
+            units = self._deepest[name].units
+            run_ms = 0.0
+            if running:
+                run_ms = self.latency.sum_ms(units, running)[0] * slowdown
+                run_ms = max(run_ms - q.running_for_ms, 0.0) if not q.waiting else run_ms
+            full, part = divmod(queued, mb)
+            batches = [self.latency.sum_ms(units, mb)[0] * slowdown] * full
+            if part:
+                batches.append(self.latency.sum_ms(units, part)[0] * slowdown)
+            backlogs[name] = Backlog(run_ms, bool(running) and q.waiting, tuple(batches), part)
+        if not backlogs:
+            return IDLE_PLAN
+        return plan(load.threads, backlogs)
+
+    def _start(self, variant: str, layout: Plan, load: Load, batch: int) -> tuple[float, int]:
+        """(ms until our batch starts, samples already in the batch we join)."""
+        if layout is IDLE_PLAN:
             return 0.0, 0
-        units = self._deepest[variant].units
-        wait = 0.0
-        running = q.running
-        if running > 0:
-            run = self.latency.sum_ms(units, running)[0] * factor
-            wait += max(run - q.running_for_ms, 0.0)
-        queued = q.queued
-        full_batches = queued // self.max_batch
-        if full_batches:
-            wait += full_batches * self.latency.sum_ms(units, self.max_batch)[0] * factor
-        return wait, queued % self.max_batch
+        q = load.queues.get(variant)
+        part = q.queued % self.max_batch if q is not None else 0
+        if part and part + batch <= self.max_batch:  # room in the last queued batch: join it
+            return layout.last_start_ms[variant], part
+        return layout.start_ms(variant), 0
 
     def _with_room(self, pool: list[Candidate], batch: int, load: Load) -> list[Candidate]:
         """The candidates whose variant queue can take ``batch`` more samples."""

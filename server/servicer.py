@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -211,13 +212,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest | Malformed,
                      time_remaining: float | None) -> pb.ModelInferResponse:
+        received = time.monotonic()  # the engine's clock: the budget runs from here
         engine, spec = self.state.ready_engine()
         if isinstance(request, Malformed):
             engine.rejected(request.error())
             raise request.error()
         try:
             call = decode_infer(request, spec, time_remaining_s=time_remaining,
-                                margin_ms=self.state.margin_ms)
+                                margin_ms=self.state.margin_ms, received=received)
         except AdaptiveError as exc:
             engine.rejected(exc)
             raise
@@ -238,14 +240,14 @@ class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
             raise NotFound(f"name {shown(request.name)}: this server hosts {spec.name!r}")
         batch = min(max(int(request.batch_size), 1), MAX_REQUEST_BATCH)
         resp = apb.ModelVariantsResponse(name=spec.name)
-        for c, d, p50 in engine.table(batch):
+        for c, d, p95 in engine.table(batch):
             v = engine.family.variant(c.variant)
             resp.candidates.add(
                 name=c.name, variant=c.variant, method=v.method,
                 exit=-1 if c.exit is None else c.exit, accuracy=c.accuracy,
-                predicted_p50_ms=p50, predicted_p95_ms=d.compute_ms, queue_ms=d.queue_ms,
+                predicted_p50_ms=d.compute_ms, predicted_p95_ms=p95, queue_ms=d.queue_ms,
                 size_bytes=v.size_bytes, macs=v.macs)
-            resp.load_factor = d.load_factor
+            resp.load_factor = d.slowdown
         return resp
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ON_MISS = ("best-effort", "reject")
+ON_MISS = ("shed", "best-effort")
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,9 @@ class Settings:
     max_batch: int = 32
     max_queue_delay_ms: float = 0.0
     max_queue: int = 1024
-    on_miss: str = "best-effort"
+    on_miss: str = "shed"  # no candidate fits: fail at once (or "best-effort": the fastest)
     intra_op_threads: int = 1  # ORT threads per batch; the latency model counts them as load
+    target_miss_rate: float = 0.01  # the router's margin adapts to hold this share of late answers
     deadline_margin_ms: float = 0.5
     inline_below_ms: float = 0.0  # > 0: tiny batches on an idle variant skip the thread pool
     batch_timeout_ms: float = 1000.0  # a batch fails after max(this, 10 × its predicted p95)
@@ -26,3 +27,5 @@ class Settings:
     def __post_init__(self) -> None:
         if self.on_miss not in ON_MISS:
             raise ValueError(f"on_miss must be one of {ON_MISS}, got {self.on_miss!r}")
+        if not 0.0 < self.target_miss_rate < 1.0:
+            raise ValueError(f"target_miss_rate must lie in (0, 1), got {self.target_miss_rate!r}")

@@ -54,7 +54,15 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Exit:
-    """One exit of the early-exit network: run stages 0..index, then answer from this exit."""
+    """One exit of the early-exit network: run stages 0..index, then answer from this exit.
+
+    Two accuracies per exit, each on the test split (reports) and the validation split (routing,
+    calibration): the stand-alone exit (every sample leaves here), and the calibrated exit policy
+    capped at this depth (``policy_*``: a sample leaves at the first earlier exit confident enough,
+    and every sample still running at ``index`` answers from it) — what the server returns for a
+    request routed to ``early-exit@index``. At the last exit the capped policy is the variant's
+    own policy. Fields added after the first manifests default to None (older manifests load).
+    """
 
     index: int
     accuracy: float  # test accuracy when every sample leaves here
@@ -62,11 +70,19 @@ class Exit:
     threshold: float  # calibrated max-softmax confidence to leave here (last exit: 0)
     exit_share: float  # share of validation samples that leave here under the thresholds
     criterion: str = "max_prob"  # or "entropy" (BranchyNet); then leave when entropy ≤ threshold
+    val_accuracy: float | None = None  # validation accuracy when every sample leaves here
+    policy_accuracy: float | None = None  # test accuracy of the policy capped at this exit
+    policy_val_accuracy: float | None = None  # validation accuracy of the policy capped here
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One member of the family, with everything the router needs to choose it."""
+    """One member of the family, with everything the router needs to choose it.
+
+    ``accuracy`` is the test-split accuracy of what the variant serves (reports); ``val_accuracy``
+    the validation-split accuracy of the same served graph or exit policy (routing). None in
+    manifests written before it was recorded.
+    """
 
     name: str
     method: str
@@ -81,6 +97,7 @@ class Variant:
     exits: list[Exit] | None = None
     details: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
+    val_accuracy: float | None = None
 
     def p50(self, batch: int = 1) -> float:
         return self.latency_ms[str(batch)]["p50"]
@@ -156,12 +173,19 @@ def write_artifact(root: Path, rel: str, data: bytes, *, role: str = "graph",
                     role=role, codec=codec, stage=stage)
 
 
+# Optional fields written only when set, so a manifest without them reads back the same.
+_OPTIONAL_VARIANT = ("exits", "val_accuracy")
+_OPTIONAL_EXIT = ("val_accuracy", "policy_accuracy", "policy_val_accuracy")
+
+
 def variant_to_json(v: Variant) -> dict[str, Any]:
+    """The manifest record of ``v``; `_parse_variant` reads it back to an equal `Variant`."""
     d = asdict(v)
     d["artifacts"] = [{k: val for k, val in a.items() if val is not None} for a in d["artifacts"]]
-    if d["exits"] is None:
-        del d["exits"]
-    return d
+    if d["exits"] is not None:
+        d["exits"] = [{k: val for k, val in e.items() if not (k in _OPTIONAL_EXIT and val is None)}
+                      for e in d["exits"]]
+    return {k: val for k, val in d.items() if not (k in _OPTIONAL_VARIANT and val is None)}
 
 
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> Path:

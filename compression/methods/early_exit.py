@@ -23,6 +23,11 @@ samples still running: exit i lets go its most confident samples as long as, on 
 samples, it is at least as accurate as the target (by default: the last exit's accuracy on the
 same samples, minus ``target_drop``) — so the policy loses at most ``target_drop`` against
 running the full depth.
+
+Recorded per exit k (`Exit`): the stand-alone accuracy of exit k, and the accuracy of the
+calibrated policy capped at depth k (`capped_policy_accuracies`: exit k acts as the last), each
+on the test split (reports) and the validation split (routing); the variant's ``val_accuracy``
+is the uncapped policy on validation.
 """
 
 from __future__ import annotations
@@ -370,7 +375,11 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
     test_where = assign_exits(test, thresholds, config.criterion)
     val_shares, test_shares = exit_shares(val_where, n_exits), exit_shares(test_where, n_exits)
     test_acc = float((policy_predictions(test, test_where) == splits.y_test).mean())
+    val_acc = float((policy_predictions(val, val_where) == splits.y_val).mean())
     exit_acc = [float((lg.argmax(1) == splits.y_test).mean()) for lg in test]
+    exit_val_acc = [float((lg.argmax(1) == splits.y_val).mean()) for lg in val]
+    capped_test = capped_policy_accuracies(test, splits.y_test, thresholds, config.criterion)
+    capped_val = capped_policy_accuracies(val, splits.y_val, thresholds, config.criterion)
 
     latencies = cumulative_latency(chain, shape)
     full = ctx.built.get("full", base)
@@ -380,7 +389,9 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
     full_p50 = profile.onnx_latency(full.graph, shape, batch_sizes=(1,))["1"]["p50"]
     exits = [Exit(index=e, accuracy=round(exit_acc[e], 6), latency_ms=latencies[e],
                   threshold=thresholds[e], exit_share=round(val_shares[e], 6),
-                  criterion=config.criterion) for e in range(n_exits)]
+                  criterion=config.criterion, val_accuracy=round(exit_val_acc[e], 6),
+                  policy_accuracy=round(capped_test[e], 6),
+                  policy_val_accuracy=round(capped_val[e], 6)) for e in range(n_exits)]
 
     trainings = {"frozen": _exit_accuracies(frozen, splits.x_test, splits.y_test)}
     if joint is not None:
@@ -405,7 +416,8 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
             "criterion": config.criterion, "thresholds": thresholds,
             "target": (f"accuracy ≥ {config.target_accuracy}" if config.target_accuracy > 0 else
                        f"last exit's accuracy on the same samples − {config.target_drop}"),
-            "test_accuracy": round(test_acc, 6), "val_exit_shares": _r(val_shares),
+            "test_accuracy": round(test_acc, 6), "val_accuracy": round(val_acc, 6),
+            "val_exit_shares": _r(val_shares),
             "test_exit_shares": _r(test_shares),
             "expected_mean_latency_ms_b1": round(expected, 4),
             "full_p50_ms_b1": full_p50, "expected_speedup_vs_full": round(full_p50 / expected, 3),
@@ -421,8 +433,29 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
              "%.3f ms vs full %.3f ms (%.2fx)", test_acc, full.accuracy, _r(test_shares),
              measured["policy_mean_ms"], measured["full_mean_ms"], measured["speedup"])
     return MethodOutput(model=net.eval(), stages=graphs, exits=exits, accuracy=test_acc,
-                        latency_ms=latencies[-1], macs=sum(macs), details=details,
+                        val_accuracy=val_acc, latency_ms=latencies[-1], macs=sum(macs), details=details,
                         report_md=_report(details, exits, full.accuracy))
+
+
+def capped_policy_accuracies(exit_logits: Sequence[np.ndarray], y: np.ndarray,
+                             thresholds: Sequence[float], criterion: str) -> list[float]:
+    """Per exit k: accuracy of the calibrated policy when no sample goes deeper than k.
+
+    Exits 0..k-1 keep their thresholds and exit k acts as the last (every sample still running
+    answers from it) — what `compression.core.exits.walk` returns with ``max_exit = k``. The
+    last entry is the uncapped policy.
+    """
+    last = last_threshold(criterion, exit_logits[0].shape[1])
+    out = []
+    for k in range(len(exit_logits)):
+        logits = exit_logits[:k + 1]
+        where = assign_exits(logits, [*thresholds[:k], last], criterion)
+        out.append(float((policy_predictions(logits, where) == y).mean()))
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _r(xs: Sequence[float], nd: int = 4) -> list[float]:
@@ -472,7 +505,8 @@ def _report(details: dict[str, Any], exits: Sequence[Exit], full_acc: float) -> 
     acc_rows.append(["calibrated policy",
                      *[f"{100 * by_training[n]['test_accuracy']:.2f}% (shares "
                        f"{by_training[n]['test_exit_shares']})" for n in names]])
-    exit_rows = [[e.index, f"{100 * e.accuracy:.2f}%", f"{e.threshold:.6g}", f"{e.exit_share:.3f}",
+    exit_rows = [[e.index, f"{100 * e.accuracy:.2f}%", _pct(e.policy_accuracy),
+                  _pct(e.policy_val_accuracy), f"{e.threshold:.6g}", f"{e.exit_share:.3f}",
                   *[f"{e.latency_ms[str(b)]['p50']:.3f} / {e.latency_ms[str(b)]['p95']:.3f}"
                     for b in BATCH_SIZES]] for e in exits]
     curve_rows = [[r["threshold"], f"{100 * r['test_accuracy']:.2f}%", f"{-r['drop_pt']:+.2f}",
@@ -492,7 +526,10 @@ def _report(details: dict[str, Any], exits: Sequence[Exit], full_acc: float) -> 
         "### Joint vs frozen-backbone training (test accuracy per exit)\n",
         report.markdown_table(["exit", *names], acc_rows),
         "\n### Exits as served (threshold calibrated on validation; latency cumulative, ms)\n",
-        report.markdown_table(["exit", "accuracy", "threshold", "val share",
+        "accuracy: every sample leaves at this exit (test); policy to here: the calibrated policy "
+        "with this exit as the deepest, what `early-exit@k` serves (test, and validation).\n",
+        report.markdown_table(["exit", "accuracy", "policy to here", "policy to here (val)",
+                               "threshold", "val share",
                                *[f"p50/p95 b{b}" for b in BATCH_SIZES]], exit_rows),
         f"\n### Accuracy/latency over a common {pol['criterion']} threshold (test split)\n",
         report.markdown_table(["threshold", "accuracy", "Δ vs full pt", "exit shares",

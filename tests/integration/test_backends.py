@@ -9,14 +9,13 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from client import AdaptiveClient
+from client.synthetic import SHAPE, cnn, plain, table, write_family
 from compression.core.family import Variant, write_artifact
 from compression.export import to_onnx
 from compression.models import build_model
 from server.app import ServeOptions
 from server.runtime import OrtRunner, TorchRunner
 from tests.harness import serve_in_thread
-
-from .families import SHAPE, cnn, plain, table, write_family
 
 SPEC = {"kind": "cnn", "input": list(SHAPE), "num_classes": 10,
         "stages": [{"channels": 8, "depth": 1, "pool": False},

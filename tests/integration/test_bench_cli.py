@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from compression.core.family import load_family
-from server.app import RunningServer
+from tests.harness import RunningServer
 
 CLI = [sys.executable, "-m", "client.cli", "bench"]
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import AdaptiveClient
 from client.cli import main as cli_main
 from client.process import METRICS, SERVING, WORKERS, ServerProcess
-from server.app import RunningServer
+from tests.harness import RunningServer
 
 CLI = [sys.executable, "-m", "client.cli"]
 

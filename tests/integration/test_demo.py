@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from client.demo import run_demo
-from client.load import Phase, Record, summarize
+from client.loadgen import Phase, Record
+from client.results import summarize_phases as summarize
 from compression.core.family import load_family
 
 

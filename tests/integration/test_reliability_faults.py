@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from client import AdaptiveClient, InferResult, Unavailable
+from client.synthetic import SHAPE
 from server.app import ServeOptions
 from server.faults import Fault
 from server.settings import Settings
 from tests.harness import RunningServer, serve_in_thread
-
-from .families import SHAPE
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from client import AdaptiveClient, Unavailable
+from client.synthetic import SHAPE
 from compression.core.errors import FamilyError
 from server.app import ServeOptions
 from tests.harness import serve_in_thread
-
-from .families import SHAPE
 
 
 def _tamper(root: Path) -> Path:

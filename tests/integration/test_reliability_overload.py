@@ -1,7 +1,8 @@
-"""Overload, the short version of ``bench/soak.py``: a `serve` process with ``--on-miss reject`` and
-a bounded queue is offered requests far beyond its capacity for a few seconds. Admission control
-refuses what cannot meet its budget at once (RESOURCE_EXHAUSTED) instead of queueing it, health
-checks keep answering throughout, and afterwards latency returns to its idle level."""
+"""Overload, the short version of ``bench/soak.py``: a `serve` process (shedding, the default) with
+a bounded queue is offered requests far beyond its capacity for a few seconds. The router refuses
+at once what cannot meet its budget (DEADLINE_EXCEEDED when the queue ahead is too long,
+RESOURCE_EXHAUSTED when it is full) instead of queueing it, what it admits meets its budget,
+health checks keep answering throughout, and afterwards latency returns to its idle level."""
 
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ import pytest
 from client import AdaptiveClient
 from client.client import build_request
 from client.process import SERVING, ServerProcess
+from client.synthetic import SHAPE
 from protos.generated import grpc_service_pb2_grpc
-
-from .families import SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,13 @@ IMAGES = 8  # samples per request: the slow variant then costs tens of ms, so co
 BUDGET_MS = 250.0
 RATE = 120.0  # requests/s offered: several times what the pinned slow variant serves here
 SECONDS = 5.0
+REFUSED = ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 
 
 @pytest.fixture(scope="module")
 def server(serving_family: Path) -> Iterator[str]:
     proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "-1",
-                          "--threads", "2", "--on-miss", "reject", "--max-queue", "64"])
+                          "--threads", "2", "--on-miss", "shed", "--max-queue", "64"])
     try:
         port = proc.port()
         proc.wait_for(SERVING)
@@ -106,10 +107,12 @@ def test_overload_is_refused_at_once_health_answers_and_latency_recovers(server:
                 "recovered in %s s", len(outcomes), RATE, codes,
                 health.answers.count("SERVING"), len(health.answers), idle,
                 "never" if recovered_s is None else f"{recovered_s:.2f}")
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, codes
-    assert codes.get("OK", 0) > 0 and codes.get("RESOURCE_EXHAUSTED", 0) > len(outcomes) / 4
-    # refusals are answered at once, not after waiting in a queue
-    refused = [ms for c, ms in outcomes if c == "RESOURCE_EXHAUSTED"]
-    assert statistics.median(refused) < BUDGET_MS
+    assert set(codes) <= {"OK", *REFUSED}, codes
+    refused = [ms for c, ms in outcomes if c in REFUSED]
+    answered = [ms for c, ms in outcomes if c == "OK"]
+    assert answered and len(refused) > len(outcomes) / 4
+    # refusals are answered at once, not after waiting in a queue; what was admitted made it
+    assert statistics.median(refused) < BUDGET_MS / 10
+    assert sum(ms <= BUDGET_MS for ms in answered) >= 0.9 * len(answered)
     assert len(health.answers) >= SECONDS * 5 and set(health.answers) == {"SERVING"}
     assert recovered_s is not None

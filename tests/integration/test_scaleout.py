@@ -15,8 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, AdaptiveError
 from client.process import METRICS, SERVING, ServerProcess
-
-from .families import SHAPE
+from client.synthetic import SHAPE
 
 log = logging.getLogger(__name__)
 

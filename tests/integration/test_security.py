@@ -21,10 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from client import AdaptiveClient, Unauthenticated, Unavailable
+from client.synthetic import SHAPE, cnn, plain, write_family
 from server.app import ServeOptions
 from tests.harness import RunningServer, serve_in_thread
-
-from .families import SHAPE, cnn, plain, write_family
 
 TOKEN = "s3cret-token-0123456789"
 

@@ -19,9 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import AdaptiveClient, InferResult
 from client.client import build_request
 from client.process import METRICS, SERVING, ServerProcess
+from client.synthetic import SHAPE
 from protos.generated import grpc_service_pb2_grpc
-
-from .families import SHAPE
 
 log = logging.getLogger(__name__)
 

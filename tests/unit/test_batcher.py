@@ -155,7 +155,7 @@ def test_full_queue_is_overloaded_and_expired_requests_are_dropped_in_reject_mod
 
     async def test(pool: ThreadPoolExecutor) -> None:
         b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic,
-                    settings=Settings(max_batch=8, max_queue=3, on_miss="reject"))
+                    settings=Settings(max_batch=8, max_queue=3, on_miss="shed"))
         b.start()
         first = asyncio.create_task(b.submit(_x(), deadline=None))
         await _until_started(runner)

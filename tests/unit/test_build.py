@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from compression import data as datasets
+from compression import export, report
 from compression.build import build, load_config
 from compression.core.errors import ConfigError
 from compression.core.family import load_family
+from compression.core.ort import session
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "quick.toml"
@@ -71,7 +74,30 @@ def test_rebuild_reuses_the_cached_base_and_is_deterministic(
     a = json.loads((quick_family / "manifest.json").read_text())["variants"]
     b = json.loads((out / "manifest.json").read_text())["variants"]
     assert [v["accuracy"] for v in a] == [v["accuracy"] for v in b]
+    assert [v["val_accuracy"] for v in a] == [v["val_accuracy"] for v in b]
     assert [v["artifacts"][0]["sha256"] for v in a] == [v["artifacts"][0]["sha256"] for v in b]
+
+
+@pytest.mark.slow
+def test_every_variant_records_its_validation_accuracy(quick_family: Path) -> None:
+    """val_accuracy: the served graph on the build's validation split (accuracy: on test)."""
+    fam = load_family(quick_family)
+    cfg = fam.manifest["build"]["config"]
+    splits = datasets.split(datasets.load(cfg["data_spec"]), seed=cfg["seed"],
+                            val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"])
+    for name, v in fam.variants.items():
+        assert v.val_accuracy is not None and 0.0 <= v.val_accuracy <= 1.0, name
+        if v.exits:
+            continue  # the early-exit policy: tests/unit/test_compression_ii.py
+        sess = session(fam.graph(name))
+        for x, y, recorded in ((splits.x_val, splits.y_val, v.val_accuracy),
+                               (splits.x_test, splits.y_test, v.accuracy)):
+            assert recorded == round(float((export.run(sess, x).argmax(1) == y).mean()), 6), name
+    rows = report.table(list(fam.variants.values())).splitlines()
+    assert rows[0].split()[:5] == ["variant", "method", "accuracy", "Δ", "vs"]
+    assert "val" in rows[0].split()
+    full = fam.variant("full")
+    assert full.val_accuracy is not None and f"{100 * full.val_accuracy:.2f}%" in rows[2]
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from compression.build import _base_model, build, load_config
 from compression.core import encoding
 from compression.core.family import load_family
 from compression.core.ort import session
-from compression.data import Splits
+from compression.data import Splits, load, split
 from compression.methods import (
     binary,
     clustered,
@@ -499,9 +499,15 @@ def test_every_method_builds_verifies_and_loads(tmp_path: Path) -> None:
     assert codecs["pruned-weights"] == {"sparse"} and codecs["binary"] == {"binary"}
     assert codecs["clustered"] == {"kmeans-huffman"}
     x = splits.x_test[:8]
+    # validation accuracy of what is served, graph-only variants (int8, clustered, binary) included
+    cfg = fam.manifest["build"]["config"]
+    built = split(load(cfg["data_spec"]), seed=cfg["seed"], val_fraction=cfg["val_fraction"],
+                  test_fraction=cfg["test_fraction"])
     for name, v in fam.variants.items():
         logits = export.run(session(fam.graph(name)), x)
         assert logits.shape == (8, 4), name
+        val = export.run(session(fam.graph(name)), built.x_val).argmax(1) == built.y_val
+        assert v.val_accuracy == round(float(val.mean()), 6), name
         assert v.size_bytes > 0 and v.latency_ms["1"]["p50"] > 0 and v.params_count > 0
     assert fam.variant("pruned-weights").details["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert fam.variant("pruned-weights").details["lottery_ticket"].keys() == {

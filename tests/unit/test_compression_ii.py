@@ -20,12 +20,20 @@ from compression.core.exits import (
     calibrate,
     confidence,
     exit_shares,
+    last_threshold,
     policy_predictions,
     stage_io,
+    walk,
 )
 from compression.core.family import BATCH_SIZES, load_family
 from compression.methods.depthwise import conv_records
-from compression.methods.early_exit import EarlyExitNet, export_stages, feature_shapes, joint_loss
+from compression.methods.early_exit import (
+    EarlyExitNet,
+    capped_policy_accuracies,
+    export_stages,
+    feature_shapes,
+    joint_loss,
+)
 from compression.methods.low_rank import (
     LowRankConfig,
     choose_rank,
@@ -264,6 +272,28 @@ def test_calibrated_thresholds_meet_the_target_and_reproduce_shares(criterion: s
             assert (exits[e][sel].argmax(1) == y[sel]).mean() >= 0.97
 
 
+@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+def test_capped_policy_accuracy_is_what_the_server_returns_at_that_depth(criterion: str) -> None:
+    """Exit k as the deepest: the same answers as `walk` with ``max_exit = k`` on the chain."""
+    graphs = export_stages(_tiny_exit_net(), (1, 28, 28))
+    chain = StageChain.from_graphs(graphs)
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(4)).numpy()
+    logits = chain.all_logits(x)
+    y = np.random.default_rng(0).integers(0, 10, len(x))
+    y[:32] = logits[0][:32].argmax(1)  # some samples right at exit 0, so accuracies differ
+    # thresholds that let about half of the still-running samples go at each early exit
+    th = [float(np.median(confidence(lg, criterion))) for lg in logits[:-1]]
+    th.append(last_threshold(criterion, 10))
+    capped = capped_policy_accuracies(logits, y, th, criterion)
+    for k in range(3):
+        served = walk(chain, x, th, criterion, max_exit=np.full(len(x), k))
+        assert served.exits.max() <= k
+        assert capped[k] == float((served.logits.argmax(1) == y).mean()), k
+    assert capped[0] == float((logits[0].argmax(1) == y).mean())  # exit 0 alone
+    where = assign_exits(logits, th, criterion)  # the last entry is the uncapped policy
+    assert capped[-1] == float((policy_predictions(logits, where) == y).mean())
+
+
 # --- a tiny family with all three methods -----------------------------------------------------
 
 TINY_FAMILY = """
@@ -359,3 +389,21 @@ def test_tiny_family_with_the_three_methods(tmp_path: Path) -> None:
     test = StageChain.from_graphs(graphs).all_logits(splits.x_test)
     where = assign_exits(test, [e.threshold for e in ee.exits], ee.exits[0].criterion)
     assert abs((policy_predictions(test, where) == splits.y_test).mean() - ee.accuracy) < 1e-6
+    # validation accuracy: every variant; for early-exit, the policy (uncapped) on validation
+    for v in fam.variants.values():
+        assert v.val_accuracy is not None and 0.0 <= v.val_accuracy <= 1.0, v.name
+    th, criterion = [e.threshold for e in ee.exits], ee.exits[0].criterion
+    where = assign_exits(val, th, criterion)
+    assert ee.val_accuracy == round(float((policy_predictions(val, where) == splits.y_val).mean()), 6)
+    assert ee.exits[-1].policy_val_accuracy == ee.val_accuracy
+    assert ee.exits[-1].policy_accuracy == ee.accuracy
+    # per exit k: stand-alone exit k and the policy capped at k, recomputed from the exit logits
+    for logits, y, suffix in ((test, splits.y_test, ""), (val, splits.y_val, "val_")):
+        capped = capped_policy_accuracies(logits, y, th, criterion)
+        for e in ee.exits:
+            k = e.index
+            assert getattr(e, f"policy_{suffix}accuracy") == round(capped[k], 6)
+            assert getattr(e, f"{suffix}accuracy") == round(float((logits[k].argmax(1) == y).mean()), 6)
+            where = assign_exits(logits[:k + 1], [*th[:k], last_threshold(criterion, 10)], criterion)
+            assert getattr(e, f"policy_{suffix}accuracy") == round(
+                float((policy_predictions(logits[:k + 1], where) == y).mean()), 6)

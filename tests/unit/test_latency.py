@@ -1,4 +1,4 @@
-"""The latency model: seeds, interpolation across batch sizes, online EWMA updates, load scaling."""
+"""The latency model: seeds, interpolation across batch sizes, online EWMA updates, CPU slowdown."""
 
 from __future__ import annotations
 
@@ -51,16 +51,18 @@ def test_new_batch_size_starts_from_the_interpolated_guess() -> None:
     assert m.predict("a", 20).p50 == pytest.approx(10.0)
 
 
-def test_load_scales_predictions_and_observations_are_stored_unloaded() -> None:
+def test_cpu_contention_scales_predictions_and_observations_are_stored_uncontended() -> None:
     m = LatencyModel(alpha=1.0)
     m.seed("a", TABLE)
-    busy = Load(cores=2, cpu_other=1.0, executing=1)
-    f = m.load_factor(busy)
+    busy = Load(cores=2, threads=2, cpu_other=1.0, executing=1)
+    f = m.slowdown(busy)  # 2 cores busy elsewhere + our running batch + the one starting
     assert f == pytest.approx((2 + 1 + 1) / 2)
-    assert m.load_factor(Load(cores=2)) == 1.0
-    m.observe("a", 1, 4.0, load_factor=f)  # 4 ms under 2x load = 2 ms unloaded
+    assert m.slowdown(Load(cores=2, threads=2)) == 1.0
+    # more batches than worker threads queue for a thread instead of slowing the cores
+    assert m.slowdown(Load(cores=2, threads=2, executing=2)) == 1.0
+    m.observe("a", 1, 4.0, slowdown=f)  # 4 ms under a 2x slowdown = 2 ms uncontended
     assert m.predict("a", 1).p50 == pytest.approx(2.0)
-    assert m.predict("a", 1, load_factor=f).p50 == pytest.approx(4.0)
+    assert m.predict("a", 1, slowdown=f).p50 == pytest.approx(4.0)
 
 
 def test_unknown_units_and_garbage_observations_are_ignored() -> None:

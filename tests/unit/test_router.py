@@ -1,11 +1,14 @@
-"""The routing policy with fake variants, a fake clock and fake load: no server, no models."""
+"""The routing policy with fake variants, a fake clock and fake queues: no server, no models."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import pytest
 
 from compression.core.family import Exit, Variant
-from server.errors import BudgetExceeded, NotFound
+from server.errors import NotFound, Shed
 from server.latency import LatencyModel, Load, QueueState
 from server.router import Router, candidates_for
 from server.warmup import seed_from_manifest
@@ -37,7 +40,7 @@ VARIANTS = [_variant("fast", 0.90, 1.0), _variant("mid", 0.95, 3.0), _variant("s
 # early exit: cumulative 1 / 2.5 / 5 ms, accuracy 0.93 / 0.97 / 0.985
 EXITS = [Exit(0, 0.93, _table(1.0), 0.9, 0.7), Exit(1, 0.97, _table(2.5), 0.8, 0.2),
          Exit(2, 0.985, _table(5.0), 0.0, 0.1)]
-IDLE = Load(cores=4)
+IDLE = Load(cores=4, threads=4)
 
 
 def _router(variants: list[Variant], clock: FakeClock, **kw: object) -> Router:
@@ -75,24 +78,82 @@ def test_time_passing_on_the_clock_shrinks_the_budget(clock: FakeClock) -> None:
     assert r.choose(deadline=deadline, batch=1, load=IDLE).candidate.name == "mid"
 
 
-def test_rising_load_gets_a_cheaper_choice(clock: FakeClock) -> None:
+def test_cpu_contention_gets_a_cheaper_choice(clock: FakeClock) -> None:
     r = _router(VARIANTS, clock)
-    loads = [IDLE,  # load factor 1: slow (11 ms p95) fits 12 ms
-             Load(cores=4, cpu_other=1.0),  # 1.25x: slow needs 13.75 ms, mid 4.1 ms
-             Load(cores=4, cpu_other=1.0, executing=12)]  # 4.25x: mid 14 ms, fast 4.7 ms
+    loads = [IDLE,  # slow (10 ms) fits 12 ms
+             Load(cores=4, threads=4, cpu_other=1.0),  # other processes: 1.25x, slow 12.5 ms
+             Load(cores=4, threads=16, cpu_other=1.0, executing=12)]  # 4.25x: mid 12.75 ms
     picks = [r.choose(deadline=clock.deadline_in(12.0), batch=1, load=load).candidate.name
              for load in loads]
     assert picks == ["slow", "mid", "fast"]
 
 
-def test_queue_wait_counts_against_the_budget(clock: FakeClock) -> None:
+def test_a_queue_that_builds_up_changes_the_choice(clock: FakeClock) -> None:
     r = _router(VARIANTS, clock, max_batch=8)
     deadline = clock.deadline_in(15.0)
     assert r.choose(deadline=deadline, batch=1, load=IDLE).candidate.name == "slow"
-    queued = Load(cores=4, queues={"slow": QueueState(queued=16, running=8, running_for_ms=1.0)})
+    queued = Load(cores=4, threads=4,
+                  queues={"slow": QueueState(queued=16, running=8, running_for_ms=1.0)})
     d = r.choose(deadline=deadline, batch=1, load=queued)
-    assert d.candidate.name == "mid"
-    assert r.predict(r.candidate("slow"), 1, queued).queue_ms > 40.0
+    assert d.candidate.name == "mid" and d.queue_ms == 0.0  # its own queue is empty
+    # the rest of the running batch of 8 and two full batches of 8 come first
+    assert r.predict(r.candidate("slow"), 1, queued).queue_ms == pytest.approx(
+        3 * 10.0 * 8 ** 0.8 - 1.0)
+
+
+def test_batches_of_other_variants_holding_every_thread_delay_a_new_batch(
+        clock: FakeClock) -> None:
+    r = _router(VARIANTS, clock, max_batch=8)
+    busy = {"fast": QueueState(running=8), "mid": QueueState(running=8)}  # both just started
+    one_thread_free = Load(cores=4, threads=3, queues=busy)
+    no_thread_free = Load(cores=4, threads=2, queues=busy)
+    deadline = clock.deadline_in(15.0)
+    assert r.choose(deadline=deadline, batch=1, load=one_thread_free).candidate.name == "slow"
+    d = r.choose(deadline=deadline, batch=1, load=no_thread_free)
+    # slow must wait for fast's batch (8^0.8 ≈ 5.3 ms) to free a thread: 15.3 ms > 15
+    assert d.candidate.name == "fast" and d.queue_ms == pytest.approx(8 ** 0.8)
+
+
+def test_a_request_joins_the_last_queued_batch_when_it_has_room(clock: FakeClock) -> None:
+    r = _router(VARIANTS, clock, max_batch=8)
+    load = Load(cores=4, threads=4, queues={"mid": QueueState(queued=3, running=8,
+                                                               running_for_ms=2.0)})
+    d = r.predict(r.candidate("mid"), 2, load)
+    assert d.queue_ms == pytest.approx(3.0 * 8 ** 0.8 - 2.0)  # starts with the batch of 3
+    mid = r.candidate("mid")
+    assert d.compute_ms == pytest.approx(r.compute(mid, 5).p50)  # …which becomes a batch of 5
+    no_room = r.predict(mid, 6, load)  # 3 + 6 > 8: a batch of its own after the 3
+    assert no_room.compute_ms == pytest.approx(r.compute(mid, 6).p50)
+    assert no_room.queue_ms == pytest.approx(d.queue_ms + r.compute(mid, 3).p50)
+
+
+def test_late_answers_widen_the_margin_and_early_ones_narrow_it(clock: FakeClock) -> None:
+    r = _router(VARIANTS, clock)
+    deadline = clock.deadline_in(11.0)
+    d = r.choose(deadline=deadline, batch=1, load=IDLE)
+    assert d.candidate.name == "slow" and d.margin_ms == 0.0
+    for _ in range(200):  # answers arrive 3 ms later than predicted, and miss their budget
+        r.observe(d, d.predicted_ms + 3.0, missed=True)
+    late = r.calibration.margin_ms
+    assert late > 1.0 and r.calibration.miss_rate > 0.8
+    assert r.choose(deadline=deadline, batch=1, load=IDLE).candidate.name == "mid"
+    for _ in range(2000):  # then 1 ms earlier than predicted, inside the budget
+        r.observe(d, d.predicted_ms - 1.0, missed=False)
+    assert r.calibration.margin_ms < late / 4 and r.calibration.miss_rate < 0.05
+    assert r.choose(deadline=deadline, batch=1, load=IDLE).candidate.name == "slow"
+
+
+def test_the_margin_settles_where_the_target_share_of_errors_exceeds_it() -> None:
+    import random
+
+    from server.calibration import Calibration
+
+    rng = random.Random(0)
+    cal = Calibration(target=0.05)
+    errors = [rng.expovariate(1.0) for _ in range(40_000)]  # ms late; 95th percentile ln 20 ≈ 3
+    for e in errors:
+        cal.observe(0.0, e)
+    assert cal.margin_ms == pytest.approx(math.log(20), rel=0.25)
 
 
 def test_bigger_batches_cost_more(clock: FakeClock) -> None:
@@ -103,19 +164,30 @@ def test_bigger_batches_cost_more(clock: FakeClock) -> None:
 
 
 def test_nothing_fits_best_effort_gives_the_fastest(clock: FakeClock) -> None:
-    d = _router(VARIANTS, clock).choose(deadline=clock.deadline_in(0.1), batch=1, load=IDLE)
+    r = _router(VARIANTS, clock, on_miss="best-effort")
+    d = r.choose(deadline=clock.deadline_in(0.1), batch=1, load=IDLE)
     assert d.candidate.name == "fast" and not d.fits
 
 
-def test_nothing_fits_reject_raises_deadline_exceeded(clock: FakeClock) -> None:
-    r = _router(VARIANTS, clock, on_miss="reject")
-    with pytest.raises(BudgetExceeded, match="'fast'"):
+def test_nothing_fits_sheds_at_once_with_deadline_exceeded(clock: FakeClock) -> None:
+    r = _router(VARIANTS, clock, max_batch=8)
+    with pytest.raises(Shed, match=r"'fast' would need 1\.000 ms") as caught:
         r.choose(deadline=clock.deadline_in(0.1), batch=1, load=IDLE)
+    assert caught.value.code == "DEADLINE_EXCEEDED"
+    # the budget would fit an idle server, but the queue in front of every variant would not
+    jammed = Load(cores=4, threads=4, queues={v.name: QueueState(queued=64, running=8)
+                                             for v in VARIANTS})
+    with pytest.raises(Shed, match="shed at once"):
+        r.choose(deadline=clock.deadline_in(5.0), batch=1, load=jammed)
+    # without a budget a request is never shed for time
+    assert r.choose(deadline=None, batch=1, load=jammed).candidate.name == "slow"
 
 
 def test_pinned_variant_and_unknown_pin(clock: FakeClock) -> None:
     r = _router(VARIANTS, clock)
-    assert r.choose(deadline=clock.deadline_in(0.5), batch=1, load=IDLE, pin="slow").candidate.name == "slow"
+    assert r.choose(deadline=clock.deadline_in(20), batch=1, load=IDLE, pin="slow").candidate.name == "slow"
+    with pytest.raises(Shed, match="'slow'"):  # pinned, and cannot make it: no other variant
+        r.choose(deadline=clock.deadline_in(0.5), batch=1, load=IDLE, pin="slow")
     with pytest.raises(NotFound, match="'nope'"):
         r.choose(deadline=None, batch=1, load=IDLE, pin="nope")
 
@@ -138,7 +210,22 @@ def test_early_exit_depths_compete_with_variants(clock: FakeClock) -> None:
 def test_next_stage_only_when_the_remaining_budget_allows(clock: FakeClock) -> None:
     r = _router([_variant("early-exit", 0.985, 5.0, exits=EXITS)], clock)
     deadline = clock.deadline_in(5.0)
-    assert r.next_stage_fits("early-exit", 1, deadline=deadline, batch=1, load_factor=1.0)
+    assert r.next_stage_fits("early-exit", 1, deadline=deadline, batch=1, slowdown=1.0)
     clock.now += 0.004  # 1 ms left; stage 1 alone needs ~1.65 ms at p95
-    assert not r.next_stage_fits("early-exit", 1, deadline=deadline, batch=1, load_factor=1.0)
-    assert r.next_stage_fits("early-exit", 1, deadline=None, batch=1, load_factor=1.0)
+    assert not r.next_stage_fits("early-exit", 1, deadline=deadline, batch=1, slowdown=1.0)
+    assert r.next_stage_fits("early-exit", 1, deadline=None, batch=1, slowdown=1.0)
+
+
+def test_candidates_are_ranked_by_validation_and_exit_depths_by_their_capped_policy(
+        clock: FakeClock) -> None:
+    full = replace(_variant("full", 0.985, 10.0), val_accuracy=0.98)
+    # exit 2 alone scores 0.99 on test, but the policy that may go to depth 2 serves 0.975
+    exits = [replace(e, policy_val_accuracy=acc) for e, acc in zip(EXITS, (0.90, 0.95, 0.975),
+                                                                      strict=True)]
+    cands = {c.name: c for c in candidates_for([full, _variant("early-exit", 0.99, 5.0, exits)])}
+    assert cands["full"].accuracy == 0.98
+    assert [cands[f"early-exit@{k}"].accuracy for k in range(3)] == [0.90, 0.95, 0.975]
+    r = _router([full, _variant("early-exit", 0.99, 5.0, exits)], clock)
+    assert r.choose(deadline=None, batch=1, load=IDLE).candidate.name == "full"
+    # manifests from before validation accuracies were recorded rank by test accuracy
+    assert candidates_for([_variant("old", 0.97, 1.0)])[0].accuracy == 0.97

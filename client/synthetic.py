@@ -1,8 +1,9 @@
-"""Model families for the serving tests, built in seconds from tiny torch modules.
+"""A synthetic model family, built in seconds from tiny untrained torch modules.
 
-The serving family has untrained weights: the server cares about graphs, shapes and the
-manifest. Its
-variants differ in cost by orders of magnitude so routing assertions survive a busy machine:
+For load whose cost must be known rather than accurate: the serving tests and
+``bench/soak.py``'s default family. The weights are
+untrained (the server cares about graphs, shapes and the manifest); the variants differ in cost
+by orders of magnitude so routing assertions and saturation figures survive a busy machine:
 
 - ``fast``  (accuracy 0.90): one 2-channel conv, ~0.03 ms
 - ``mid``   (0.95): three 48-channel convs, ~1 ms
@@ -10,6 +11,8 @@ variants differ in cost by orders of magnitude so routing assertions survive a b
 - ``early-exit`` (exits 0.80 / 0.96 / 0.985): stage 0 is nearly free and its exit is confident
   exactly when the image is bright (mean pixel 1 → logit 100 for class 0; black → uniform);
   stages 1 and 2 cost ~1 ms each and are never confident, so their depth follows the budget.
+
+Needs torch: import it only where a family is built (the client library itself does not load torch).
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ class _HeavyStage(nn.Module):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(c_in, 48, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(48, 48, 3, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, CLASSES))
+        linear = nn.Linear(48, CLASSES)  # created after the body: the same seeded weights as ever
         with torch.no_grad():
-            self.head[2].weight.mul_(1e-3)
+            linear.weight.mul_(1e-3)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
         self.last = last
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:

@@ -1,0 +1,441 @@
+"""The load generator: every request that the bench, the demo and the benchmark scripts send.
+
+Three ways to load a server, all from here:
+
+- **Open loop** (`run_open_loop`, `run_phases`): arrivals at an offered rate, Poisson by default
+  (evenly spaced on request), that never wait for answers. An open loop is what exposes
+  queueing: a closed loop slows down with the server and hides it. Each request carries images
+  from a `TestData` (with labels, so accuracy is measured) and a latency budget drawn from a
+  `BudgetSpec`; every arrival becomes one `Record`, including the ones the client could not send.
+- **Closed loop** (`closed_loop`): a fixed number of requests always in flight, for a variant's
+  capacity (saturation throughput).
+- **Sequential** (`sequential_ms`): one request in flight, for idle round trips.
+
+Figures, tables and CSV of the records are in `client.results`; the `bench` command that runs
+one open loop per rate is `client.bench`.
+
+Counts add up: ``offered = sent + client_dropped`` and ``sent = answered + errors``. A budget is
+met when the answer arrives (client round trip) within it; errors and client drops are misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from client.client import AdaptiveClient, build_request, deadline_s, parse_response
+from protos import wire
+from protos.generated import grpc_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from compression.core.family import Family
+
+log = logging.getLogger(__name__)
+
+OK = "OK"  # the gRPC status name of an answered request
+DROPPED = "CLIENT_DROPPED"  # an arrival the client could not send: max_inflight reached
+CLIENT_ERROR = "CLIENT_ERROR"  # the call failed inside the client (not a gRPC status)
+
+
+# --- one request's outcome ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    """One arrival of an open loop: answered, failed with a gRPC status, or dropped."""
+
+    phase: int  # index of the run (bench: its rate) or phase (demo) the arrival belongs to
+    budget_ms: float | None
+    status: str  # gRPC status name; OK when answered, else also DROPPED or CLIENT_ERROR
+    candidate: str | None  # wire.candidate_name: variant, or variant@exit (the deepest used)
+    latency_ms: float  # client round trip (0 for a drop)
+    correct: int | None  # samples classified correctly (None: no labels, or no answer)
+    samples: int = 1
+
+    @property
+    def met(self) -> bool:
+        """Answered within the budget (any answer meets no budget)."""
+        return self.status == OK and (self.budget_ms is None or self.latency_ms <= self.budget_ms)
+
+
+# --- budgets and rates --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """Where each request's budget (ms) comes from: ``none``, ``5``, ``uniform:A:B``, or a weighted
+    mixture ``2:0.5,10:0.3,50:0.2`` (``value:weight``; ``none`` is a value too)."""
+
+    text: str
+    values: tuple[float | None, ...] = ()  # fixed / mixture points
+    weights: tuple[float, ...] = ()  # normalised to sum 1
+    uniform: tuple[float, float] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> BudgetSpec:
+        s = text.strip().lower()
+        if s.startswith("uniform:"):
+            parts = s.split(":")
+            if len(parts) != 3:
+                raise ValueError(f"budget spec {text!r}: expected uniform:A:B (milliseconds)")
+            a, b = _positive(text, parts[1]), _positive(text, parts[2])
+            if a > b:
+                raise ValueError(f"budget spec {text!r}: A={a!r} is above B={b!r}")
+            return cls(text, uniform=(a, b))
+        if "," in s or ":" in s:
+            values: list[float | None] = []
+            weights: list[float] = []
+            for item in s.split(","):
+                value, sep, weight = item.partition(":")
+                if not sep:
+                    raise ValueError(f"budget spec {text!r}: mixture item {item!r} is not "
+                                     "VALUE:WEIGHT")
+                values.append(None if value.strip() == "none" else _positive(text, value))
+                weights.append(_positive(text, weight))
+            total = sum(weights)
+            return cls(text, tuple(values), tuple(w / total for w in weights))
+        return cls(text, (None if s == "none" else _positive(text, s),), (1.0,))
+
+    @classmethod
+    def choice(cls, values: Iterable[float | None]) -> BudgetSpec:
+        """Each of ``values`` equally likely (one value: always that budget)."""
+        names = ["none" if v is None else repr(float(v)) for v in values]
+        if not names:
+            raise ValueError("budget choice: no values")
+        return cls.parse(names[0] if len(names) == 1 else ",".join(f"{n}:1" for n in names))
+
+    def sample(self, rng: random.Random) -> float | None:
+        if self.uniform is not None:
+            return rng.uniform(*self.uniform)
+        if len(self.values) == 1:
+            return self.values[0]
+        return rng.choices(self.values, weights=self.weights)[0]
+
+    @property
+    def discrete(self) -> bool:
+        return self.uniform is None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _positive(spec: str, value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"budget spec {spec!r}: {value.strip()!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"budget spec {spec!r}: {v!r} must be positive and finite")
+    return v
+
+
+def parse_rates(text: str) -> list[float]:
+    """``"50"`` or ``"50,100,200"`` → offered rates (requests/s), each positive."""
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"rate {text!r}: expected R or R1,R2,... (requests per second)") from None
+    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+        raise ValueError(f"rate {text!r}: every rate must be positive")
+    return rates
+
+
+# --- test data -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TestData:
+    """The images requests are cut from, and their labels."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    x: np.ndarray  # [N, C, H, W] float32 in [0, 1]
+    y: np.ndarray | None  # [N] labels, None: accuracy is not measured
+    description: dict[str, Any]
+
+
+def load_test_data(spec: str | None, family: str | Path | Family | None = None, seed: int = 0,
+                   val_fraction: float = 0.1, test_fraction: float = 0.2) -> TestData:
+    """The test split of dataset ``spec`` (a `compression.data` spec), split exactly as a family
+    built with ``seed`` and these fractions. With ``family`` (a directory or a loaded `Family`),
+    its manifest supplies the spec, seed and fractions (``spec`` still overrides the dataset), so
+    the images are the ones the family was never trained on. ``"random"``: random pixels, no
+    labels (shape from the family, else 1×28×28). A dataset that cannot be loaded raises
+    `compression.core.errors.DataError`."""
+    from compression import data
+
+    if family is not None:
+        from compression.core.family import load_family
+
+        manifest = (load_family(family) if isinstance(family, str | Path) else family).manifest
+        cfg = manifest.get("build", {}).get("config", {})
+        spec = spec or manifest["dataset"]["spec"]
+        seed = int(manifest.get("build", {}).get("seed", seed))
+        val_fraction = float(cfg.get("val_fraction", val_fraction))
+        test_fraction = float(cfg.get("test_fraction", test_fraction))
+        shape = tuple(manifest["input"]["shape"])
+    else:
+        shape = (1, 28, 28)
+    spec = spec or "mnist5k"
+    if spec == "random":
+        x = np.random.default_rng(seed).random((512, *shape), dtype=np.float32)
+        return TestData(x, None, {"spec": "random", "images": len(x), "labels": False})
+    splits = data.split(data.load(spec), seed=seed, val_fraction=val_fraction,
+                        test_fraction=test_fraction)
+    return TestData(np.ascontiguousarray(splits.x_test, dtype=np.float32),
+                    splits.y_test.astype(np.int64),
+                    {"spec": spec, "split": "test", "seed": seed, "val_fraction": val_fraction,
+                     "test_fraction": test_fraction, "images": len(splits.x_test),
+                     "labels": True})
+
+
+def fixed_images(x: np.ndarray) -> TestData:
+    """Every request sends exactly ``x`` (no labels): for load whose content does not matter."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return TestData(x, None, {"spec": "fixed", "images": len(x), "labels": False})
+
+
+# --- the open loop -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of constant offered rate (the demo offers several back to back)."""
+
+    rate: float  # requests per second offered
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: ``rate`` requests/s offered for ``seconds``."""
+
+    rate: float
+    seconds: float
+    budget: BudgetSpec
+    variant: str | None = None  # pin (also VARIANT@EXIT); None: the router chooses
+    images: int = 1  # per request
+    seed: int = 0
+    max_inflight: int = 4096  # arrivals beyond this many unanswered requests are dropped
+    timeout_s: float | None = None  # gRPC deadline; None: 2 × budget + 50 ms (AdaptiveClient's)
+    # The deadline of a request without a budget when ``timeout_s`` is None (None: no deadline).
+    # The demo sets one so a stuck server cannot hang it.
+    no_budget_timeout_s: float | None = None
+    # gRPC deadline = the budget: the server then also counts what happened before its handler
+    # (transport, gRPC queue) against the budget; a late answer ends DEADLINE_EXCEEDED.
+    deadline_is_budget: bool = False
+    poisson: bool = True  # False: arrivals evenly spaced, 1/rate apart (the soak's steady push)
+
+    def deadline(self, budget_ms: float | None) -> float | None:
+        if self.deadline_is_budget and budget_ms is not None:
+            return budget_ms / 1e3
+        if budget_ms is None and self.timeout_s is None:
+            return self.no_budget_timeout_s
+        return deadline_s(budget_ms, self.timeout_s)
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    records: list[Record]  # one per arrival
+    wall_s: float  # first arrival to last answer
+    send_lag_ms: list[float]  # per sent request: left the client this long after its arrival
+
+
+@dataclass
+class Progress:
+    """Live counters of the run in progress (read by the progress line)."""
+
+    rate: float = 0.0
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    offered: int = 0
+    sent: int = 0
+    answered: int = 0
+    errors: int = 0
+    dropped: int = 0
+    met: int = 0
+    inflight: int = 0
+    recent_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=512))
+
+    def line(self) -> str:
+        t = min(time.perf_counter() - self.started, self.seconds)
+        p50 = f"{np.percentile(self.recent_ms, 50):.2f}" if self.recent_ms else "-"
+        done = self.answered + self.errors + self.dropped
+        attain = f"{100 * self.met / done:.1f}%" if done else "-"
+        return (f"{self.rate:g}/s  {t:4.1f}/{self.seconds:g} s  sent {self.sent}  answered "
+                f"{self.answered}  errors {self.errors}  dropped {self.dropped}  in flight "
+                f"{self.inflight}  p50 {p50} ms  in budget {attain}")
+
+
+async def run_open_loop(target: str, model: str, data: TestData, cfg: RunConfig, *,
+                        run_index: int = 0, progress: Callable[[str], None] | None = None,
+                        progress_every_s: float = 0.5) -> RunOutput:
+    """Offer ``cfg.rate`` arrivals per second for ``cfg.seconds`` and wait for every answer;
+    returns one record per arrival (tagged ``run_index``), the seconds until the last answer and
+    how late each request left the client against its scheduled arrival (the client keeping
+    up). The arrivals are seeded by ``cfg.seed`` and ``run_index``: runs with the same seed
+    offer the same arrivals, budgets and images (a paired comparison)."""
+    rng = random.Random(cfg.seed * 1_000_003 + run_index)
+    return await _open_loop(target, model, data, [(run_index, cfg)], rng, progress,
+                            progress_every_s)
+
+
+async def run_phases(target: str, model: str, data: TestData, cfg: RunConfig,
+                     phases: Sequence[Phase]) -> RunOutput:
+    """``phases`` back to back on one channel, each with ``cfg`` at its own rate and length; a
+    phase's arrivals start while the previous phase's answers are still coming (the load keeps
+    rising). Records are tagged with the phase's index."""
+    rng = random.Random(cfg.seed * 1_000_003)
+    runs = [(i, replace(cfg, rate=p.rate, seconds=p.seconds)) for i, p in enumerate(phases)]
+    return await _open_loop(target, model, data, runs, rng, None, 0.5)
+
+
+async def _open_loop(target: str, model: str, data: TestData,
+                     runs: Sequence[tuple[int, RunConfig]], rng: random.Random,
+                     progress: Callable[[str], None] | None, progress_every_s: float
+                     ) -> RunOutput:
+    n = len(data.x)
+    for _, cfg in runs:
+        if cfg.images > n:
+            raise ValueError(f"images per request {cfg.images!r}: the test data has only {n}")
+    state = Progress()
+    records: list[Record] = []
+    lags: list[float] = []
+    async with grpc.aio.insecure_channel(target, options=wire.channel_options()) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        loop = asyncio.get_running_loop()
+
+        async def one(index: int, cfg: RunConfig, start: int, budget: float | None,
+                      scheduled: float) -> None:
+            x = data.x[start:start + cfg.images]
+            status, cand, correct = OK, None, None
+            lags.append((loop.time() - scheduled) * 1e3)
+            t0 = time.perf_counter()
+            try:
+                resp = await stub.ModelInfer(
+                    build_request(model, x, budget_ms=budget, variant=cfg.variant),
+                    timeout=cfg.deadline(budget))
+                latency = (time.perf_counter() - t0) * 1e3
+                r = parse_response(resp, latency)
+                cand = r.candidate
+                if data.y is not None:
+                    correct = int((r.classes == data.y[start:start + cfg.images]).sum())
+            except grpc.aio.AioRpcError as exc:
+                latency = (time.perf_counter() - t0) * 1e3
+                status = exc.code().name
+            except Exception:  # a malformed answer: still one request, counted as an error
+                latency = (time.perf_counter() - t0) * 1e3
+                status = CLIENT_ERROR
+                log.exception("load: request failed in the client")
+            rec = Record(index, budget, status, cand, latency, correct, len(x))
+            records.append(rec)
+            state.inflight -= 1
+            if status == OK:
+                state.answered += 1
+                state.recent_ms.append(latency)
+            else:
+                state.errors += 1
+            state.met += rec.met
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(progress_every_s)  # a display period, not a wait for an event
+                assert progress is not None
+                progress(state.line())
+
+        reporter = asyncio.create_task(report()) if progress is not None else None
+        tasks: set[asyncio.Task[None]] = set()
+        first = loop.time()
+        for index, cfg in runs:
+            start = loop.time()
+            state.rate, state.seconds, state.started = cfg.rate, cfg.seconds, time.perf_counter()
+            t = start
+            while True:
+                # Arrival times are absolute: if the loop falls behind it catches up at once, so
+                # the offered rate does not sag when the client is busy.
+                t += rng.expovariate(cfg.rate) if cfg.poisson else 1.0 / cfg.rate
+                if t - start >= cfg.seconds:
+                    break
+                delay = t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                state.offered += 1
+                budget = cfg.budget.sample(rng)
+                if state.inflight >= cfg.max_inflight:
+                    records.append(Record(index, budget, DROPPED, None, 0.0, None, cfg.images))
+                    state.dropped += 1
+                    continue
+                state.sent += 1
+                state.inflight += 1
+                task = asyncio.create_task(one(index, cfg, rng.randrange(n - cfg.images + 1),
+                                               budget, t))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        wall = loop.time() - first
+        if reporter is not None:
+            reporter.cancel()
+            progress(state.line())  # type: ignore[misc]
+    return RunOutput(records, wall, lags)
+
+
+# --- closed loop and sequential -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClosedLoopResult:
+    answered: int
+    errors: dict[str, int]  # gRPC status name → count
+    seconds: float  # from the first request to the last answer
+
+    @property
+    def rps(self) -> float:
+        """Answers per second: the capacity at this concurrency."""
+        return self.answered / self.seconds if self.seconds > 0 else 0.0
+
+
+async def closed_loop(target: str, model: str, x: np.ndarray, *, concurrency: int,
+                      seconds: float, variant: str | None = None, budget_ms: float | None = None,
+                      timeout_s: float | None = None) -> ClosedLoopResult:
+    """``concurrency`` requests always in flight for ``seconds`` (each worker sends its next
+    request when the previous one is answered), all the same request: the throughput of
+    ``variant`` (or of the router) at saturation. Failed calls are counted, not raised."""
+    answered = 0
+    errors: collections.Counter[str] = collections.Counter()
+    request = build_request(model, x, budget_ms=budget_ms, variant=variant)
+    timeout = deadline_s(budget_ms, timeout_s)
+    async with grpc.aio.insecure_channel(target, options=wire.channel_options()) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal answered
+            while time.perf_counter() < stop:
+                try:
+                    await stub.ModelInfer(request, timeout=timeout)
+                    answered += 1
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return ClosedLoopResult(answered, dict(errors), elapsed)
+
+
+def sequential_ms(client: AdaptiveClient, x: np.ndarray, n: int, *, variant: str | None = None,
+                  budget_ms: float | None = None, warmup: int = 0) -> np.ndarray:
+    """Round trips (ms) of ``n`` requests sent one after another, after ``warmup`` unmeasured
+    ones (they open the connection and warm the variant)."""
+    for _ in range(warmup):
+        client.infer(x, budget_ms=budget_ms, variant=variant)
+    return np.asarray([client.infer(x, budget_ms=budget_ms, variant=variant).latency_ms
+                       for _ in range(n)])
