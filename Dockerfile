@@ -1,4 +1,4 @@
-# adaptive-inference: CPU-only image (torch CPU wheel + onnxruntime, no CUDA), run as a non-root user.
+# adaptive-inference: CPU-only serving image (onnxruntime, no torch, no CUDA), run as a non-root user.
 # Two ways to provide the model family:
 #   1. mount it (the image's /family stays empty):
 #        docker build -t adaptive-inference .
@@ -12,13 +12,12 @@
 # as arguments after the image name; the health service stays exempt from the token.
 ARG PYTHON=python:3.11-slim
 
-# --- build stage: the virtualenv (CPU torch first: an unpinned torch is a multi-GB CUDA build) ---
+# --- build stage: the serving virtualenv (no torch), and only when a family is baked in, a
+# second, throw-away one with the build extra (CPU torch first: an unpinned torch is a multi-GB
+# CUDA build) that trains and compresses it ---
 FROM ${PYTHON} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --index-url ${TORCH_INDEX} "torch==2.13.0"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY compression compression
@@ -27,15 +26,20 @@ COPY client client
 COPY protos protos
 COPY configs configs
 # onnxruntime from PyPI is the CPU build on Linux x86_64 (the GPU one is onnxruntime-gpu).
-RUN pip install '.[demo]' && python -c "import onnxruntime, torch; \
-assert not torch.cuda.is_available() and torch.version.cuda is None, 'CUDA torch in a CPU image'; \
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install . && /opt/venv/bin/python -c "\
+import importlib.util, onnxruntime; \
+assert importlib.util.find_spec('torch') is None, 'torch in the serving venv'; \
 assert 'CUDAExecutionProvider' not in onnxruntime.get_available_providers()"
 
 # Optional: build the family into the image (leave FAMILY_CONFIG empty to mount one instead).
 ARG FAMILY_CONFIG=""
 RUN mkdir -p /family && if [ -n "$FAMILY_CONFIG" ]; then \
-        ADAPTIVE_CACHE=/tmp/cache adaptive-inference build "$FAMILY_CONFIG" --out /family --no-progress \
-        && rm -rf /tmp/cache; \
+        python -m venv /opt/build \
+        && /opt/build/bin/pip install --index-url ${TORCH_INDEX} "torch==2.13.0" \
+        && /opt/build/bin/pip install '.[build,demo]' \
+        && ADAPTIVE_CACHE=/tmp/cache /opt/build/bin/adaptive-inference build "$FAMILY_CONFIG" \
+            --out /family --no-progress \
+        && rm -rf /tmp/cache /opt/build; \
     fi
 
 # --- runtime stage: the venv and the family, run as an unprivileged user ---

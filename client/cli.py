@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
+# Packages of the `build` extra: a command that needs one says how to install it.
+BUILD_ONLY = ("torch", "torch_pruning", "onnxscript", "safetensors", "tqdm", "matplotlib")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -320,6 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdaptiveError as exc:  # a serving error: the server's message, named by its status
         print(f"error: {exc.code}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidArgument | NotFound) else 1
+    except ModuleNotFoundError as exc:
+        if exc.name not in BUILD_ONLY:
+            raise
+        # The serving install (and the server image) leaves the build's torch stack out.
+        print(f"error: this command needs {exc.name!r}, part of the build extra: "
+              f"pip install 'adaptive-inference[build]' (with the CPU torch wheel first, see the "
+              f"README)", file=sys.stderr)
+        return 2
     except OSError as exc:  # cannot bind a port, unreadable input file
         print(f"error: {exc}", file=sys.stderr)
         return 1

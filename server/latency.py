@@ -93,8 +93,12 @@ class LatencyModel:
         self._points: dict[str, dict[int, _Point]] = {}
         # unit → batch → unloaded prediction; the router asks ~20 of these per request, so they
         # are memoised and dropped per unit when an observation or a seed changes that unit.
-        self._cache: dict[str, dict[int, Prediction]] = {}
-        self._sums: dict[tuple[tuple[str, ...], int], tuple[float, float]] = {}
+        self._cache: dict[str, dict[int, tuple[float, float]]] = {}
+        self._curves: dict[str, tuple[list[int], list[float], list[float]]] = {}
+        # units → batch → summed (p50, p95); an observation of one unit clears only the sums
+        # that include it (`_dependents`), so the other candidates' stay memoised.
+        self._sums: dict[tuple[str, ...], dict[int, tuple[float, float]]] = {}
+        self._dependents: dict[str, list[dict[int, tuple[float, float]]]] = {}
 
     # --- seeding -------------------------------------------------------------------------------
 
@@ -108,8 +112,7 @@ class LatencyModel:
         if not points:
             raise ValueError(f"unit {unit!r}: empty latency table")
         self._points[unit] = points
-        self._cache[unit] = {}
-        self._sums = {}
+        self._forget(unit)
 
     def units(self) -> list[str]:
         return list(self._points)
@@ -142,14 +145,13 @@ class LatencyModel:
         points = self._points[unit]
         point = points.get(batch)
         if point is None:  # a new batch size: start from what we would have predicted
-            guess = self._unloaded(unit, batch)
-            point = points[batch] = _Point(mean=guess.p50, dev=(guess.p95 - guess.p50) / self.dev_k)
+            g50, g95 = self._ms(unit, batch)
+            point = points[batch] = _Point(mean=g50, dev=(g95 - g50) / self.dev_k)
         err = unloaded - point.mean
         point.mean += self.alpha * err
         point.dev += self.alpha * (abs(err) - point.dev)
         point.samples += 1
-        self._cache[unit] = {}
-        self._sums = {}  # rebuilt lazily: a few dict inserts per observed batch
+        self._forget(unit)
 
     # --- predictions ---------------------------------------------------------------------------
 
@@ -168,50 +170,65 @@ class LatencyModel:
 
     def sum_ms(self, units: tuple[str, ...], batch: int) -> tuple[float, float]:
         """Uncontended (p50, p95) of ``units`` run in sequence: the router's hot path, memoised."""
-        key = (units, batch)
-        hit = self._sums.get(key)
+        by_batch = self._sums.get(units)
+        if by_batch is None:
+            by_batch = self._sums[units] = {}
+            for u in units:
+                self._dependents.setdefault(u, []).append(by_batch)
+        hit = by_batch.get(batch)
         if hit is None:
             p50 = p95 = 0.0
             for u in units:
-                p = self._unloaded(u, batch)
-                p50 += p.p50
-                p95 += p.p95
-            hit = self._sums[key] = (p50, p95)
+                a, b = self._ms(u, batch)
+                p50 += a
+                p95 += b
+            hit = by_batch[batch] = (p50, p95)
         return hit
 
+    def _forget(self, unit: str) -> None:
+        """Drop what was memoised from ``unit``'s estimates (they just changed)."""
+        self._cache[unit] = {}
+        self._curves.pop(unit, None)
+        for sums in self._dependents.get(unit, ()):
+            sums.clear()
+
     def _unloaded(self, unit: str, batch: int) -> Prediction:
+        p50, p95 = self._ms(unit, batch)
+        return Prediction(p50, p95)
+
+    def _ms(self, unit: str, batch: int) -> tuple[float, float]:
         cache = self._cache[unit]
         hit = cache.get(batch)
         if hit is None:
-            hit = cache[batch] = self._interpolate(unit, batch)
+            hit = cache[batch] = self._interpolate(unit, max(int(batch), 1))
         return hit
 
-    def _interpolate(self, unit: str, batch: int) -> Prediction:
-        points = self._points[unit]
-        batch = max(int(batch), 1)
-        if batch in points:
-            return self._pred(points[batch])
-        sizes = sorted(points)
+    def _curve(self, unit: str) -> tuple[list[int], list[float], list[float]]:
+        """The unit's measured batch sizes, ascending, with their p50 and p95."""
+        curve = self._curves.get(unit)
+        if curve is None:
+            points = self._points[unit]
+            sizes = sorted(points)
+            p50 = [max(points[b].mean, MIN_MS) for b in sizes]
+            p95 = [m + self.dev_k * max(points[b].dev, 0.0) for m, b in zip(p50, sizes, strict=True)]
+            curve = self._curves[unit] = (sizes, p50, p95)
+        return curve
+
+    def _interpolate(self, unit: str, batch: int) -> tuple[float, float]:
+        sizes, p50, p95 = self._curve(unit)
         i = bisect.bisect_left(sizes, batch)
+        if i < len(sizes) and sizes[i] == batch:
+            return p50[i], p95[i]
         if i == 0:  # below the smallest measured batch: scale down, never below a third of it
-            p = self._pred(points[sizes[0]])
             s = max(batch / sizes[0], 1 / 3)
-            return Prediction(p.p50 * s, p.p95 * s)
+            return p50[0] * s, p95[0] * s
         if i == len(sizes):  # above the largest: extend the last per-sample slope
-            hi = self._pred(points[sizes[-1]])
             if len(sizes) == 1:
                 s = batch / sizes[-1]
-                return Prediction(hi.p50 * s, hi.p95 * s)
-            lo = self._pred(points[sizes[-2]])
+                return p50[-1] * s, p95[-1] * s
             span = sizes[-1] - sizes[-2]
             extra = batch - sizes[-1]
-            return Prediction(hi.p50 + max(hi.p50 - lo.p50, 0.0) / span * extra,
-                              hi.p95 + max(hi.p95 - lo.p95, 0.0) / span * extra)
-        lo_b, hi_b = sizes[i - 1], sizes[i]
-        lo, hi = self._pred(points[lo_b]), self._pred(points[hi_b])
-        t = (batch - lo_b) / (hi_b - lo_b)
-        return Prediction(lo.p50 + t * (hi.p50 - lo.p50), lo.p95 + t * (hi.p95 - lo.p95))
-
-    def _pred(self, p: _Point) -> Prediction:
-        mean = max(p.mean, MIN_MS)
-        return Prediction(p50=mean, p95=mean + self.dev_k * max(p.dev, 0.0))
+            return (p50[-1] + max(p50[-1] - p50[-2], 0.0) / span * extra,
+                    p95[-1] + max(p95[-1] - p95[-2], 0.0) / span * extra)
+        t = (batch - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
+        return (p50[i - 1] + t * (p50[i] - p50[i - 1]), p95[i - 1] + t * (p95[i] - p95[i - 1]))

@@ -44,7 +44,7 @@ from protos.wire import candidate_name
 from server.calibration import Calibration, Overhead
 from server.errors import InvalidArgument, NotFound, Overloaded, Shed, Unavailable, shown
 from server.latency import Clock, LatencyModel, Load, Prediction, unit_name
-from server.schedule import IDLE_PLAN, Backlog, Plan, plan
+from server.schedule import IDLE_PLAN, Backlog, Plan, chained, plan
 from server.settings import ON_MISS
 
 
@@ -222,24 +222,28 @@ class Router:
 
     def _plan(self, load: Load, slowdown: float) -> Plan:
         """Every busy variant's backlog laid out on the worker threads."""
+        sum_ms, mb = self.latency.sum_ms, self.max_batch
         backlogs: dict[str, Backlog] = {}
-        mb = self.max_batch
+        waits = False
         for name, q in load.queues.items():
             running, queued = q.running, q.queued
             if not running and not queued:
                 continue
             units = self._deepest[name].units
-            run_ms = 0.0
-            if running:
-                run_ms = self.latency.sum_ms(units, running)[0] * slowdown
-                run_ms = max(run_ms - q.running_for_ms, 0.0) if not q.waiting else run_ms
+            run_ms = sum_ms(units, running)[0] * slowdown if running else 0.0
+            waiting = running > 0 and q.waiting
+            if running and not waiting:
+                run_ms = max(run_ms - q.running_for_ms, 0.0)
             full, part = divmod(queued, mb)
-            batches = [self.latency.sum_ms(units, mb)[0] * slowdown] * full
+            batches = (sum_ms(units, mb)[0] * slowdown,) * full if full else ()
             if part:
-                batches.append(self.latency.sum_ms(units, part)[0] * slowdown)
-            backlogs[name] = Backlog(run_ms, bool(running) and q.waiting, tuple(batches), part)
+                batches += (sum_ms(units, part)[0] * slowdown,)
+            backlogs[name] = Backlog(run_ms, waiting, batches)
+            waits = waits or waiting
         if not backlogs:
             return IDLE_PLAN
+        if not waits and len(backlogs) < load.threads:
+            return chained(backlogs, load.threads)
         return plan(load.threads, backlogs)
 
     def _start(self, variant: str, layout: Plan, load: Load, batch: int) -> tuple[float, int]:

@@ -18,33 +18,41 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Backlog:
+class Backlog(NamedTuple):
     """One variant's work ahead of a new request, in predicted ms."""
 
     running_ms: float = 0.0  # what is left of the batch in flight (0: none)
     running_waits: bool = False  # the batch in flight still waits for a worker thread
     batches_ms: tuple[float, ...] = ()  # each queued batch's compute, in dispatch order
-    partial: int = 0  # samples in the last queued batch when it has room for more, else 0
 
 
-@dataclass(frozen=True, slots=True)
 class Plan:
     """The known work laid out on the threads (ms from now)."""
 
-    ready_ms: Mapping[str, float]  # when each busy variant's chain ends (absent: idle now)
-    last_start_ms: Mapping[str, float]  # when each variant's last queued batch starts
-    jobs: tuple[tuple[float, float, float], ...]  # (ready, start, end) of every batch, in order
-    threads: int
+    __slots__ = ("_starts", "jobs", "last_start_ms", "ready_ms", "threads")
+
+    def __init__(self, ready_ms: Mapping[str, float], last_start_ms: Mapping[str, float],
+                 jobs: tuple[tuple[float, float, float], ...], threads: int) -> None:
+        self.ready_ms = ready_ms  # when each busy variant's chain ends (absent: idle now)
+        self.last_start_ms = last_start_ms  # when each variant's last queued batch starts
+        self.jobs = jobs  # (ready, start, end) of every batch laid out, in that order
+        self.threads = threads
+        self._starts: dict[float, float] = {}  # release → start: idle variants share one answer
 
     def start_ms(self, variant: str) -> float:
         """When a new batch of ``variant`` would start: once its own chain has ended (its release)
         and a thread is free. Batches released before it go first (the pool is FIFO); batches
         released after it do not delay it."""
         release = self.ready_ms.get(variant, 0.0)
+        start = self._starts.get(release)
+        if start is None:
+            start = self._starts[release] = self._start(release)
+        return start
+
+    def _start(self, release: float) -> float:
         ahead = [(start, end) for ready, start, end in self.jobs if ready <= release]
         if not ahead:
             return release
@@ -60,6 +68,17 @@ class Plan:
 IDLE_PLAN = Plan({}, {}, (), 1)
 
 
+def chained(backlogs: Mapping[str, Backlog], threads: int) -> Plan:
+    """The layout when no batch waits for a thread (fewer busy variants than threads, none
+    waiting): each variant's chain simply runs its batches back to back."""
+    ready: dict[str, float] = {}
+    last_start: dict[str, float] = {}
+    for name, (running_ms, _waits, batches) in backlogs.items():
+        ready[name] = end = running_ms + sum(batches)
+        last_start[name] = end - batches[-1] if batches else running_ms
+    return Plan(ready, last_start, (), threads)
+
+
 def plan(threads: int, backlogs: Mapping[str, Backlog]) -> Plan:
     """Greedy list scheduling of every variant's backlog on ``threads`` worker threads."""
     threads = max(int(threads), 1)
@@ -68,32 +87,35 @@ def plan(threads: int, backlogs: Mapping[str, Backlog]) -> Plan:
     todo: dict[str, list[float]] = {}
     ready: dict[str, float] = {}
     laid: list[tuple[float, float, float]] = []
-    for i, (name, b) in enumerate(backlogs.items()):
-        batches = list(b.batches_ms)
-        if b.running_ms > 0 and not b.running_waits:
-            free.append(b.running_ms)  # on a thread already: holds it until done
-            ready[name] = b.running_ms
-            laid.append((-1.0, 0.0, b.running_ms))
-        elif b.running_waits:
-            batches.insert(0, b.running_ms)
-        if batches:
-            todo[name] = batches[::-1]  # pop() from the end = next in order
+    for i, (name, (running_ms, waits, batches)) in enumerate(backlogs.items()):
+        if waits:
+            chain = [*batches[::-1], running_ms]  # pop() from the end = next in order
+        else:
+            chain = list(batches[::-1])
+            if running_ms > 0:
+                free.append(running_ms)  # on a thread already: holds it until done
+                ready[name] = running_ms
+                laid.append((-1.0, 0.0, running_ms))
+        if chain:
+            todo[name] = chain
             pending.append((ready.get(name, 0.0), i, name))
     free.sort()
     # Threads beyond the busy ones are free now; more busy batches than threads cannot happen
     # (the pool would queue them), so keep the ``threads`` soonest.
-    free = ([0.0] * max(threads - len(free), 0) + free)[:threads]
-    heapq.heapify(free)
+    free = ([0.0] * (threads - len(free)) + free)[:threads]
     heapq.heapify(pending)
     last_start: dict[str, float] = {}
+    pop, push, replace = heapq.heappop, heapq.heappush, heapq.heapreplace
     while pending:
-        at, i, name = heapq.heappop(pending)
-        start = max(at, heapq.heappop(free))
-        end = start + todo[name].pop()
-        heapq.heappush(free, end)
+        at, i, name = pop(pending)
+        chain = todo[name]
+        first = free[0]
+        start = at if at > first else first
+        end = start + chain.pop()
+        replace(free, end)  # the thread that freed first now runs this batch
         laid.append((at, start, end))
         ready[name] = end
         last_start[name] = start
-        if todo[name]:
-            heapq.heappush(pending, (end, i, name))
+        if chain:
+            push(pending, (end, i, name))
     return Plan(ready, last_start, tuple(laid), threads)
