@@ -97,7 +97,7 @@ def test_dockerfile_is_multi_stage_and_cpu_only(dockerfile: list[Instruction]) -
     # the venv the runtime stage copies is the serving install: no build extra, so no torch
     serving = re.search(r"/opt/venv/bin/pip install (\S+)", runs)
     assert serving and "build" not in serving.group(1), "the serving venv must not carry torch"
-    assert any("COPY" == i.keyword and "/opt/venv" in i.args and "/opt/build" not in i.args
+    assert any(i.keyword == "COPY" and "/opt/venv" in i.args and "/opt/build" not in i.args
                for i in _final(dockerfile, "COPY"))
     assert "onnxruntime-gpu" not in runs and "nvidia" not in runs.lower()
     deps = (ROOT / "pyproject.toml").read_text()
