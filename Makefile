@@ -31,9 +31,10 @@ lint: $(STAMP)
 family: $(STAMP)
 	$(BIN)/adaptive-inference build configs/mnist5k.toml --out families/mnist5k
 
-# The benchmark report, docs/results.md (~5 minutes): router decision time, gRPC overhead, the
-# policy comparison (adaptive vs pinned full vs pinned fastest, 0.5x-4x full's capacity) on the
-# default family, then the page itself. Raw figures under results/bench/.
+# The benchmark report, docs/results.md (~15 minutes): router decision time, gRPC overhead, the
+# policy comparison on the default family with default serve flags (adaptive vs each pinned
+# static on the Pareto front, 0.5x-8x full's capacity, 3 repeats, and a time-varying load),
+# then the page itself. Raw figures under results/bench/.
 BENCH_OUT := results/bench
 BENCH_FAMILY ?= families/mnist5k
 bench: $(STAMP)

@@ -1,21 +1,24 @@
 """Policy comparison: adaptive routing against pinned static variants, at steady loads from 0.5x to
 8x the `full` variant's capacity on this host and under a load that changes during one run.
 
-1. Serve the family with default flags (one `adaptive-inference serve` process, loopback, free
-   ports) and wait until it is SERVING.
-2. Calibrate on this host before any load: ``--images`` per request (32: enough that `full`'s
-   compute, not the gRPC round trip, dominates); the idle round trip of pinned `full` (three
-   blocks of 100 sequential requests; the median block's p99 sets the budgets, uniform over
-   [p99, 2 x p99], a range `full` just meets when idle); `full`'s capacity (closed loop, 8
-   requests always in flight, 5 s).
-3. Static candidates: the Pareto front of the server's candidate table at that batch size
+1. Calibrate on this host, on a server of its own (`adaptive-inference serve`, default flags,
+   loopback, free ports) that is stopped afterwards: ``--images`` per request (32: enough that
+   `full`'s compute, not the gRPC round trip, dominates); the idle round trip of pinned `full`
+   (three blocks of 100 sequential requests; the median block's p99 sets the budgets, uniform
+   over [p99, 2 x p99], a range `full` just meets when idle); `full`'s capacity (closed loop, 8
+   requests always in flight, 5 s). Its own server because the capacity run would leave the
+   router's learned margin (`server.calibration`) far above these budgets on the measured one.
+2. Static candidates: the Pareto front of the server's candidate table at that batch size
    (ascending predicted p50, each more accurate than every faster one), with `full` and the
    fastest always in, at most ``--max-statics`` (middle ones dropped evenly). Policies: adaptive
    (no pin) and ``pinned NAME`` for each static.
+3. Serve the family with default flags: one server for every run (``--fresh-server``: a new one
+   per run), SERVING before the first.
 4. Steady loads: for each repeat and load, every policy in rotated order (drift on the shared
    host hits all alike), one open loop each (`client.loadgen.run_open_loop`, in this process),
    gRPC deadline = budget, the same seed for every policy at a (load, repeat): the same arrivals,
-   budgets and images, a paired comparison. The server is idle before every run.
+   budgets and images, a paired comparison. The server is idle before every run; the router's
+   state before and after (margin, miss ratio, overhead, requests shed) is kept with the run.
 5. Time-varying load (``--no-varying`` skips it): 0.5x 4 s → 4x 4 s → 0.5x 4 s → burst 8x 1 s →
    0.5x 3 s, back to back in one open loop per policy (`run_phases`), ``--repeats`` times: no
    static choice is right throughout. Counted: correct answers (samples) delivered in budget.
@@ -41,7 +44,9 @@ import logging
 import math
 import os
 import shlex
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -173,6 +178,9 @@ def _agg(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "correct_in_budget": spread(r["correct_in_budget"] for r in runs),
         "p99_ms": spread(r["latency_ms"]["p99"] for r in runs),
         "send_lag_p99_ms": spread(r.get("send_lag_ms", {}).get("p99") for r in runs),
+        "margin_before_ms": spread(r.get("server_before", {}).get("margin_ms") for r in runs),
+        "failed": spread(r["offered"] - r["answered"] for r in runs),
+        "shed": spread(r.get("shed") for r in runs),
         "errors": _errors(runs),
         "most_used": _most_used(runs),
     }
@@ -417,6 +425,25 @@ def server_busy(metrics_url: str) -> float:
                if s.name in ("adaptive_inflight_requests", "adaptive_queue_depth"))
 
 
+GAUGES = {"adaptive_router_margin_seconds": ("margin_ms", 1e3),
+          "adaptive_router_miss_ratio": ("miss_ratio", 1.0),
+          "adaptive_router_overhead_seconds": ("overhead_ms", 1e3),
+          "adaptive_shed_total": ("shed_total", 1.0)}
+
+
+def server_state(metrics_url: str) -> dict[str, float]:
+    """The router's learned state from /metrics: its safety margin and overhead (ms), observed
+    miss ratio, and requests shed so far. It carries over from one run to the next."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in GAUGES:
+                key, scale = GAUGES[s.name]
+                out[key] = round(out.get(key, 0.0) + s.value * scale, 4)
+    return out
+
+
 def wait_idle(metrics_url: str, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -424,6 +451,12 @@ def wait_idle(metrics_url: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.25)  # polling the server's gauges: there is no event to wait on
     log.warning("server still busy after %.0f s; going on", timeout)
+
+
+def idle_state(metrics_url: str) -> dict[str, float]:
+    """Wait until the server is idle; then its router's state (`server_state`)."""
+    wait_idle(metrics_url)
+    return server_state(metrics_url)
 
 
 def policy_dir(policy: str) -> str:
@@ -446,19 +479,58 @@ def start_server(stack: contextlib.ExitStack, family_dir: Path, flags: list[str]
     return target, metrics_url
 
 
+class Server:
+    """The measured server: one for the whole comparison, or a fresh one per run
+    (``--fresh-server``) so that no run inherits the router state another left behind."""
+
+    def __init__(self, family_dir: Path, flags: list[str], fresh: bool) -> None:
+        self.family_dir, self.flags, self.fresh = family_dir, flags, fresh
+        self.stack = contextlib.ExitStack()
+        self.target, self.metrics_url = start_server(self.stack, family_dir, flags)
+        self.used = False
+
+    def before_run(self) -> dict[str, float]:
+        """Idle (restarted first with ``fresh``, except for the first run): the router's state."""
+        if self.fresh and self.used:
+            self.stack.close()
+            self.stack = contextlib.ExitStack()
+            self.target, self.metrics_url = start_server(self.stack, self.family_dir, self.flags)
+        self.used = True
+        return idle_state(self.metrics_url)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
 def _log_run(label: str, policy: str, fig: Mapping[str, Any]) -> None:
     top = next(iter(fig["share"].items()), ("-", 0.0))
     errors = ", ".join(f"{k} {v}" for k, v in fig["errors_by_code"].items()) or "0"
     if fig["client_dropped"]:
         errors += f", dropped {fig['client_dropped']}"
+    margin = (fig["server_before"].get("margin_ms"), fig["server_after"].get("margin_ms"))
     log.info("%-12s %-26s offered %5d  in budget %6s  goodput %6.1f/s  accuracy %7s  "
-             "correct in budget %6d  p99 %s ms  errors %s  most used %s (%.0f%%)  send lag p99 %s ms",
-             label, policy, fig["offered"], _p(fig["attainment"]), fig["goodput_rps"],
-             _p(fig["accuracy"], 2), fig["correct_in_budget"], fig["latency_ms"]["p99"], errors,
-             top[0], 100 * top[1], fig["send_lag_ms"]["p99"])
+             "correct in budget %6d  p99 %s ms  errors %s (shed %d)  most used %s (%.0f%%)  send lag "
+             "p99 %s ms  router margin %s → %s ms", label, policy, fig["offered"],
+             _p(fig["attainment"]), fig["goodput_rps"], _p(fig["accuracy"], 2),
+             fig["correct_in_budget"], fig["latency_ms"]["p99"], errors, fig["shed"], top[0],
+             100 * top[1], fig["send_lag_ms"]["p99"], *margin)
 
 
-async def measure(target: str, metrics_url: str, model: str, data: TestData, args: argparse.Namespace,
+def _server_delta(fig: dict[str, Any], before: dict[str, float], after: dict[str, float]) -> None:
+    """The router's state before and after a run, and the requests it shed during it."""
+    fig["server_before"], fig["server_after"] = before, after
+    fig["shed"] = int(after.get("shed_total", 0.0) - before.get("shed_total", 0.0))
+
+
+def _warn_margin(state: Mapping[str, float], budget: BudgetSpec) -> None:
+    margin = state.get("margin_ms", 0.0)
+    if budget.uniform is not None and margin >= budget.uniform[0]:
+        log.warning("the router's margin is %.2f ms before this run, at or above the smallest "
+                    "budget (%.2f ms): it sheds those requests at once, and it only comes down "
+                    "on answered ones", margin, budget.uniform[0])
+
+
+async def measure(server: Server, model: str, data: TestData, args: argparse.Namespace,
                   policies: Mapping[str, str | None], base: RunConfig, capacity: float,
                   loads: Sequence[float], phases: Sequence[tuple[float, float]], out: Path
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -469,11 +541,13 @@ async def measure(target: str, metrics_url: str, model: str, data: TestData, arg
         for i, load in enumerate(loads):
             seed = 1000 * rep + i
             for k, policy in enumerate(rotated(names, rep + i)):
-                await asyncio.to_thread(wait_idle, metrics_url)
+                before = await asyncio.to_thread(server.before_run)
                 cfg = replace(base, rate=load * capacity, seconds=args.seconds,
                               variant=policies[policy], seed=seed)
-                res = await run_open_loop(target, model, data, cfg)
+                _warn_margin(before, base.budget)
+                res = await run_open_loop(server.target, model, data, cfg)
                 fig = run_figures(res.records, cfg, res.wall_s, res.send_lag_ms)
+                _server_delta(fig, before, await asyncio.to_thread(idle_state, server.metrics_url))
                 csv = out / "runs" / policy_dir(policy) / f"{load:g}x-r{rep}.csv"
                 csv.parent.mkdir(parents=True, exist_ok=True)
                 write_records_csv(csv, res.records, [cfg.rate])
@@ -488,11 +562,13 @@ async def measure(target: str, metrics_url: str, model: str, data: TestData, arg
     for rep in range(args.repeats):
         seed = 9000 + rep
         for k, policy in enumerate(rotated(names, rep)):
-            await asyncio.to_thread(wait_idle, metrics_url)
+            before = await asyncio.to_thread(server.before_run)
             cfg = replace(base, rate=sum(p.rate * p.seconds for p in plan) / total, seconds=total,
                           variant=policies[policy], seed=seed)
-            res = await run_phases(target, model, data, cfg, plan)
+            _warn_margin(before, base.budget)
+            res = await run_phases(server.target, model, data, cfg, plan)
             fig = run_figures(res.records, cfg, res.wall_s, res.send_lag_ms)
+            _server_delta(fig, before, await asyncio.to_thread(idle_state, server.metrics_url))
             fig["phases"] = [
                 run_figures([r for r in res.records if r.phase == j],
                             replace(cfg, rate=ph.rate, seconds=ph.seconds), res.wall_s)
@@ -510,7 +586,7 @@ async def measure(target: str, metrics_url: str, model: str, data: TestData, arg
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--family", default="families/mnist5k")
     ap.add_argument("--loads", default="0.5,1,2,4,8",
                     help="steady offered loads in multiples of full's capacity")
@@ -531,8 +607,13 @@ def main() -> None:
     ap.add_argument("--serve-args", default="",
                     help="extra `adaptive-inference serve` flags, for experiments only (make "
                          "bench uses none: the comparison is of the defaults)")
+    ap.add_argument("--fresh-server", action="store_true",
+                    help="restart the server before every run (no run inherits the router's "
+                         "learned margin from the one before; make bench keeps one server)")
     ap.add_argument("--out", default="results/bench/policies")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the servers this script started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.repeats < 1 or args.seconds <= 0 or args.max_statics < 2:
         ap.error("--repeats ≥ 1, --seconds > 0 and --max-statics ≥ 2, please")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -548,8 +629,12 @@ def main() -> None:
     t_start = time.perf_counter()
     flags = shlex.split(args.serve_args)
 
+    # Calibration on a server of its own: the capacity run (8 unbudgeted requests always in
+    # flight) teaches the router's closed-loop margin (`server.calibration`) the queueing of a
+    # saturated `full`, and the margin only moves on answered requests, so a margin above every
+    # budget would shed everything after it for good. The measured server starts fresh.
     with contextlib.ExitStack() as stack:
-        target, metrics_url = start_server(stack, family_dir, flags)
+        target, _ = start_server(stack, family_dir, flags)
         with AdaptiveClient(target) as client:
             images = args.images or choose_images(client, args.min_compute_ms)
             x = data.x[:images]
@@ -560,24 +645,31 @@ def main() -> None:
             # set the budgets for the whole run.
             blocks = [sequential_ms(client, x, 100, variant="full", warmup=10) for _ in range(3)]
             idle_fastest = sequential_ms(client, x, 100, variant=fastest, warmup=10)
-        idle = np.concatenate(blocks)
-        p50, p95 = (float(np.percentile(idle, q)) for q in (50, 95))
-        p99 = float(np.median([np.percentile(b, 99) for b in blocks]))
-        budget = BudgetSpec.parse(f"uniform:{p99:.3f}:{args.budget_range * p99:.3f}")
         saturated = asyncio.run(closed_loop(target, fam.name, x, variant="full", concurrency=8,
                                             seconds=5.0, timeout_s=30.0))
-        if saturated.errors:
-            log.warning("capacity run: errors %s", saturated.errors)
-        capacity = saturated.rps
-        policies: dict[str, str | None] = {ADAPTIVE: None, **{f"pinned {s}": s for s in statics}}
-        log.info("%d images/request; full idle round trip p50 %.2f / p95 %.2f / p99 %.2f ms; "
-                 "capacity %.1f req/s; budgets %s ms; statics %s (fastest %s, idle p50 %.2f ms)",
-                 images, p50, p95, p99, capacity, budget, ", ".join(statics), fastest,
-                 float(np.median(idle_fastest)))
-        base = RunConfig(rate=capacity, seconds=args.seconds, budget=budget, images=images,
-                         deadline_is_budget=True)
-        runs, varying_runs = asyncio.run(measure(target, metrics_url, fam.name, data, args,
-                                                 policies, base, capacity, loads, phases, out))
+    idle = np.concatenate(blocks)
+    p50, p95 = (float(np.percentile(idle, q)) for q in (50, 95))
+    p99 = float(np.median([np.percentile(b, 99) for b in blocks]))
+    budget = BudgetSpec.parse(f"uniform:{p99:.3f}:{args.budget_range * p99:.3f}")
+    if saturated.errors:
+        log.warning("capacity run: errors %s", saturated.errors)
+    capacity = saturated.rps
+    policies: dict[str, str | None] = {ADAPTIVE: None, **{f"pinned {s}": s for s in statics}}
+    log.info("%d images/request; full idle round trip p50 %.2f / p95 %.2f / p99 %.2f ms; "
+             "capacity %.1f req/s; budgets %s ms; statics %s (fastest %s, idle p50 %.2f ms)",
+             images, p50, p95, p99, capacity, budget, ", ".join(statics), fastest,
+             float(np.median(idle_fastest)))
+    base = RunConfig(rate=capacity, seconds=args.seconds, budget=budget, images=images,
+                     deadline_is_budget=True)
+    server = Server(family_dir, flags, args.fresh_server)
+    try:
+        with AdaptiveClient(server.target) as client:  # the fresh server's table (what it ranks by)
+            table = client.variants(batch_size=images)
+        runs, varying_runs = asyncio.run(measure(server, fam.name, data, args, policies, base,
+                                                 capacity, loads, phases, out))
+        final_state = server_state(server.metrics_url)
+    finally:
+        server.close()
 
     info = {v.name: v for v in table}
     reported = {p: info[v].accuracy for p, v in policies.items() if v is not None}
@@ -594,6 +686,8 @@ def main() -> None:
             "capacity_rps": round(capacity, 2), "budget_ms": str(budget),
             "seconds_per_point": args.seconds, "repeats": args.repeats,
             "deadline_is_budget": True, "max_statics": args.max_statics,
+            "separate_server": True,  # calibrated on a server of its own, then a fresh one
+            "fresh_server_per_run": args.fresh_server,
             "server_variants": [
                 {"name": v.name, "accuracy": v.accuracy, "predicted_p50_ms": v.predicted_p50_ms,
                  "predicted_p95_ms": v.predicted_p95_ms} for v in table]},
@@ -602,6 +696,7 @@ def main() -> None:
                          "predicted_p50_ms": None if v is None else info[v].predicted_p50_ms}
                      for p, v in policies.items()},
         "loads": loads,
+        "server_state_end": final_state,
         "runs": runs,
         "steady": steady,
         "best_static": best_static(steady, reported),

@@ -1,7 +1,9 @@
 """Write ``docs/results.md`` (and its plots under ``docs/results/``) from the outputs of one
-``make bench``: the default family's manifest, ``policies.py``'s summary and per-request records,
-``router.py``'s and ``overhead.py``'s figures. Nothing here measures; every number is read from
-those files, so the page is exactly what the run produced.
+``make bench``: the default family's manifest, ``policies.py``'s summary (steady-load and
+time-varying tables, best static in hindsight, the targets) and per-request records,
+``router.py``'s and ``overhead.py``'s figures; a missing one leaves its section short. Nothing
+here measures; every number is read from those files, so the page is exactly what the run
+produced.
 
     .venv/bin/python bench/report.py [--family families/mnist5k] [--results results/bench]
         [--docs docs]
@@ -13,13 +15,12 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from client import bench_plots
-from client.results import read_records
+from client.results import host_info, read_records
 from compression.core.family import Variant, load_family
 from compression.report import markdown_table
 
@@ -134,135 +135,269 @@ def _pct(v: float | None, nd: int = 1) -> str:
     return "-" if v is None else f"{100 * v:.{nd}f}%"
 
 
-def _nearest(runs: Sequence[dict[str, Any]], load: float) -> dict[str, Any]:
-    return min(runs, key=lambda r: abs(r["load"] - load))
+def _spread(s: dict[str, float | None], pct: bool = True, nd: int = 1) -> str:
+    """``median [min–max]`` of a `bench.policies.spread` (just the median when they agree)."""
+    if s["median"] is None:
+        return "-"
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else (f"{100 * v:.{nd}f}" if pct else f"{v:.{nd}f}")
+
+    mid = f(s["median"]) + ("%" if pct else "")
+    return mid if s["min"] == s["max"] else f"{mid} [{f(s['min'])}–{f(s['max'])}]"
 
 
-def errors_of(runs: Sequence[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in runs:
-        for code, n in r["errors_by_code"].items():
-            out[code] = out.get(code, 0) + n
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def policy_plots(summary: dict[str, Any], plots: Path) -> list[tuple[str, str]]:
+    """``policies_load.png`` (in budget, accuracy and goodput against load, median with the
+    repeats' range) and, with the varying scenario, ``policies_varying.png`` (each phase's in-budget
+    share against time); returns (alt text, file name) per plot."""
+    plt = _plt()
+    plots.mkdir(parents=True, exist_ok=True)
+    policies = list(summary["policies"])
+    steady = summary["steady"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for p in policies:
+        rows = [r for r in steady if r["policy"] == p]
+        xs = [r["load"] for r in rows]
+        for ax, key, scale in ((axes[0], "attainment", 100), (axes[1], "accuracy", 100),
+                               (axes[2], "goodput_rps", 1)):
+            pts = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r[key]["median"] is not None]
+            if not pts:
+                continue
+            med = [scale * s["median"] for _, s in pts]
+            lo = [m - scale * s["min"] for m, (_, s) in zip(med, pts, strict=True)]
+            hi = [scale * s["max"] - m for m, (_, s) in zip(med, pts, strict=True)]
+            ax.errorbar([x for x, _ in pts], med, yerr=[lo, hi], marker="o", capsize=3, label=p,
+                        linewidth=2.2 if p == "adaptive" else 1.2)
+    for ax, label in zip(axes, ("in budget (% of offered)", "accuracy of answered samples (%)",
+                                "goodput (answers in budget / s)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(summary.get("loads") or sorted({r["load"] for r in steady}))
+        ax.get_xaxis().set_major_formatter(_fmt_x())
+        ax.set_xlabel("offered load (x full's capacity, log)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 101)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{summary['family']}: policies against steady load (median, bars: min–max of "
+                 f"{summary['calibration']['repeats']} repeat(s))")
+    fig.tight_layout()
+    fig.savefig(plots / "policies_load.png", dpi=110)
+    plt.close(fig)
+    out = [("in budget, accuracy and goodput against load", "policies_load.png")]
+    varying = summary.get("varying")
+    if varying and varying.get("by_policy"):
+        phases = varying["phases"]
+        edges = [0.0]
+        for ph in phases:
+            edges.append(edges[-1] + ph["seconds"])
+        fig, ax = plt.subplots(figsize=(10, 4.4))
+        for row in varying["by_policy"]:
+            ys = [100 * (ph["attainment"]["median"] or 0.0) for ph in row["phases"]]
+            ax.stairs(ys, edges, label=row["policy"], linewidth=2.2 if row["policy"] == "adaptive"
+                      else 1.2, baseline=None)
+        ax2 = ax.twinx()
+        ax2.stairs([ph["load"] for ph in phases], edges, color="grey", linestyle=":",
+                   baseline=None, label="offered load")
+        ax2.set_ylabel("offered load (x full's capacity, dotted)")
+        ax2.set_ylim(0, 1.1 * max(ph["load"] for ph in phases))
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("in budget per phase (% of offered)")
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+        fig.suptitle("time-varying load: in-budget share per phase (median of repeats)")
+        fig.tight_layout()
+        fig.savefig(plots / "policies_varying.png", dpi=110)
+        plt.close(fig)
+        out.append(("in-budget share per phase of the time-varying load", "policies_varying.png"))
     return out
 
 
-def serving_section(summary: dict[str, Any], results: Path, docs: Path) -> str:
-    cal = summary["calibration"]
-    runs = summary["runs"]
-    policies = list(runs)
-    adaptive, full = policies[0], policies[1]
-    cap = cal["capacity_rps"]
-    plots = docs / "results"
-    plots.mkdir(parents=True, exist_ok=True)
-    bench_plots.load_curves(runs, plots / "policies_load.png", capacity=cap,
-                            title=f"{summary['family']}: routing policies, budgets "
-                                  f"{cal['budget_ms'].removeprefix('uniform:').replace(':', '–')} ms")
-    at2 = _nearest(runs[adaptive], 2.0)["load"]
+def _fmt_x() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _pos: f"{v:g}x")
+
+
+def _latency_cdf(summary: dict[str, Any], results: Path, plots: Path) -> str | None:
+    """Round trip against budget at the load nearest 2x, first repeat, every policy (from the
+    runs' requests.csv, when they are there)."""
+    runs = [r for r in summary["runs"] if r["repeat"] == 0 and r.get("records_csv")]
+    if not runs:
+        return None
+    load = min({r["load"] for r in runs}, key=lambda v: abs(v - 2.0))
     groups = {}
-    for p in policies:
-        d = results / "policies" / summary["policies"][p]["dir"] / f"{at2:g}x" / "requests.csv"
-        groups[p] = read_records(d)
-    bench_plots.latency_cdf(groups, plots / "latency_cdf_2x.png",
-                            title=f"round trip against budget at {at2:g}x full's capacity")
+    for p in summary["policies"]:
+        run = next((r for r in runs if r["policy"] == p and r["load"] == load), None)
+        path = results / "policies" / run["records_csv"] if run else None
+        if path is None or not path.is_file():
+            return None
+        groups[p] = read_records(path)
+    name = f"latency_cdf_{load:g}x.png"
+    bench_plots.latency_cdf(groups, plots / name,
+                            title=f"round trip against budget at {load:g}x full's capacity "
+                                  "(first repeat)")
+    return f"![latency CDF at {load:g}x](results/{name})"
+
+
+def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) -> str:
+    """The policy comparison of ``bench/policies.py``'s ``summary.json`` (None: not run)."""
+    title = "## Serving: adaptive routing against static variants\n\n"
+    if summary is None:
+        return title + ("No policy comparison yet: `bench/policies.py` has not written "
+                        f"`{os.path.relpath(results, ROOT)}/policies/summary.json`.\n")
+    if summary.get("schema") != 2:
+        return title + ("The policy comparison's `summary.json` is from an older "
+                        "`bench/policies.py` (one run per point, no repeats or time-varying load); "
+                        "rerun `make bench` to fill this section.\n")
+    cal = summary["calibration"]
+    policies = summary["policies"]
+    plots = docs / "results"
+    images = policy_plots(summary, plots)
+    best = {b["load"]: b for b in summary["best_static"]}
     rows = []
-    for load in sorted({r["load"] for r in runs[adaptive]}):
-        for p in policies:
-            r = _nearest(runs[p], load)
-            top = next(iter(r["share"].items()), ("-", 0.0))
-            lat = r["latency_ms"]
-            rows.append([f"{load:g}x" if p == adaptive else "", p, f"{r['offered_rps']:.0f}",
-                         _pct(r["attainment"]), f"{r['goodput_rps']:.1f}",
-                         f"{r['throughput_rps']:.1f}",
-                         "-" if lat["p50"] is None else f"{lat['p50']:.1f}",
-                         "-" if lat["p99"] is None else f"{lat['p99']:.1f}",
-                         _pct(r["accuracy"], 2), str(r["errors"]),
-                         f"{top[0]} {100 * top[1]:.0f}%"])
-    table = markdown_table(["load", "policy", "offered/s", "in budget", "goodput/s",
-                            "answered/s", "p50 ms", "p99 ms", "accuracy", "errors",
-                            "most used"], rows)
-    a2, f2 = _nearest(runs[adaptive], 2.0), _nearest(runs[full], 2.0)
-    a05, f05 = _nearest(runs[adaptive], 0.5), _nearest(runs[full], 0.5)
-    ratio = a2["goodput_rps"] / f2["goodput_rps"] if f2["goodput_rps"] else float("inf")
-    acc_gap = None if a05["accuracy"] is None or f05["accuracy"] is None else \
-        100 * (a05["accuracy"] - f05["accuracy"])
-    checks = [
-        ["adaptive in budget at 2x", "≥ 95%", _pct(a2["attainment"]),
-         "yes" if a2["attainment"] >= 0.95 else "**no**"],
-        ["pinned `full` in budget at 2x", "< 50%", _pct(f2["attainment"]),
-         "yes" if f2["attainment"] < 0.5 else "**no**"],
-        ["goodput, adaptive ÷ pinned `full`, at 2x", "≥ 3x",
-         "∞ (full: 0)" if ratio == float("inf") else f"{ratio:.1f}x",
-         "yes" if ratio >= 3 else "**no**"],
-        ["accuracy, adaptive − pinned `full`, at 0.5x", "≥ −1 pt",
-         "-" if acc_gap is None else f"{acc_gap:+.2f} pt",
-         "yes" if acc_gap is not None and acc_gap >= -1 else "**no**"],
-    ]
-    default = next((p for p in policies if p.startswith("adaptive,")), None)
-    if default is not None:
-        d2 = _nearest(runs[default], 2.0)
-        checks.append([f"{default} (serve with no flags), in budget at 2x", "≥ 95%",
-                       _pct(d2["attainment"]), "yes" if d2["attainment"] >= 0.95 else "**no**"])
-    targets = markdown_table(["target", "wanted", "measured", "met"], checks)
-    fastest = policies[2]
-    worse = [(r["load"], r["attainment"], _nearest(runs[fastest], r["load"])["attainment"])
-             for r in runs[adaptive] if r["load"] > 2.0]
-    worse = [w for w in worse if w[1] < w[2] - 0.05]
-    codes = ", ".join(f"{c} {n}" for c, n in errors_of(runs[adaptive]).items()) or "none"
-    beyond = ""
-    if worse:
-        beyond = (
-            "\n\n**Beyond 2x.** Adaptive falls below pinned "
-            f"`{fastest.removeprefix('pinned ')}` ("
-            + ", ".join(f"{load:g}x: {100 * a:.1f}% against {100 * f:.1f}%" for load, a, f in worse)
-            + "), which shows the load was servable at that variant's accuracy. The router keeps "
-            "choosing more accurate variants whose predicted completion fits the budget but whose "
-            "real completion does not: it models contention for the shared thread pool as a "
-            "proportional slowdown (the load factor), while a batch that finds every pool thread "
-            "busy in fact waits, first in first out, for other variants' batches; and it does not "
-            "see the event loop's own CPU for decoding and encoding. Under overload it "
-            "under-predicts "
-            f"and requests expire in bursts (adaptive's errors: {codes}). Each point is one "
-            f"{cal['seconds_per_point']:g}-second run on a shared machine; repeated runs move these "
-            "figures by several points.")
-    else:
-        beyond = ("\n\nEach point is one short run on a shared machine; repeated runs move these "
-                  "figures by several points.")
-    errors = {p: e for p in policies if (e := errors_of(runs[p]))}
+    for r in summary["steady"]:
+        first = r["policy"] == next(iter(policies))
+        top = r["most_used"]
+        is_best = best.get(r["load"], {}).get("policy") == r["policy"]
+        rows.append([
+            f"{r['load']:g}x" if first else "",
+            ("**" + r["policy"] + "**") if r["policy"] == "adaptive" else
+            r["policy"] + (" (best static)" if is_best else ""),
+            _spread(r["attainment"]), _spread(r["accuracy"], nd=2),
+            _spread(r["goodput_rps"], pct=False), f"{r['correct_in_budget']['median']:.0f}",
+            "-" if r["p99_ms"]["median"] is None else f"{r['p99_ms']['median']:.1f}",
+            _spread(r.get("failed") or {"median": None}, pct=False, nd=0),
+            _spread(r.get("shed") or {"median": None}, pct=False, nd=0),
+            _spread(r.get("margin_before_ms") or {"median": None}, pct=False, nd=2),
+            "-" if top is None else f"{top[0]} {100 * top[1]:.0f}%"])
+    steady = markdown_table(["load", "policy", "in budget", "accuracy", "goodput/s",
+                             "correct in budget", "p99 ms", "errors", "of which shed",
+                             "router margin before, ms", "most used"], rows)
+    adaptive = {r["load"]: r for r in summary["steady"] if r["policy"] == "adaptive"}
+    brows = []
+    for load, b in sorted(best.items()):
+        a = adaptive.get(load)
+        acc_a = None if a is None else a["accuracy"]["median"]
+        if b["policy"] is None:
+            brows.append([f"{load:g}x", "none reaches 95% in budget", "-", "-", "-",
+                          _pct(acc_a, 2), "-"])
+            continue
+        gap = None if acc_a is None or b["accuracy"] is None else 100 * (acc_a - b["accuracy"])
+        brows.append([f"{load:g}x", f"`{b['policy'].removeprefix('pinned ')}`",
+                      _pct(b["reported_accuracy"], 2), _pct(b["attainment"]),
+                      _pct(b["accuracy"], 2), _pct(acc_a, 2),
+                      "-" if gap is None else f"{gap:+.2f} pt"])
+    best_table = markdown_table(["load", "best static in hindsight", "reported accuracy",
+                                 "its in budget", "its accuracy", "adaptive accuracy",
+                                 "adaptive − best static"], brows)
+    varying = summary.get("varying")
+    varying_text = ""
+    if varying and varying.get("by_policy"):
+        phases = varying["phases"]
+        vrows = [[("**" + r["policy"] + "**") if r["policy"] == "adaptive" else r["policy"],
+                  _spread(r["correct_in_budget"], pct=False, nd=0), _spread(r["attainment"]),
+                  _spread(r["accuracy"], nd=2),
+                  *(_pct(ph["attainment"]["median"]) for ph in r["phases"]),
+                  _spread(r.get("failed") or {"median": None}, pct=False, nd=0),
+                  _spread(r.get("shed") or {"median": None}, pct=False, nd=0)]
+                 for r in varying["by_policy"]]
+        vtable = markdown_table(["policy", "correct in budget", "in budget", "accuracy",
+                                 *(f"{ph['load']:g}x {ph['seconds']:g} s" for ph in phases),
+                                 "errors", "of which shed"], vrows)
+        profile = " → ".join(f"{ph['load']:g}x for {ph['seconds']:g} s" for ph in phases)
+        varying_text = (
+            "### Time-varying load\n\n"
+            f"One open loop per policy and repeat: {profile} (in multiples of `full`'s capacity, "
+            "back to back; the 8x second is the burst), the same arrivals, budgets and images for "
+            "every policy in a repeat. *Correct in budget* counts samples classified correctly in "
+            "answers that arrived within their budget (median [min–max] over repeats); the phase "
+            "columns give each phase's in-budget share (median).\n\n"
+            f"{vtable}\n")
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
+    t = summary["targets"]
+    ttable = markdown_table(["target", "wanted", "measured", "met"],
+                            [[r["target"], r["wanted"], r["measured"], verdict[r["passed"]]]
+                             for r in t["rows"]])
+    codes: dict[str, dict[str, int]] = {}
+    for r in summary["steady"]:
+        for code, n in r["errors"].items():
+            codes.setdefault(r["policy"], {}).setdefault(code, 0)
+            codes[r["policy"]][code] += n
     err_text = "; ".join(f"{p}: " + ", ".join(f"{c} {n}" for c, n in e.items())
-                         for p, e in errors.items()) or "none"
-    lags = sorted((r.get("send_lag_ms", {}).get("p99") or 0.0) for p in policies for r in runs[p])
-    kept = [r["offered"] / (r["offered_rps"] * r["seconds"]) for p in policies for r in runs[p]]
+                         for p, e in codes.items()) or "none"
+    lags = sorted(r["send_lag_ms"]["p99"] or 0.0 for r in summary["runs"])
+    lo_budget = float(cal["budget_ms"].split(":")[1]) if cal["budget_ms"].startswith("uniform:") \
+        else None
+    margins = [r.get("server_before", {}).get("margin_ms")
+               for r in [*summary["runs"], *((varying or {}).get("runs") or [])]]
+    high = [m for m in margins if m is not None and lo_budget is not None and m >= lo_budget]
+    margin_note = (
+        f" Before {len(high)} of {len(margins)} runs the router's learned margin was at "
+        f"or above the smallest budget ({lo_budget:.1f} ms): those runs began shedding requests "
+        "at once, whatever their policy, and the margin only comes down on answered requests."
+        if high else "")
     idle = cal["full_idle_ms"]
-    flags = cal.get("serve_args") or ""
-    served = (f"`adaptive-inference serve {flags}` (loopback; a second server with no flags "
-              "answers the \"adaptive, default flags\" rows)" if flags and default else
-              f"`adaptive-inference serve {flags}`".replace(" `", "`") + " (loopback)")
-    deadline = ("the gRPC deadline of each request = its budget (`--deadline-is-budget`: the "
-                "server then also counts transport and gRPC queueing against the budget)"
-                if cal.get("deadline_is_budget") else "the gRPC deadline 2 x budget + 50 ms")
+    statics = ", ".join(f"`{v['variant']}` ({_pct(v['reported_accuracy'], 2)}, predicted p50 "
+                        f"{v['predicted_p50_ms']:.2f} ms)" for v in policies.values() if v["variant"])
+    flags = " ".join(summary.get("serve_args") or [])
+    served = f"`adaptive-inference serve {flags}`" if flags else \
+        "`adaptive-inference serve` and its default flags"
+    server_note = ("a fresh server for every run" if cal.get("fresh_server_per_run") else
+                   "one server for every run, so each run starts from the router state that "
+                   "the run before left: see the margin column")
+    end = summary.get("server_state_end", {})
     return (
-        "## Serving: adaptive routing against pinned variants\n\n"
-        f"`bench/policies.py` served `{summary['family_dir']}` with {served} and drove it with "
-        "`adaptive-inference bench` (its own process, open-loop Poisson arrivals, test-split "
-        f"images so accuracy is real, {deadline}). Calibration on this "
-        f"host before any load: **{cal['images_per_request']} images per request**; pinned `full` "
-        f"idle round trip p50 {idle['p50']:.2f} / p95 {idle['p95']:.2f} / p99 {idle['p99']:.2f} ms; "
-        f"`full`'s capacity **{cap:.1f} requests/s** (closed loop, 8 in flight); budgets "
-        f"**{cal['budget_ms']} ms** (uniform from `full`'s idle p99 to twice that: the range "
-        f"`full` just meets when idle); fastest candidate `{cal['fastest']}` (idle p50 "
-        f"{cal['fastest_idle_p50_ms']:.2f} ms). {cal['seconds_per_point']:g} s per load and "
-        "policy, policies in rotated order, the same seed (arrivals, budgets, images) for every "
-        "policy at a load. A budget is met when the answer reaches the client within it; "
-        "errors count as misses; goodput = answers within budget per second. Latency runs from "
-        "when a request left the client; requests left a little after their scheduled Poisson "
-        f"arrival (p99 send lag per run: median {lags[len(lags) // 2]:.1f} ms, worst "
-        f"{lags[-1]:.1f} ms: client and server share the cores), and each run offered "
-        f"{100 * min(kept):.0f}–{100 * max(kept):.0f}% of rate × duration (Poisson counts).\n\n"
-        f"{table}\n\nErrors by code: {err_text}.\n\n### Targets (issue 6)\n\n{targets}{beyond}\n\n"
+        title +
+        f"`bench/policies.py` served `{summary['family_dir']}` with {served} (loopback; "
+        f"{server_note}) and loaded it from an in-process open loop (`client.loadgen`, Poisson "
+        "arrivals, test-split images so accuracy is real, the gRPC deadline of each request = "
+        "its budget). Calibration on this host before any load, on a server of its own: "
+        f"**{cal['images_per_request']} images per request**; pinned `full` idle round trip p50 "
+        f"{idle['p50']:.2f} / p95 {idle['p95']:.2f} / p99 {idle['p99']:.2f} ms; `full`'s capacity "
+        f"**{cal['capacity_rps']:.1f} requests/s** (closed loop, 8 in flight); budgets "
+        f"**{cal['budget_ms']} ms** (from `full`'s idle p99 to twice that). Policies: adaptive "
+        f"(no pin) and each static candidate pinned, the Pareto front of the server's table "
+        f"(accuracy against predicted p50 at this batch size, `full` and the fastest always in): "
+        f"{statics}. Each point: {cal['seconds_per_point']:g} s, **{cal['repeats']} "
+        f"repeat{'' if cal['repeats'] == 1 else 's'}** "
+        "(median, [min–max] where they differ), policies in rotated order, the same seed "
+        "(arrivals, budgets, images) for every policy at a load and repeat. *In budget*: answers "
+        "that reached the client within their budget, as a share of the requests offered "
+        "(errors and shed requests are misses); *goodput*: those per second; *accuracy*: of the "
+        "answered samples; *correct in budget*: samples classified correctly in answers within "
+        "budget, per run; *best static in hindsight*: the pinned static with the highest "
+        "reported accuracy whose median in-budget share reaches 95% at that load. Requests left "
+        f"the client a little after their scheduled arrival (p99 send lag per run: median "
+        f"{lags[len(lags) // 2]:.1f} ms, worst {lags[-1]:.1f} ms: client and server share the "
+        f"cores).{margin_note}\n\n"
+        f"### Steady load\n\n*Errors*: requests not answered, per run (median); *of which shed*: "
+        "refused at once by the router (its `adaptive_shed_total`), the rest expired on the way "
+        "or were dropped by the client; *router "
+        "margin before*: the router's learned safety margin when the run began (median).\n\n"
+        f"{steady}\n\nErrors by code (all repeats): {err_text}. Router state "
+        f"at the end: margin {end.get('margin_ms', 0.0):.2f} ms, miss ratio "
+        f"{_pct(end.get('miss_ratio'))}, {end.get('shed_total', 0):.0f} requests shed in all."
+        f"\n\n{best_table}\n\n{varying_text}\n"
+        f"### Targets\n\n{t['passed']} met, {t['failed']} not met, {t['not_evaluated']} not "
+        "measurable in this run. Medians over repeats; accuracy targets compare the accuracy of "
+        "answered samples; *within 0.3 pt of the best static* is one-sided (more accurate "
+        "passes).\n\n"
+        f"{ttable}\n\n"
         "Anchors: Proteus reports 2–10x fewer timeouts than static variants, INFaaS 1.6x fewer "
         "SLO violations.\n\n"
-        "![attainment, goodput and accuracy against load](results/policies_load.png)\n\n"
-        f"![latency CDF at {at2:g}x](results/latency_cdf_2x.png)\n")
+        + "\n\n".join(f"![{alt}](results/{name})" for alt, name in images)
+        + ("\n\n" + cdf if (cdf := _latency_cdf(summary, results, plots)) else "") + "\n")
 
 
 def overhead_section(router: dict[str, Any] | None, overhead: dict[str, Any] | None) -> str:
@@ -296,13 +431,14 @@ def overhead_section(router: dict[str, Any] | None, overhead: dict[str, Any] | N
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--family", default="families/mnist5k")
     ap.add_argument("--results", default="results/bench")
     ap.add_argument("--docs", default="docs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results, docs = ROOT / args.results, ROOT / args.docs
+    docs.mkdir(parents=True, exist_ok=True)
 
     def read(name: str) -> dict[str, Any] | None:
         path = results / name
@@ -310,15 +446,21 @@ def main() -> None:
 
     summary = read("policies/summary.json")
     if summary is None:
-        raise SystemExit(f"{results / 'policies/summary.json'}: missing; run bench/policies.py")
-    h = summary["host"]
+        log.warning("%s: missing; the policy section says so", results / "policies/summary.json")
+    if summary is not None and "load_average_start" in summary.get("host", {}):
+        h = summary["host"]
+        when = (f"; the policy comparison started {summary['started']} and took "
+                f"{summary['seconds_total']:.0f} s")
+        load = (f"load average {h['load_average_start'][0]:.1f} at the start of the comparison "
+                f"and {h['load_average_end'][0]:.1f} at its end (1-minute)")
+    else:
+        h, when = host_info(), ""
+        load = f"load average {h['load_average'][0]:.1f} now (1-minute)"
     header = (
         "# Results\n\n"
-        f"Generated by `make bench` ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; the "
-        f"policy comparison started {summary['started']} and took {summary['seconds_total']:.0f} "
-        f"s). Machine: {h['cpus']} cores ({h['machine']}, {h['system']}, Python {h['python']}), "
-        f"no GPU; load average {h['load_average_start'][0]:.1f} at the start of the comparison "
-        f"and {h['load_average_end'][0]:.1f} at its end (1-minute). Client, server and any other "
+        f"Generated by `make bench` ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}{when}). "
+        f"Machine: {h['cpus']} cores ({h['machine']}, {h['system']}, Python {h['python']}), "
+        f"no GPU; {load}. Client, server and any other "
         "work share these cores, so absolute latencies are this machine's; the comparisons "
         "inside one run are paired and fair. Regenerate with `make bench`; the raw figures are "
         f"under `{args.results}/`.\n\n"
@@ -332,7 +474,7 @@ def main() -> None:
         "attainment, goodput, p50/p95/p99, accuracy, share of each variant/exit), "
         "`requests.csv`, `latency_cdf.png` and `load.png`.\n")
     parts = [header, compression_section((ROOT / args.family).resolve()),
-             serving_section(summary, results, docs),
+             policy_section(summary, results, docs),
              overhead_section(read("router.json"), read("overhead.json"))]
     (docs / "results.md").write_text("\n".join(parts))
     log.info("wrote %s", docs / "results.md")

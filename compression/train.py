@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -89,7 +90,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, *, seed: int,
         model.train()
         order = torch.randperm(len(x_train), generator=g)
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch}/{cfg.epochs}", leave=False,
-                   disable=not progress, unit="step")
+                   disable=not progress or not sys.stderr.isatty(), unit="step")
         running = 0.0
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]

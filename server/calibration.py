@@ -1,58 +1,95 @@
-"""Closed-loop calibration of the router: how wrong are its predictions, and what margin holds
-the target miss rate?
+"""Closed-loop calibration of the router: how wrong are its predictions, and what safety
+factor holds the target miss rate?
 
-Every answered request reports how long it took against what the router predicted when it chose
-(`Calibration.observe`). Two estimates follow from that stream:
+Every answered request with a budget reports how long it took against what the router predicted
+when it chose (`Calibration.observe`). Two estimates follow from that stream:
 
-- the **safety margin**: a running estimate of the ``1 - target`` quantile of the prediction error
-  (actual − predicted, ms), by stochastic approximation — each late answer raises it by
-  ``step·(1 - target)``, each timely one lowers it by ``step·target``, so it settles where a share
-  ``target`` of errors exceeds it. The step scales with the typical error size, so the same
-  default converges on a 2-core laptop (errors of milliseconds) and a 16-core server (tenths);
+- the **safety factor**: the ``1 - target`` quantile of the recent ratios actual / predicted,
+  over the last ``window`` answers, none older than ``horizon_s``, refreshed every ``every``
+  answers and at least once a second. The router multiplies every prediction by it, so a share
+  ``target`` of answers finishes later than predicted, on a 2-core laptop and a 16-core server
+  alike. A *ratio*, because what makes predictions late here — CPU contention, a queue that grew —
+  scales with how long the work is: one additive margin sized for a heavy variant would refuse
+  light ones needlessly. A *window* rather than a running stochastic estimate, because the factor
+  must also shrink within seconds once a burst is over (a 1 % quantile tracker steps down a
+  hundred times slower than up), and expire with time: a factor that made every request look
+  too slow would shed them all and never hear of one again;
 - the **observed miss rate**: an exponentially weighted share of budgeted requests answered late,
   the figure an operator compares with the target.
 
-The router adds the margin to every prediction, so the share of chosen candidates that finish
-late tracks the target without a hand-tuned flag. Pure: no clock, no I/O.
+`CpuShare` adds the throughput side: the compute per request the CPU can sustain at the arrival
+rate now. Pure: the caller passes the time and the measurements; no clock, no I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Predictions below this (ms) are taken as this when dividing: a ratio of near-zero is noise.
+MIN_PREDICTED_MS = 0.05
 
 
 @dataclass
 class Calibration:
-    """The router's safety margin and observed miss rate; see the module docstring."""
+    """The router's safety factor and observed miss rate; see the module docstring."""
 
-    target: float = 0.01  # share of requests allowed to finish later than predicted
-    gain: float = 0.5  # step = gain × typical |error|
-    min_step_ms: float = 0.002
-    max_margin_ms: float = 1_000.0
+    target: float = 0.01  # share of answers allowed to finish later than predicted
+    window: int = 512  # recent answers the quantile is taken over
+    horizon_s: float = 10.0  # …none older than this
+    every: int = 16  # refresh the factor every this many answers
+    min_samples: int = 32  # below this many recent answers: the base factor (or worse)
+    max_factor: float = 100.0
+    min_factor: float = 0.5
     miss_alpha: float = 0.01  # EWMA weight of the miss-rate estimate (~100 requests)
-    margin_ms: float = 0.0
-    error_scale_ms: float = 0.0  # EWMA of |actual − predicted|
+    base: float = 1.0  # the factor until enough answers are known (warm-up's timing spread)
+    factor: float = 1.0
     miss_rate: float = 0.0
     observed: int = 0
+    _ratios: collections.deque[tuple[float, float]] = field(default_factory=collections.deque,
+                                                             repr=False)
+    _refreshed: float = float("-inf")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
             raise ValueError(f"target miss rate must lie in (0, 1), got {self.target!r}")
 
-    def observe(self, predicted_ms: float, actual_ms: float, *, missed: bool | None = None) -> None:
-        """One answered request: its predicted and actual completion (ms from the decision), and
-        whether it missed its budget (None: it had none)."""
-        err = actual_ms - predicted_ms
+    def reset(self, base: float) -> None:
+        """Start over from ``base`` (after warm-up: a typical p95 / p50 on this host)."""
+        self.base = self.factor = base
+        self._ratios.clear()
+
+    def observe(self, predicted_ms: float, actual_ms: float, *, now: float, missed: bool) -> None:
+        """One answered request with a budget, at ``now`` (seconds): its predicted and actual
+        completion (ms from the decision), and whether it missed its budget."""
         self.observed += 1
-        self.error_scale_ms += 0.05 * (abs(err) - self.error_scale_ms)
-        step = max(self.gain * self.error_scale_ms, self.min_step_ms)
-        if err > self.margin_ms:
-            self.margin_ms += step * (1.0 - self.target)
-        else:
-            self.margin_ms -= step * self.target
-        self.margin_ms = min(max(self.margin_ms, 0.0), self.max_margin_ms)
-        if missed is not None:
-            self.miss_rate += self.miss_alpha * (float(missed) - self.miss_rate)
+        self._ratios.append((now, actual_ms / max(predicted_ms, MIN_PREDICTED_MS)))
+        if len(self._ratios) > self.window:
+            self._ratios.popleft()
+        self.miss_rate += self.miss_alpha * (float(missed) - self.miss_rate)
+        if self.observed % self.every == 0:
+            self._refresh(now)
+
+    def current(self, now: float) -> float:
+        """The safety factor now (refreshed by time too, not only by answers)."""
+        if now - self._refreshed > 1.0:
+            self._refresh(now)
+        return self.factor
+
+    def _refresh(self, now: float) -> None:
+        self._refreshed = now
+        while self._ratios and self._ratios[0][0] < now - self.horizon_s:
+            self._ratios.popleft()
+        if len(self._ratios) < self.min_samples:  # too few to take a quantile from
+            worst = max((r for _, r in self._ratios), default=self.base)
+            self.factor = min(max(self.base, worst), self.max_factor)
+            return
+        ratios = np.fromiter((r for _, r in self._ratios), np.float64, len(self._ratios))
+        q = float(np.quantile(ratios, 1.0 - self.target))
+        # Below 1 when predictions run pessimistic: then the factor gives the time back.
+        self.factor = min(max(q, self.min_factor), self.max_factor)
 
 
 @dataclass
@@ -65,3 +102,38 @@ class Overhead:
 
     def observe(self, ms: float) -> None:
         self.ms += self.alpha * (max(ms, 0.0) - self.ms)
+
+
+@dataclass
+class CpuShare:
+    """How much compute per request the CPU can sustain at the arrival rate now, ms.
+
+    Every request also costs CPU outside the model (decode, encode, gRPC, the event loop), and so
+    does the rest of the host. What is left of the cores, divided by the arrival rate, is the
+    compute a request may take on average without the server falling behind; the router prefers
+    candidates within it. Without it, a router that picks the most accurate variant that fits
+    each request's budget starves the event loop at high load: every choice fits on its own,
+    together they do not. ``headroom`` keeps utilisation below 1 so queues stay short.
+    """
+
+    headroom: float = 0.8
+    alpha: float = 0.5  # EWMA weight of each new interval
+    share_ms: float = float("inf")
+
+    def update(self, *, seconds: float, arrivals: int, compute_ms: float, cores: int,
+               cpu_process: float, cpu_other: float) -> float:
+        """Fold in one sampling interval: its length, the requests that arrived, the compute time
+        of the batches that ran, and the host's CPU shares (0..1 of all cores) over it."""
+        if seconds <= 0:
+            return self.share_ms
+        rate = arrivals / seconds
+        if rate <= 0:
+            self.share_ms = float("inf")
+            return self.share_ms
+        compute_cores = compute_ms / 1e3 / seconds
+        outside_cores = max(cpu_process * cores - compute_cores, 0.0)  # the request path
+        free = max(cores * (1.0 - cpu_other) - outside_cores, 0.0) * self.headroom
+        share = free * 1e3 / rate
+        self.share_ms = share if self.share_ms == float("inf") else (
+            (1 - self.alpha) * self.share_ms + self.alpha * share)
+        return self.share_ms

@@ -96,6 +96,10 @@ class Engine:
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
                                           max_s=settings.quarantine_max_s), self._probe, metrics)
         self._inflight = 0
+        # Since the last gauge update: requests that reached `infer`, compute ms of the batches.
+        self._arrivals = 0
+        self._compute_ms = 0.0
+        self._sampled_at: float | None = None
         self._idle = asyncio.Event()  # set while no request is in flight (graceful shutdown)
         self._idle.set()
         for c in self.router.candidates:
@@ -116,7 +120,7 @@ class Engine:
         times (blocking: call it in a worker thread before serving)."""
         shape = self.family.input_shape
         sizes = sorted({1, 8, min(32, self.settings.max_batch), self.settings.max_batch})
-        spreads: list[float] = []
+        spreads: list[float] = []  # p95 / p50 at batch 1
         for name, runner in self.runners.items():
             tables = remeasure(name, runner, shape, batch_sizes=sizes)
             slowdown = self.slowdown()
@@ -125,11 +129,12 @@ class Engine:
                 self.latency.seed(unit, {b: {k: v / slowdown for k, v in row.items()}
                                          for b, row in table.items()})
             p = self.router.compute(self.router.deepest(name), 1)
-            spreads.append(p.p95 - p.p50)
+            spreads.append(p.p95 / max(p.p50, 1e-6))
             log.info("variant %s: re-measured on this host, p50 %.3f ms, p95 %.3f ms at batch 1",
                      name, p.p50, p.p95)
-        # The closed loop moves the margin from here: a typical timing spread on this host.
-        self.router.calibration.margin_ms = float(np.median(spreads)) if spreads else 0.0
+        self.router.rerank()  # ties in accuracy: the cheaper one on this host first
+        # The closed loop moves the safety factor from here: a typical timing spread on this host.
+        self.router.calibration.reset(float(np.median(spreads)) if spreads else 1.0)
 
     def start(self) -> None:
         """Start the batchers (on the running event loop); arm injected faults (after warm-up,
@@ -182,6 +187,7 @@ class Engine:
             m.child(m.budget, model).observe(max(call.budget_ms, 0.0) / 1e3)
         variant = "none"
         retried_from: str | None = None
+        self._arrivals += 1
         m.inflight.inc()
         self._inflight += 1
         self._idle.clear()
@@ -266,11 +272,19 @@ class Engine:
         return rows
 
     def update_gauges(self) -> None:
-        cal = self.router.calibration
-        self.metrics.publish(self.monitor.latest,
-                             {name: b.queued for name, b in self.batchers.items()},
+        """Once per monitor interval: the CPU share per request, then every gauge."""
+        host = self.monitor.latest
+        now = self.clock()
+        if self._sampled_at is not None:
+            self.router.cpu.update(seconds=now - self._sampled_at, arrivals=self._arrivals,
+                                   compute_ms=self._compute_ms, cores=host.cores,
+                                   cpu_process=host.cpu_process, cpu_other=host.cpu_other)
+        self._sampled_at, self._arrivals, self._compute_ms = now, 0, 0.0
+        r = self.router
+        self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)},
-                             (cal.margin_ms, cal.miss_rate, self.router.overhead.ms))
+                             (r.calibration.factor, r.calibration.miss_rate, r.overhead.ms,
+                              r.cpu.share_ms))
 
     # --- batches: what runs, and what each one teaches the latency model -----------------------
 
@@ -302,6 +316,7 @@ class Engine:
         slowdown = self.slowdown()  # this batch has left `executing`: count it as starting
         for unit, batch, ms in out.timings:
             self.latency.observe(unit, batch, ms, slowdown=slowdown)
+            self._compute_ms += ms
 
     def batch_failed(self, exc: VariantFailed) -> None:
         """`Listener`: a batch failed; quarantine its variant."""

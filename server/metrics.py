@@ -93,9 +93,9 @@ class Metrics:
             "adaptive_shed_total", "Requests refused at once because not even the fastest "
             "candidate could finish inside their budget under the load (DEADLINE_EXCEEDED).",
             ["model"], registry=r)
-        self.router_margin = Gauge(
-            "adaptive_router_margin_seconds", "The router's calibrated safety margin, added to "
-            "every predicted completion to hold the target miss rate.", registry=r,
+        self.router_factor = Gauge(
+            "adaptive_router_safety_factor", "The router's calibrated safety factor: every "
+            "predicted completion is multiplied by it to hold the target miss rate.", registry=r,
             multiprocess_mode="livemax")
         self.router_miss = Gauge(
             "adaptive_router_miss_ratio", "Share of recent budgeted requests answered after "
@@ -104,6 +104,10 @@ class Metrics:
         self.router_overhead = Gauge(
             "adaptive_router_overhead_seconds", "Learned per-request time outside the model "
             "(routing, hand-offs, event-loop wake-ups).", registry=r, multiprocess_mode="livemax")
+        self.router_cpu_share = Gauge(
+            "adaptive_router_cpu_share_seconds", "Compute per request the CPU can sustain at the "
+            "arrival rate now (the router prefers candidates within it); -1 when idle.",
+            registry=r, multiprocess_mode="livemin")
         self.accuracy = Gauge(
             "adaptive_variant_accuracy_ratio", "Accuracy each candidate is ranked by (validation, "
             "from the manifest).",
@@ -133,14 +137,16 @@ class Metrics:
 
 
     def publish(self, host: HostSample, queued: Mapping[str, int],
-                predicted_s: Mapping[str, float], router: tuple[float, float, float]) -> None:
+                predicted_s: Mapping[str, float], router: tuple[float, float, float, float]
+                ) -> None:
         """The gauges sampled once per monitor interval: host load, queue depths (samples per
         variant), the predicted compute time of each candidate at batch 1, and the router's
-        (margin, miss ratio, overhead) in (ms, ratio, ms)."""
-        margin_ms, miss, overhead_ms = router
-        self.router_margin.set(margin_ms / 1e3)
+        (safety factor, miss ratio, overhead ms, CPU share ms)."""
+        factor, miss, overhead_ms, share_ms = router
+        self.router_factor.set(factor)
         self.router_miss.set(miss)
         self.router_overhead.set(overhead_ms / 1e3)
+        self.router_cpu_share.set(share_ms / 1e3 if share_ms != float("inf") else -1.0)
         self.cpu.set(host.cpu_system)
         self.process_cpu.set(host.cpu_process)
         self.memory.set(host.memory_system)

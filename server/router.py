@@ -14,11 +14,14 @@ router predicts, per candidate, when it would finish if sent now:
   has room (and then pays for the bigger batch), else starts a new one.
 - *compute*: the latency model's p50 for the batch, times the CPU slowdown now.
 - *overhead*: the per-request time outside the model, learned from every answer.
-- *margin*: the closed-loop safety margin (`server.calibration`) that holds the target miss rate.
+- *margin*: the closed-loop safety factor (`server.calibration`) that holds the target miss rate
+  multiplies the sum of the three.
 
 It then picks
 
-1. the most accurate candidate whose predicted completion fits the time left (ties: faster);
+1. the most accurate candidate whose predicted completion fits the time left (ties: faster) and
+   whose compute stays within the CPU share a request can have at the arrival rate now
+   (`server.calibration.CpuShare`; when everything that fits costs more, the cheapest that fits);
 2. if none fits, not even the fastest: `Shed` (DEADLINE_EXCEEDED) at once (``on_miss="shed"``, the default:
    doomed work would only delay others), or the fastest anyway (``on_miss="best-effort"``);
 3. with no deadline: the most accurate candidate (requests without a budget are never shed).
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 
 from compression.core.family import Variant
 from protos.wire import candidate_name
-from server.calibration import Calibration, Overhead
+from server.calibration import Calibration, CpuShare, Overhead
 from server.errors import InvalidArgument, NotFound, Overloaded, Shed, Unavailable, shown
 from server.latency import Clock, LatencyModel, Load, Prediction, unit_name
 from server.schedule import IDLE_PLAN, Backlog, Plan, chained, plan
@@ -67,7 +70,7 @@ class Decision:
     queue_ms: float  # predicted wait before the batch starts
     compute_ms: float  # predicted compute (p50) of the batch it joins, CPU slowdown included
     overhead_ms: float  # predicted time outside the model
-    margin_ms: float  # the calibrated safety margin added on top
+    margin_ms: float  # what the calibrated safety factor adds on top
     remaining_ms: float | None  # time left to the deadline when deciding (None: no deadline)
     fits: bool
     slowdown: float
@@ -119,14 +122,22 @@ class Router:
         self.clock = clock
         self.calibration = Calibration(target=target_miss_rate)
         self.overhead = Overhead()
+        self.cpu = CpuShare()
         self._by_name = {c.name: c for c in self.candidates}
         # The deepest candidate of each variant: what its queued batches cost at worst.
         self._deepest: dict[str, Candidate] = {}
         for c in self.candidates:
             if c.variant not in self._deepest or len(c.units) > len(self._deepest[c.variant].units):
                 self._deepest[c.variant] = c
-        # Most accurate first, so the first fitting candidate is the answer.
-        self._ranked = sorted(self.candidates, key=lambda c: (-c.accuracy, len(c.units), c.name))
+        self._ranked = self.candidates
+        self.rerank()
+
+    def rerank(self) -> None:
+        """Most accurate first, so the first fitting candidate is the answer; equal accuracies
+        cheapest first by the latency model now (call again once warm-up re-measured it)."""
+        self._ranked = sorted(self.candidates, key=lambda c: (
+            -c.accuracy, self.latency.sum_ms(c.units, 1)[0] if all(
+                u in self.latency for u in c.units) else 0.0, c.name))
 
     def candidate(self, name: str) -> Candidate:
         return self._by_name[name]
@@ -163,9 +174,11 @@ class Router:
         remaining = None if deadline is None else (deadline - now) * 1e3
         slowdown = self.latency.slowdown(load)
         layout = self._plan(load, slowdown)
-        overhead, margin = self.overhead.ms, self.calibration.margin_ms
+        overhead, factor = self.overhead.ms, self.calibration.current(now)
+        share = self.cpu.share_ms if not pin else float("inf")
         starts: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
         fastest: Decision | None = None
+        cheapest: tuple[float, Decision] | None = None  # fits, but over the CPU share
         sum_ms = self.latency.sum_ms
         for c in pool:  # most accurate first: the first that fits is the answer
             st = starts.get(c.variant)
@@ -173,27 +186,38 @@ class Router:
                 st = starts[c.variant] = self._start(c.variant, layout, load, batch)
             wait, joins = st
             compute = sum_ms(c.units, joins + batch)[0] * slowdown
-            total = wait + compute + overhead + margin
+            predicted = wait + compute + overhead
+            total = predicted * factor
+            margin = total - predicted
             if remaining is None or total <= remaining:
-                return Decision(c, wait, compute, overhead, margin, remaining, True, slowdown, now)
-            if fastest is None or total < fastest.predicted_ms + fastest.margin_ms:
+                d = Decision(c, wait, compute, overhead, margin, remaining, True, slowdown, now)
+                cost = sum_ms(c.units, batch)[0]
+                if cost <= share:
+                    return d
+                if cheapest is None or cost < cheapest[0]:
+                    cheapest = (cost, d)
+            elif fastest is None or total < fastest.predicted_ms + fastest.margin_ms:
                 fastest = Decision(c, wait, compute, overhead, margin, remaining, False, slowdown,
                                    now)
+        if cheapest is not None:  # everything that fits costs more CPU than the rate allows
+            return cheapest[1]
         assert fastest is not None and remaining is not None
         if self.on_miss == "best-effort":
             return fastest
         raise Shed(
             f"latency budget: {max(remaining, 0.0):.3f} ms left, the fastest candidate "
-            f"{fastest.candidate.name!r} would need {fastest.predicted_ms + margin:.3f} ms now "
-            f"(wait {fastest.queue_ms:.3f} + compute {fastest.compute_ms:.3f} + overhead "
-            f"{overhead:.3f} + margin {margin:.3f}); shed at once rather than queued")
+            f"{fastest.candidate.name!r} would need {fastest.predicted_ms * factor:.3f} ms now "
+            f"((wait {fastest.queue_ms:.3f} + compute {fastest.compute_ms:.3f} + overhead "
+            f"{overhead:.3f}) × safety factor {factor:.2f}); shed at once rather than queued")
 
     def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
                 outside_ms: float | None = None) -> None:
         """Feedback from one answered request: ``actual_ms`` from the decision to the answer,
         whether it ``missed`` its budget (None: it had none), and the part of it spent outside
         its batch's queue and compute (``outside_ms``)."""
-        self.calibration.observe(decision.predicted_ms, actual_ms, missed=missed)
+        if missed is not None:  # only budgeted answers: the margin exists to meet budgets
+            self.calibration.observe(decision.predicted_ms, actual_ms, now=self.clock(),
+                                     missed=missed)
         if outside_ms is not None:
             self.overhead.observe(outside_ms)
 
@@ -214,8 +238,10 @@ class Router:
         slowdown = self.latency.slowdown(load)
         wait, joins = self._start(c.variant, self._plan(load, slowdown), load, batch)
         compute = self.latency.sum_ms(c.units, joins + batch)[0] * slowdown
-        return Decision(c, wait, compute, self.overhead.ms, self.calibration.margin_ms, None, True,
-                        slowdown, self.clock())
+        predicted = wait + compute + self.overhead.ms
+        margin = predicted * (self.calibration.factor - 1.0)
+        return Decision(c, wait, compute, self.overhead.ms, margin, None, True, slowdown,
+                        self.clock())
 
     def compute(self, c: Candidate, batch: int, slowdown: float = 1.0) -> Prediction:
         return self.latency.predict_sum(c.units, batch, slowdown=slowdown)

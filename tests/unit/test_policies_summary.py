@@ -66,11 +66,12 @@ def test_spread_ignores_none() -> None:
 
 def _run(policy: str, load: float, rep: int, attainment: float, accuracy: float | None,
          goodput: float, cib: int, cand: str = "x") -> dict[str, Any]:
-    return {"policy": policy, "load": load, "repeat": rep, "offered": 100,
+    return {"policy": policy, "load": load, "repeat": rep, "offered": 100, "answered": 90 + rep,
             "attainment": attainment, "accuracy": accuracy, "goodput_rps": goodput,
             "correct_in_budget": cib, "latency_ms": {"p99": 10.0 + rep},
             "send_lag_ms": {"p99": 1.0}, "errors_by_code": {"DEADLINE_EXCEEDED": rep},
-            "client_dropped": 0, "answers": {cand: 10}}
+            "client_dropped": 0, "answers": {cand: 10}, "shed": 2 * rep,
+            "server_before": {"margin_ms": 0.5 + rep}}
 
 
 POLICIES = [ADAPTIVE, "pinned fast", "pinned full"]
@@ -111,6 +112,9 @@ def test_aggregate_steady_medians_and_spreads() -> None:
     assert row["attainment"]["min"] == pytest.approx(0.98)
     assert row["attainment"]["max"] == pytest.approx(0.989)
     assert row["errors"] == {"DEADLINE_EXCEEDED": 3}
+    assert row["shed"] == {"median": 2.0, "min": 0.0, "max": 4.0}
+    assert row["failed"] == {"median": 9.0, "min": 8.0, "max": 10.0}
+    assert row["margin_before_ms"]["median"] == 1.5
     assert row["most_used"] == (ADAPTIVE, 1.0)
     assert [r["load"] for r in s["steady"]] == [0.5] * 3 + [2.0] * 3 + [8.0] * 3
 
