@@ -6,8 +6,8 @@
    `full`'s compute, not the gRPC round trip, dominates); the idle round trip of pinned `full`
    (three blocks of 100 sequential requests; the median block's p99 sets the budgets, uniform
    over [p99, 2 x p99], a range `full` just meets when idle); `full`'s capacity (closed loop, 8
-   requests always in flight, 5 s). Its own server because the capacity run would leave the
-   router's learned margin (`server.calibration`) far above these budgets on the measured one.
+   requests always in flight, 5 s). Its own server, so that what the measured server's router
+   learns (`server.calibration`) comes from the measured runs alone.
 2. Static candidates: the Pareto front of the server's candidate table at that batch size
    (ascending predicted p50, each more accurate than every faster one), with `full` and the
    fastest always in, at most ``--max-statics`` (middle ones dropped evenly). Policies: adaptive
@@ -18,7 +18,8 @@
    host hits all alike), one open loop each (`client.loadgen.run_open_loop`, in this process),
    gRPC deadline = budget, the same seed for every policy at a (load, repeat): the same arrivals,
    budgets and images, a paired comparison. The server is idle before every run; the router's
-   state before and after (margin, miss ratio, overhead, requests shed) is kept with the run.
+   state before and after (safety factor, miss ratio, overhead, requests shed) is kept with the
+   run.
 5. Time-varying load (``--no-varying`` skips it): 0.5x 4 s → 4x 4 s → 0.5x 4 s → burst 8x 1 s →
    0.5x 3 s, back to back in one open loop per policy (`run_phases`), ``--repeats`` times: no
    static choice is right throughout. Counted: correct answers (samples) delivered in budget.
@@ -178,7 +179,7 @@ def _agg(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "correct_in_budget": spread(r["correct_in_budget"] for r in runs),
         "p99_ms": spread(r["latency_ms"]["p99"] for r in runs),
         "send_lag_p99_ms": spread(r.get("send_lag_ms", {}).get("p99") for r in runs),
-        "margin_before_ms": spread(r.get("server_before", {}).get("margin_ms") for r in runs),
+        "factor_before": spread(r.get("server_before", {}).get("safety_factor") for r in runs),
         "failed": spread(r["offered"] - r["answered"] for r in runs),
         "shed": spread(r.get("shed") for r in runs),
         "errors": _errors(runs),
@@ -425,14 +426,14 @@ def server_busy(metrics_url: str) -> float:
                if s.name in ("adaptive_inflight_requests", "adaptive_queue_depth"))
 
 
-GAUGES = {"adaptive_router_margin_seconds": ("margin_ms", 1e3),
+GAUGES = {"adaptive_router_safety_factor": ("safety_factor", 1.0),
           "adaptive_router_miss_ratio": ("miss_ratio", 1.0),
           "adaptive_router_overhead_seconds": ("overhead_ms", 1e3),
           "adaptive_shed_total": ("shed_total", 1.0)}
 
 
 def server_state(metrics_url: str) -> dict[str, float]:
-    """The router's learned state from /metrics: its safety margin and overhead (ms), observed
+    """The router's learned state from /metrics: its safety factor, overhead (ms), observed
     miss ratio, and requests shed so far. It carries over from one run to the next."""
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     out: dict[str, float] = {}
@@ -507,27 +508,19 @@ def _log_run(label: str, policy: str, fig: Mapping[str, Any]) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in fig["errors_by_code"].items()) or "0"
     if fig["client_dropped"]:
         errors += f", dropped {fig['client_dropped']}"
-    margin = (fig["server_before"].get("margin_ms"), fig["server_after"].get("margin_ms"))
+    factor = (fig["server_before"].get("safety_factor"), fig["server_after"].get("safety_factor"))
     log.info("%-12s %-26s offered %5d  in budget %6s  goodput %6.1f/s  accuracy %7s  "
              "correct in budget %6d  p99 %s ms  errors %s (shed %d)  most used %s (%.0f%%)  send lag "
-             "p99 %s ms  router margin %s → %s ms", label, policy, fig["offered"],
+             "p99 %s ms  router safety factor %s → %s", label, policy, fig["offered"],
              _p(fig["attainment"]), fig["goodput_rps"], _p(fig["accuracy"], 2),
              fig["correct_in_budget"], fig["latency_ms"]["p99"], errors, fig["shed"], top[0],
-             100 * top[1], fig["send_lag_ms"]["p99"], *margin)
+             100 * top[1], fig["send_lag_ms"]["p99"], *factor)
 
 
 def _server_delta(fig: dict[str, Any], before: dict[str, float], after: dict[str, float]) -> None:
     """The router's state before and after a run, and the requests it shed during it."""
     fig["server_before"], fig["server_after"] = before, after
     fig["shed"] = int(after.get("shed_total", 0.0) - before.get("shed_total", 0.0))
-
-
-def _warn_margin(state: Mapping[str, float], budget: BudgetSpec) -> None:
-    margin = state.get("margin_ms", 0.0)
-    if budget.uniform is not None and margin >= budget.uniform[0]:
-        log.warning("the router's margin is %.2f ms before this run, at or above the smallest "
-                    "budget (%.2f ms): it sheds those requests at once, and it only comes down "
-                    "on answered ones", margin, budget.uniform[0])
 
 
 async def measure(server: Server, model: str, data: TestData, args: argparse.Namespace,
@@ -544,7 +537,6 @@ async def measure(server: Server, model: str, data: TestData, args: argparse.Nam
                 before = await asyncio.to_thread(server.before_run)
                 cfg = replace(base, rate=load * capacity, seconds=args.seconds,
                               variant=policies[policy], seed=seed)
-                _warn_margin(before, base.budget)
                 res = await run_open_loop(server.target, model, data, cfg)
                 fig = run_figures(res.records, cfg, res.wall_s, res.send_lag_ms)
                 _server_delta(fig, before, await asyncio.to_thread(idle_state, server.metrics_url))
@@ -565,7 +557,6 @@ async def measure(server: Server, model: str, data: TestData, args: argparse.Nam
             before = await asyncio.to_thread(server.before_run)
             cfg = replace(base, rate=sum(p.rate * p.seconds for p in plan) / total, seconds=total,
                           variant=policies[policy], seed=seed)
-            _warn_margin(before, base.budget)
             res = await run_phases(server.target, model, data, cfg, plan)
             fig = run_figures(res.records, cfg, res.wall_s, res.send_lag_ms)
             _server_delta(fig, before, await asyncio.to_thread(idle_state, server.metrics_url))
@@ -608,8 +599,8 @@ def main() -> None:
                     help="extra `adaptive-inference serve` flags, for experiments only (make "
                          "bench uses none: the comparison is of the defaults)")
     ap.add_argument("--fresh-server", action="store_true",
-                    help="restart the server before every run (no run inherits the router's "
-                         "learned margin from the one before; make bench keeps one server)")
+                    help="restart the server before every run (no run inherits what the router "
+                         "learned in the one before; make bench keeps one server)")
     ap.add_argument("--out", default="results/bench/policies")
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this script started are stopped too.
@@ -629,10 +620,8 @@ def main() -> None:
     t_start = time.perf_counter()
     flags = shlex.split(args.serve_args)
 
-    # Calibration on a server of its own: the capacity run (8 unbudgeted requests always in
-    # flight) teaches the router's closed-loop margin (`server.calibration`) the queueing of a
-    # saturated `full`, and the margin only moves on answered requests, so a margin above every
-    # budget would shed everything after it for good. The measured server starts fresh.
+    # Calibration on a server of its own: the measured server's router then learns from the
+    # measured runs alone.
     with contextlib.ExitStack() as stack:
         target, _ = start_server(stack, family_dir, flags)
         with AdaptiveClient(target) as client:

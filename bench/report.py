@@ -279,11 +279,11 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
             "-" if r["p99_ms"]["median"] is None else f"{r['p99_ms']['median']:.1f}",
             _spread(r.get("failed") or {"median": None}, pct=False, nd=0),
             _spread(r.get("shed") or {"median": None}, pct=False, nd=0),
-            _spread(r.get("margin_before_ms") or {"median": None}, pct=False, nd=2),
+            _spread(r.get("factor_before") or {"median": None}, pct=False, nd=2),
             "-" if top is None else f"{top[0]} {100 * top[1]:.0f}%"])
     steady = markdown_table(["load", "policy", "in budget", "accuracy", "goodput/s",
                              "correct in budget", "p99 ms", "errors", "of which shed",
-                             "router margin before, ms", "most used"], rows)
+                             "router safety factor before", "most used"], rows)
     adaptive = {r["load"]: r for r in summary["steady"] if r["policy"] == "adaptive"}
     brows = []
     for load, b in sorted(best.items()):
@@ -337,16 +337,6 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
     err_text = "; ".join(f"{p}: " + ", ".join(f"{c} {n}" for c, n in e.items())
                          for p, e in codes.items()) or "none"
     lags = sorted(r["send_lag_ms"]["p99"] or 0.0 for r in summary["runs"])
-    lo_budget = float(cal["budget_ms"].split(":")[1]) if cal["budget_ms"].startswith("uniform:") \
-        else None
-    margins = [r.get("server_before", {}).get("margin_ms")
-               for r in [*summary["runs"], *((varying or {}).get("runs") or [])]]
-    high = [m for m in margins if m is not None and lo_budget is not None and m >= lo_budget]
-    margin_note = (
-        f" Before {len(high)} of {len(margins)} runs the router's learned margin was at "
-        f"or above the smallest budget ({lo_budget:.1f} ms): those runs began shedding requests "
-        "at once, whatever their policy, and the margin only comes down on answered requests."
-        if high else "")
     idle = cal["full_idle_ms"]
     statics = ", ".join(f"`{v['variant']}` ({_pct(v['reported_accuracy'], 2)}, predicted p50 "
                         f"{v['predicted_p50_ms']:.2f} ms)" for v in policies.values() if v["variant"])
@@ -355,7 +345,7 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
         "`adaptive-inference serve` and its default flags"
     server_note = ("a fresh server for every run" if cal.get("fresh_server_per_run") else
                    "one server for every run, so each run starts from the router state that "
-                   "the run before left: see the margin column")
+                   "the run before left: see the safety factor column")
     end = summary.get("server_state_end", {})
     return (
         title +
@@ -380,13 +370,14 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
         "reported accuracy whose median in-budget share reaches 95% at that load. Requests left "
         f"the client a little after their scheduled arrival (p99 send lag per run: median "
         f"{lags[len(lags) // 2]:.1f} ms, worst {lags[-1]:.1f} ms: client and server share the "
-        f"cores).{margin_note}\n\n"
+        "cores).\n\n"
         f"### Steady load\n\n*Errors*: requests not answered, per run (median); *of which shed*: "
         "refused at once by the router (its `adaptive_shed_total`), the rest expired on the way "
         "or were dropped by the client; *router "
-        "margin before*: the router's learned safety margin when the run began (median).\n\n"
+        "safety factor before*: what the router multiplied its predictions by when the run "
+        "began (median; `server/calibration.py`).\n\n"
         f"{steady}\n\nErrors by code (all repeats): {err_text}. Router state "
-        f"at the end: margin {end.get('margin_ms', 0.0):.2f} ms, miss ratio "
+        f"at the end: safety factor {end.get('safety_factor', 1.0):.2f}, miss ratio "
         f"{_pct(end.get('miss_ratio'))}, {end.get('shed_total', 0):.0f} requests shed in all."
         f"\n\n{best_table}\n\n{varying_text}\n"
         f"### Targets\n\n{t['passed']} met, {t['failed']} not met, {t['not_evaluated']} not "

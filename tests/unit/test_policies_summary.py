@@ -71,7 +71,7 @@ def _run(policy: str, load: float, rep: int, attainment: float, accuracy: float 
             "correct_in_budget": cib, "latency_ms": {"p99": 10.0 + rep},
             "send_lag_ms": {"p99": 1.0}, "errors_by_code": {"DEADLINE_EXCEEDED": rep},
             "client_dropped": 0, "answers": {cand: 10}, "shed": 2 * rep,
-            "server_before": {"margin_ms": 0.5 + rep}}
+            "server_before": {"safety_factor": 0.5 + rep}}
 
 
 POLICIES = [ADAPTIVE, "pinned fast", "pinned full"]
@@ -114,7 +114,7 @@ def test_aggregate_steady_medians_and_spreads() -> None:
     assert row["errors"] == {"DEADLINE_EXCEEDED": 3}
     assert row["shed"] == {"median": 2.0, "min": 0.0, "max": 4.0}
     assert row["failed"] == {"median": 9.0, "min": 8.0, "max": 10.0}
-    assert row["margin_before_ms"]["median"] == 1.5
+    assert row["factor_before"]["median"] == 1.5
     assert row["most_used"] == (ADAPTIVE, 1.0)
     assert [r["load"] for r in s["steady"]] == [0.5] * 3 + [2.0] * 3 + [8.0] * 3
 
