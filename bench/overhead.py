@@ -21,12 +21,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 
 from client.client import build_request
 from client.process import SERVING, ServerProcess
 from client.results import host_info
 from compression.core.family import load_family
+from compression.core.ort import session, time_ms
 from protos.generated import grpc_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,20 +43,10 @@ def start_echo(response_bytes: int) -> tuple[subprocess.Popen[str], int]:
 
 
 def ort_p50_ms(family_dir: Path, variant: str, x: np.ndarray, n: int) -> float:
-    fam = load_family(family_dir)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(fam.graph(variant).SerializeToString(), sess_options=opts,
-                                providers=["CPUExecutionProvider"])
-    for _ in range(50):
-        sess.run(None, {"input": x})
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        sess.run(None, {"input": x})
-        ts.append(time.perf_counter() - t0)
-    return float(np.percentile(ts, 50) * 1e3)
+    """The bare ONNX Runtime call, as the server's runners make it (`compression.core.ort`)."""
+    sess = session(load_family(family_dir).graph(variant))
+    name = sess.get_inputs()[0].name
+    return time_ms(lambda: sess.run(None, {name: x}), warmup=50, iters=n, max_seconds=60.0)["p50"]
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ rate now. Pure: the caller passes the time and the measurements; no clock, no I/
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,26 +115,49 @@ class CpuShare:
     candidates within it. Without it, a router that picks the most accurate variant that fits
     each request's budget starves the event loop at high load: every choice fits on its own,
     together they do not. ``headroom`` keeps utilisation below 1 so queues stay short.
+
+    Two time scales: the CPU a request costs outside the model and the cores other processes
+    take change slowly, and are learned per sampling interval (`update`); the arrival rate can
+    jump within a second (a burst), so it is an exponentially decaying count of arrivals with a
+    time constant of ``tau_s`` (`arrived`), read at every decision (`share_ms`).
     """
 
     headroom: float = 0.8
-    alpha: float = 0.5  # EWMA weight of each new interval
-    share_ms: float = float("inf")
+    tau_s: float = 0.1  # how fast the arrival rate follows a change
+    alpha: float = 0.5  # EWMA weight of each sampling interval
+    outside_ms: float = 0.0  # CPU ms per request outside the model (the request path)
+    other_cores: float = 0.0  # cores busy with other processes
+    cores: int = 1
+    _rate: float = 0.0  # arrivals per second, decayed to `_at`
+    _at: float = float("-inf")
+
+    def arrived(self, now: float) -> None:
+        """One request arrived at ``now`` (seconds)."""
+        self._rate = self.rate(now) + 1.0 / self.tau_s
+        self._at = now
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second around ``now``."""
+        if self._at == float("-inf"):
+            return 0.0
+        return self._rate * math.exp(-max(now - self._at, 0.0) / self.tau_s)
+
+    def share_ms(self, now: float) -> float:
+        """Compute per request (ms) the CPU left over can pay for at the arrival rate now."""
+        rate = self.rate(now)
+        if rate <= 0.0:
+            return math.inf
+        free = self.cores - self.other_cores - rate * self.outside_ms / 1e3
+        return max(free, 0.0) * self.headroom * 1e3 / rate
 
     def update(self, *, seconds: float, arrivals: int, compute_ms: float, cores: int,
-               cpu_process: float, cpu_other: float) -> float:
+               cpu_process: float, cpu_other: float) -> None:
         """Fold in one sampling interval: its length, the requests that arrived, the compute time
         of the batches that ran, and the host's CPU shares (0..1 of all cores) over it."""
-        if seconds <= 0:
-            return self.share_ms
-        rate = arrivals / seconds
-        if rate <= 0:
-            self.share_ms = float("inf")
-            return self.share_ms
+        self.cores = cores
+        self.other_cores += self.alpha * (cpu_other * cores - self.other_cores)
+        if seconds <= 0 or arrivals <= 0:
+            return
         compute_cores = compute_ms / 1e3 / seconds
-        outside_cores = max(cpu_process * cores - compute_cores, 0.0)  # the request path
-        free = max(cores * (1.0 - cpu_other) - outside_cores, 0.0) * self.headroom
-        share = free * 1e3 / rate
-        self.share_ms = share if self.share_ms == float("inf") else (
-            (1 - self.alpha) * self.share_ms + self.alpha * share)
-        return self.share_ms
+        outside = max(cpu_process * cores - compute_cores, 0.0) * seconds * 1e3 / arrivals
+        self.outside_ms += self.alpha * (outside - self.outside_ms) if self.outside_ms else outside

@@ -188,6 +188,7 @@ class Engine:
         variant = "none"
         retried_from: str | None = None
         self._arrivals += 1
+        self.router.cpu.arrived(t0)
         m.inflight.inc()
         self._inflight += 1
         self._idle.clear()
@@ -284,7 +285,7 @@ class Engine:
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)},
                              (r.calibration.factor, r.calibration.miss_rate, r.overhead.ms,
-                              r.cpu.share_ms))
+                              r.cpu.share_ms(now)))
 
     # --- batches: what runs, and what each one teaches the latency model -----------------------
 

@@ -38,6 +38,22 @@ class Shed(BudgetExceeded):
     """Refused at once: under the current load not even the fastest candidate can finish inside
     the budget, so computing it would only delay requests that can."""
 
+    def __init__(self, remaining_ms: float, candidate: str, wait_ms: float, compute_ms: float,
+                 overhead_ms: float, factor: float) -> None:
+        # The message is written only when read: under overload most requests are shed, and
+        # formatting six numbers costs more than the routing decision itself.
+        super().__init__()
+        self.remaining_ms, self.candidate = remaining_ms, candidate
+        self.parts = (wait_ms, compute_ms, overhead_ms, factor)
+
+    def __str__(self) -> str:
+        wait, compute, overhead, factor = self.parts
+        return (f"latency budget: {max(self.remaining_ms, 0.0):.3f} ms left, the fastest "
+                f"candidate {self.candidate!r} would need "
+                f"{(wait + compute + overhead) * factor:.3f} ms now ((wait {wait:.3f} + compute "
+                f"{compute:.3f} + overhead {overhead:.3f}) × safety factor {factor:.2f}); shed at "
+                f"once rather than queued")
+
 
 class Overloaded(AdaptiveError):
     """A queue is full; retry later or with a larger budget."""

@@ -175,10 +175,12 @@ class Router:
         slowdown = self.latency.slowdown(load)
         layout = self._plan(load, slowdown)
         overhead, factor = self.overhead.ms, self.calibration.current(now)
-        share = self.cpu.share_ms if not pin else float("inf")
+        share = self.cpu.share_ms(now) if not pin else float("inf")
         starts: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
-        fastest: Decision | None = None
-        cheapest: tuple[float, Decision] | None = None  # fits, but over the CPU share
+        # (total, candidate, wait, compute): the fastest that does not fit, and the cheapest in
+        # CPU that fits but costs more than the share; a Decision is built only for the answer.
+        fastest: tuple[float, Candidate, float, float] | None = None
+        cheapest: tuple[float, Candidate, float, float] | None = None
         sum_ms = self.latency.sum_ms
         for c in pool:  # most accurate first: the first that fits is the answer
             st = starts.get(c.variant)
@@ -186,29 +188,26 @@ class Router:
                 st = starts[c.variant] = self._start(c.variant, layout, load, batch)
             wait, joins = st
             compute = sum_ms(c.units, joins + batch)[0] * slowdown
-            predicted = wait + compute + overhead
-            total = predicted * factor
-            margin = total - predicted
+            total = (wait + compute + overhead) * factor
             if remaining is None or total <= remaining:
-                d = Decision(c, wait, compute, overhead, margin, remaining, True, slowdown, now)
                 cost = sum_ms(c.units, batch)[0]
                 if cost <= share:
-                    return d
+                    return Decision(c, wait, compute, overhead, total - wait - compute - overhead,
+                                    remaining, True, slowdown, now)
                 if cheapest is None or cost < cheapest[0]:
-                    cheapest = (cost, d)
-            elif fastest is None or total < fastest.predicted_ms + fastest.margin_ms:
-                fastest = Decision(c, wait, compute, overhead, margin, remaining, False, slowdown,
-                                   now)
+                    cheapest = (cost, c, wait, compute)
+            elif fastest is None or total < fastest[0]:
+                fastest = (total, c, wait, compute)
         if cheapest is not None:  # everything that fits costs more CPU than the rate allows
-            return cheapest[1]
+            _, c, wait, compute = cheapest
+            return Decision(c, wait, compute, overhead, (wait + compute + overhead) * (factor - 1),
+                            remaining, True, slowdown, now)
         assert fastest is not None and remaining is not None
+        total, c, wait, compute = fastest
         if self.on_miss == "best-effort":
-            return fastest
-        raise Shed(
-            f"latency budget: {max(remaining, 0.0):.3f} ms left, the fastest candidate "
-            f"{fastest.candidate.name!r} would need {fastest.predicted_ms * factor:.3f} ms now "
-            f"((wait {fastest.queue_ms:.3f} + compute {fastest.compute_ms:.3f} + overhead "
-            f"{overhead:.3f}) × safety factor {factor:.2f}); shed at once rather than queued")
+            return Decision(c, wait, compute, overhead, total - wait - compute - overhead,
+                            remaining, False, slowdown, now)
+        raise Shed(remaining, c.name, wait, compute, overhead, factor)
 
     def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
                 outside_ms: float | None = None) -> None:

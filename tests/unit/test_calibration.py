@@ -38,11 +38,28 @@ def test_the_miss_rate_is_a_recent_share_of_late_answers() -> None:
 
 
 def test_the_cpu_share_is_what_the_request_path_and_the_host_leave_per_request() -> None:
-    share = CpuShare(headroom=1.0, alpha=1.0)
-    assert share.share_ms == math.inf
-    # 2 cores; 100 requests/s; our process used 1.5 cores, 1 of them computing; others 0.25
-    ms = share.update(seconds=1.0, arrivals=100, compute_ms=1000.0, cores=2, cpu_process=0.75,
-                      cpu_other=0.25)
-    assert ms == pytest.approx((2 * 0.75 - 0.5) * 1e3 / 100)  # 1 core free for compute: 10 ms
-    assert share.update(seconds=1.0, arrivals=0, compute_ms=0.0, cores=2, cpu_process=0.0,
-                        cpu_other=0.0) == math.inf  # idle: no limit
+    share = CpuShare(headroom=1.0, alpha=1.0, tau_s=0.2)
+    assert share.share_ms(0.0) == math.inf  # no arrivals: no limit
+    # 2 cores; 100 requests in 1 s; our process used 1.5 cores, 1 of them computing; others 0.5
+    share.update(seconds=1.0, arrivals=100, compute_ms=1000.0, cores=2, cpu_process=0.75,
+                 cpu_other=0.25)
+    assert share.outside_ms == pytest.approx(5.0)  # 0.5 core for 100 requests/s
+    for i in range(400):  # 100 requests/s, for 4 s
+        share.arrived(i / 100)
+    now = 3.995
+    assert share.rate(now) == pytest.approx(100, rel=0.05)
+    # 2 cores − 0.5 elsewhere − 100/s × 5 ms on the request path = 1 core: 10 ms per request
+    assert share.share_ms(now) == pytest.approx(10.0, rel=0.06)
+
+
+def test_the_arrival_rate_follows_a_burst_within_a_fraction_of_a_second() -> None:
+    share = CpuShare(tau_s=0.2)
+    t = 0.0
+    for _ in range(100):  # 50 requests/s
+        t += 0.02
+        share.arrived(t)
+    for _ in range(200):  # then 400 requests/s
+        t += 0.0025
+        share.arrived(t)
+    assert share.rate(t) == pytest.approx(400, rel=0.15)  # 0.5 s into the burst
+    assert share.rate(t + 2.0) < 1.0  # and it decays once arrivals stop
