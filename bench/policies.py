@@ -427,6 +427,7 @@ def server_busy(metrics_url: str) -> float:
 
 
 GAUGES = {"adaptive_router_safety_factor": ("safety_factor", 1.0),
+          "adaptive_router_margin_seconds": ("margin_ms", 1e3),
           "adaptive_router_miss_ratio": ("miss_ratio", 1.0),
           "adaptive_router_overhead_seconds": ("overhead_ms", 1e3),
           "adaptive_shed_total": ("shed_total", 1.0)}

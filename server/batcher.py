@@ -12,6 +12,11 @@ every request queued behind it with `VariantFailed` (the engine retries them on 
 and is reported once to the `Listener`. A timed-out batch cannot be killed (it is a thread):
 the variant stays *wedged*, refusing new requests at once, until that call returns, so a hang holds
 at most one worker thread per variant.
+
+Cancellation: a request cancelled while it waits stops counting against ``max_queue`` at once
+(its future's done-callback), not when the loop reaches it, so a burst of cancelled requests
+cannot make later ones look like a full queue; its item is dropped from the queue when the
+cancelled ones outnumber the live ones, so they cannot pile up (holding their arrays) either.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class Item:
     max_exit: int | None  # early-exit network: deepest exit allowed
     enqueued: float
     future: asyncio.Future[Result] = field(repr=False)
+    # Its samples count in the batcher's `queued` (set when queued, cleared exactly once when
+    # taken, failed or cancelled: what keeps the count from being subtracted twice).
+    counted: bool = field(default=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -120,7 +128,8 @@ class Batcher:
         self._drop_expired = settings.on_miss == "shed"
         self._wedged: asyncio.Future[BatchOutput] | None = None  # a timed-out call still running
         self._queue: collections.deque[Item] = collections.deque()
-        self._queued = 0  # samples in _queue
+        self._queued = 0  # samples of the live (not cancelled) items in _queue
+        self._dead = 0  # cancelled items still in _queue, no longer counted
         self._running = 0  # samples in the batch dispatched now
         self._started_at: float | None = None  # when a worker thread began it (None: waiting)
         self._arrived = asyncio.Event()
@@ -170,9 +179,10 @@ class Batcher:
             self._task = None
         while self._queue:
             item = self._queue.popleft()
+            item.counted = False
             if not item.future.done():
                 item.future.set_exception(Unavailable("server is shutting down"))
-        self._queued = 0
+        self._queued = self._dead = 0
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -191,9 +201,24 @@ class Batcher:
         if not self._running and not self._queue and self._costs.inline(item.n):
             return self._run_inline(item)
         self._queue.append(item)
-        self._queued += x.shape[0]
+        self._queued += item.n
+        item.counted = True
+        future.add_done_callback(lambda _f: self._cancelled(item))
         self._arrived.set()
         return await future  # cancellation marks the future cancelled; the loop skips it
+
+    def _cancelled(self, item: Item) -> None:
+        """Done-callback: a request cancelled while still queued gives its room back now."""
+        if not item.counted or not item.future.cancelled():
+            return  # taken, failed or answered: already uncounted
+        item.counted = False
+        self._queued -= item.n
+        self._dead += 1
+        if self._dead > len(self._queue) // 2:  # mostly cancelled: compact (frees their arrays)
+            live = [i for i in self._queue if i.counted]
+            self._queue.clear()
+            self._queue.extend(live)
+            self._dead = 0
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -251,7 +276,9 @@ class Batcher:
         run on a variant that just failed); report the failure once."""
         behind = list(self._queue)
         self._queue.clear()
-        self._queued = 0
+        self._queued = self._dead = 0
+        for item in behind:
+            item.counted = False
         for item in (*items, *behind):
             if not item.future.done():
                 item.future.set_exception(exc)
@@ -304,11 +331,11 @@ class Batcher:
             item = self._queue[0]
             if item.future.done():  # cancelled by its caller
                 self._queue.popleft()
-                self._queued -= item.n
+                self._uncount(item)
                 continue
             if self._drop_expired and item.deadline is not None and item.deadline <= now:
                 self._queue.popleft()
-                self._queued -= item.n
+                self._uncount(item)
                 item.future.set_exception(BudgetExceeded(
                     f"deadline passed after {(now - item.enqueued) * 1e3:.3f} ms in the "
                     f"{self.name!r} queue"))
@@ -316,7 +343,16 @@ class Batcher:
             if items and n + item.n > self.max_batch:
                 break
             self._queue.popleft()
-            self._queued -= item.n
+            self._uncount(item)
             items.append(item)
             n += item.n
         return items
+
+    def _uncount(self, item: Item) -> None:
+        """An item leaves the queue: its samples stop counting, unless its cancellation did
+        that already (then it was one of the `_dead`)."""
+        if item.counted:
+            item.counted = False
+            self._queued -= item.n
+        else:
+            self._dead -= 1

@@ -1,19 +1,21 @@
-"""Closed-loop calibration of the router: how wrong are its predictions, and what safety
-factor holds the target miss rate?
+"""Closed-loop calibration of the router: how wrong are its predictions, and what margin holds
+the target miss rate?
 
 Every answered request with a budget reports how long it took against what the router predicted
-when it chose (`Calibration.observe`). Two estimates follow from that stream:
+when it chose (`Calibration.observe`). From that stream, over the last ``window`` answers, none
+older than ``horizon_s`` (refreshed every ``every`` answers and at least once a second):
 
-- the **safety factor**: the ``1 - target`` quantile of the recent ratios actual / predicted,
-  over the last ``window`` answers, none older than ``horizon_s``, refreshed every ``every``
-  answers and at least once a second. The router multiplies every prediction by it, so a share
-  ``target`` of answers finishes later than predicted, on a 2-core laptop and a 16-core server
-  alike. A *ratio*, because what makes predictions late here — CPU contention, a queue that grew —
-  scales with how long the work is: one additive margin sized for a heavy variant would refuse
-  light ones needlessly. A *window* rather than a running stochastic estimate, because the factor
-  must also shrink within seconds once a burst is over (a 1 % quantile tracker steps down a
-  hundred times slower than up), and expire with time: a factor that made every request look
-  too slow would shed them all and never hear of one again;
+- the **safety margin** added to a prediction of ``p`` ms is ``min(A, (F - 1)·p)``, where ``A`` is
+  a high quantile of the additive errors (actual − predicted, ms) and ``F`` the same quantile of
+  the ratios actual / predicted. Some lateness is additive (an event-loop hiccup costs a light
+  variant as much as a heavy one) and some proportional (CPU contention stretches long work
+  more): each bound alone is right for one kind and far too wide for the other, and the smaller
+  of the two fits both. Each is taken at ``1 - target/2``, so that by the union bound at most a
+  share ``target`` of answers finishes later than predicted plus margin, on a 2-core laptop and
+  a 16-core server alike. A *window* rather than a running stochastic estimate, because the
+  margin must shrink within seconds once a burst is over (a 1 % quantile tracker steps down a
+  hundred times slower than up), and expire with time: a margin that made every request look too
+  slow would shed them all and never hear of one again;
 - the **observed miss rate**: an exponentially weighted share of budgeted requests answered late,
   the figure an operator compares with the target.
 
@@ -35,22 +37,24 @@ MIN_PREDICTED_MS = 0.05
 
 @dataclass
 class Calibration:
-    """The router's safety factor and observed miss rate; see the module docstring."""
+    """The router's safety margin and observed miss rate; see the module docstring."""
 
-    target: float = 0.01  # share of answers allowed to finish later than predicted
-    window: int = 512  # recent answers the quantile is taken over
+    target: float = 0.01  # share of answers allowed to finish later than predicted + margin
+    window: int = 2048  # recent answers the quantiles are taken over (a 0.5 % tail: ~10 of them)
     horizon_s: float = 10.0  # …none older than this
-    every: int = 16  # refresh the factor every this many answers
-    min_samples: int = 32  # below this many recent answers: the base factor (or worse)
+    every: int = 32  # refresh every this many answers
+    min_samples: int = 32  # below this many recent answers: the base (or the worst seen)
+    max_margin_ms: float = 1_000.0
     max_factor: float = 100.0
-    min_factor: float = 0.5
     miss_alpha: float = 0.01  # EWMA weight of the miss-rate estimate (~100 requests)
-    base: float = 1.0  # the factor until enough answers are known (warm-up's timing spread)
-    factor: float = 1.0
+    base: float = 1.0  # F until enough answers are known (warm-up's p95 / p50 on this host)
+    factor: float = 1.0  # F
+    additive_ms: float = math.inf  # A
     miss_rate: float = 0.0
     observed: int = 0
-    _ratios: collections.deque[tuple[float, float]] = field(default_factory=collections.deque,
-                                                             repr=False)
+    ready: bool = False  # enough recent answers for the quantiles
+    _errors: collections.deque[tuple[float, float, float]] = field(
+        default_factory=collections.deque, repr=False)  # (time, actual − predicted, ratio)
     _refreshed: float = float("-inf")
 
     def __post_init__(self) -> None:
@@ -58,39 +62,47 @@ class Calibration:
             raise ValueError(f"target miss rate must lie in (0, 1), got {self.target!r}")
 
     def reset(self, base: float) -> None:
-        """Start over from ``base`` (after warm-up: a typical p95 / p50 on this host)."""
+        """Start over from ``F = base`` (after warm-up: a typical p95 / p50 on this host)."""
         self.base = self.factor = base
-        self._ratios.clear()
+        self.additive_ms = math.inf
+        self.ready = False
+        self._errors.clear()
+
+    def margin_ms(self, predicted_ms: float) -> float:
+        """The margin to add to a prediction of ``predicted_ms``."""
+        return min(self.additive_ms, (self.factor - 1.0) * predicted_ms)
 
     def observe(self, predicted_ms: float, actual_ms: float, *, now: float, missed: bool) -> None:
         """One answered request with a budget, at ``now`` (seconds): its predicted and actual
         completion (ms from the decision), and whether it missed its budget."""
         self.observed += 1
-        self._ratios.append((now, actual_ms / max(predicted_ms, MIN_PREDICTED_MS)))
-        if len(self._ratios) > self.window:
-            self._ratios.popleft()
+        self._errors.append((now, actual_ms - predicted_ms,
+                             actual_ms / max(predicted_ms, MIN_PREDICTED_MS)))
+        if len(self._errors) > self.window:
+            self._errors.popleft()
         self.miss_rate += self.miss_alpha * (float(missed) - self.miss_rate)
         if self.observed % self.every == 0:
             self._refresh(now)
 
-    def current(self, now: float) -> float:
-        """The safety factor now (refreshed by time too, not only by answers)."""
+    def refresh(self, now: float) -> None:
+        """Refresh by time too, not only by answers (at most once a second)."""
         if now - self._refreshed > 1.0:
             self._refresh(now)
-        return self.factor
 
     def _refresh(self, now: float) -> None:
         self._refreshed = now
-        while self._ratios and self._ratios[0][0] < now - self.horizon_s:
-            self._ratios.popleft()
-        if len(self._ratios) < self.min_samples:  # too few to take a quantile from
-            worst = max((r for _, r in self._ratios), default=self.base)
-            self.factor = min(max(self.base, worst), self.max_factor)
+        while self._errors and self._errors[0][0] < now - self.horizon_s:
+            self._errors.popleft()
+        self.ready = len(self._errors) >= self.min_samples
+        if not self.ready:  # too few to take a quantile from
+            self.factor = min(max([self.base, *(r for _, _, r in self._errors)]), self.max_factor)
+            self.additive_ms = math.inf
             return
-        ratios = np.fromiter((r for _, r in self._ratios), np.float64, len(self._ratios))
-        q = float(np.quantile(ratios, 1.0 - self.target))
-        # Below 1 when predictions run pessimistic: then the factor gives the time back.
-        self.factor = min(max(q, self.min_factor), self.max_factor)
+        errs = np.array([(e, r) for _, e, r in self._errors])
+        q_add, q_ratio = np.quantile(errs, 1.0 - self.target / 2, axis=0)
+        # Either can be negative (below 1) when predictions run pessimistic: it gives time back.
+        self.additive_ms = float(min(max(q_add, -self.max_margin_ms), self.max_margin_ms))
+        self.factor = float(min(q_ratio, self.max_factor))
 
 
 @dataclass

@@ -5,12 +5,21 @@ and showing the bad value, so bad input never reaches a runner. Request paramete
 ``latency_budget_ms`` (double, integer or numeric string) and Triton's ``timeout`` (µs); the effective budget
 is the smallest of those and the gRPC deadline's time remaining minus a safety margin. Client-supplied
 text is echoed cut short (`shown`): error messages travel in gRPC trailers.
+
+Decoding runs on the event loop, so a request must not cost more than its bytes' worth of work
+before it is refused: repeated fields a client sizes (the input's shape, ``outputs``,
+``parameters``) are checked by length first (`MAX_OUTPUTS`, `MAX_PARAMETERS`, the model's rank)
+and only then looked at, and messages show a few entries plus the count, never a whole field.
+Pixels must lie in the model's input range (the manifest's ``input.range``, else [0, 1]):
+a finite value far outside it (3.4e38) gives NaN logits otherwise.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +28,13 @@ from protos.generated import grpc_service_pb2 as pb
 from protos.wire import BUDGET_PARAM, MAX_BUDGET_MS, MAX_REQUEST_BATCH, TIMEOUT_PARAM
 from server.engine import Call, Outcome
 from server.errors import InvalidArgument, NotFound, shown
+
+# The model has one output and routing reads two parameters: more entries than these are an
+# attack or a bug, refused by count before anything iterates over them.
+MAX_OUTPUTS = 16
+MAX_PARAMETERS = 64
+SHOWN_DIMS = 8  # dims of a wrong shape shown in a message (then "…" and the count)
+DEFAULT_INPUT_RANGE = (0.0, 1.0)  # pixels; the graphs normalize inside
 
 
 @dataclass(frozen=True)
@@ -30,14 +46,46 @@ class ModelSpec:
     input_shape: tuple[int, ...]  # [C, H, W]
     output_name: str
     num_classes: int
+    input_range: tuple[float, float] = DEFAULT_INPUT_RANGE  # inclusive bounds of every value
+
+    @classmethod
+    def for_family(cls, manifest: Mapping[str, Any], name: str) -> ModelSpec:
+        """The spec of a family's manifest (``input.range`` when recorded, else [0, 1])."""
+        inp, out = manifest["input"], manifest["output"]
+        lo, hi = inp.get("range") or DEFAULT_INPUT_RANGE
+        return cls(name=name, input_name=inp["name"], input_shape=tuple(inp["shape"]),
+                   output_name=out["name"], num_classes=len(out["classes"]),
+                   input_range=(float(lo), float(hi)))
+
+
+def dims(shape: Sequence[int]) -> str:
+    """A shape for a message: all of a short one, else the first `SHOWN_DIMS` and the count.
+    Slices only those few (a hostile shape has millions of dims: never build its whole repr)."""
+    n = len(shape)
+    if n <= SHOWN_DIMS:
+        return repr([int(d) for d in shape[:n]])
+    head = ", ".join(str(int(d)) for d in shape[:SHOWN_DIMS])
+    return f"[{head}, …] ({n} dims)"
 
 
 def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
                  time_remaining_s: float | None, margin_ms: float,
-                 received: float | None = None) -> Call:
-    """Validate and decode a ModelInferRequest."""
+                 received: float | None = None, max_queue: int | None = None) -> Call:
+    """Validate and decode a ModelInferRequest.
+
+    ``max_queue``: the most samples a variant queue ever holds (``--max-queue``); a larger
+    request could never be queued, so it is invalid rather than a reason to retry later.
+    """
     if req.model_name != spec.name:
         raise NotFound(f"model_name {shown(req.model_name)}: this server hosts {spec.name!r}")
+    # Counts first: each is O(1) on a protobuf container, and bounds every loop below.
+    if len(req.parameters) > MAX_PARAMETERS:
+        raise InvalidArgument(f"parameters: {len(req.parameters)} entries, at most "
+                              f"{MAX_PARAMETERS} are accepted (this server reads "
+                              f"{BUDGET_PARAM!r} and {TIMEOUT_PARAM!r})")
+    if len(req.outputs) > MAX_OUTPUTS:
+        raise InvalidArgument(f"outputs: {len(req.outputs)} entries, at most {MAX_OUTPUTS} are "
+                              f"accepted (the model's only output is {spec.output_name!r})")
     if len(req.inputs) != 1:
         raise InvalidArgument(f"inputs: expected exactly 1 input tensor {spec.input_name!r}, "
                               f"got {len(req.inputs)}")
@@ -47,25 +95,48 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
                               f"{spec.input_name!r}")
     if t.datatype != "FP32":
         raise InvalidArgument(f"inputs[0].datatype {shown(t.datatype)}: expected 'FP32'")
-    shape = tuple(t.shape)  # int64s already
-    if len(shape) != 1 + len(spec.input_shape) or shape[1:] != spec.input_shape:
-        raise InvalidArgument(f"inputs[0].shape {shown(list(shape))}: expected "
-                              f"[N, {', '.join(map(str, spec.input_shape))}]")
+    expected = f"[N, {', '.join(map(str, spec.input_shape))}]"
+    # The rank before anything else: a 60 MB request can carry 63 million dims.
+    if len(t.shape) != 1 + len(spec.input_shape):
+        raise InvalidArgument(f"inputs[0].shape {dims(t.shape)}: expected {expected} "
+                              f"({1 + len(spec.input_shape)} dims)")
+    shape = tuple(t.shape)  # int64s already; short now
+    if shape[1:] != spec.input_shape:
+        raise InvalidArgument(f"inputs[0].shape {dims(shape)}: expected {expected}")
     if not 1 <= shape[0] <= MAX_REQUEST_BATCH:
         raise InvalidArgument(f"inputs[0].shape[0] {shape[0]!r}: batch must lie in "
                               f"[1, {MAX_REQUEST_BATCH}]")
-    for o in req.outputs:
+    if max_queue is not None and shape[0] > max_queue:
+        raise InvalidArgument(f"inputs[0].shape[0] {shape[0]!r}: larger than this server ever "
+                              f"queues for a variant (--max-queue {max_queue} samples), so it "
+                              f"can never run; send at most {max_queue} samples per request")
+    for i, o in enumerate(req.outputs):
         if o.name != spec.output_name:
-            raise InvalidArgument(f"outputs name {shown(o.name)}: the model's only output is "
-                                  f"{spec.output_name!r}")
+            raise InvalidArgument(f"outputs[{i}].name {shown(o.name)}: the model's only output "
+                                  f"is {spec.output_name!r}")
+        if o.parameters:  # none is supported: ignoring one (e.g. classification) would mislead
+            key = min(o.parameters) if len(o.parameters) <= MAX_PARAMETERS else "…"
+            raise InvalidArgument(f"outputs[{i}].parameters[{shown(key)}]: unknown output "
+                                  f"parameter ({len(o.parameters)} given); this server supports "
+                                  f"none: the output is always the FP32 logits")
     x = _tensor(req, shape)
-    _finite(x)
+    _in_range(x, spec.input_range)
     return Call(x=x, budget_ms=_budget(req, time_remaining_s, margin_ms),
                 pin=req.model_version or None, request_id=req.id, received=received)
 
 
 def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:
     count = math.prod(shape)
+    contents = req.inputs[0].contents
+    # Typed contents of another type than FP32 would be ignored: say so instead.
+    other = sorted(f.name for f, _v in contents.ListFields() if f.name != "fp32_contents")
+    if other:
+        raise InvalidArgument(f"inputs[0].contents.{other[0]} is set: datatype FP32 takes "
+                              f"inputs[0].contents.fp32_contents or raw_input_contents")
+    if req.raw_input_contents and len(contents.fp32_contents):
+        raise InvalidArgument(f"both raw_input_contents and inputs[0].contents.fp32_contents "
+                              f"are set ({len(req.raw_input_contents[0])} bytes, "
+                              f"{len(contents.fp32_contents)} values): send one")
     if req.raw_input_contents:
         if len(req.raw_input_contents) != 1:
             raise InvalidArgument(f"raw_input_contents: expected 1 entry, got "
@@ -73,22 +144,34 @@ def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:
         raw = req.raw_input_contents[0]
         if len(raw) != count * 4:
             raise InvalidArgument(f"raw_input_contents[0]: {len(raw)} bytes, shape "
-                                  f"{list(shape)!r} FP32 needs {count * 4}")
+                                  f"{dims(shape)} FP32 needs {count * 4}")
         return np.frombuffer(raw, dtype="<f4").reshape(shape)
-    values = req.inputs[0].contents.fp32_contents
+    values = contents.fp32_contents
     if len(values) != count:
         raise InvalidArgument(f"inputs[0].contents.fp32_contents: {len(values)} values, shape "
-                              f"{list(shape)!r} needs {count}")
+                              f"{dims(shape)} needs {count}")
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def _finite(x: np.ndarray) -> None:
-    """NaN and ±Inf poison softmax confidences and the early-exit test: refuse them."""
-    bad = ~np.isfinite(x)
+def _in_range(x: np.ndarray, bounds: tuple[float, float]) -> None:
+    """NaN and ±Inf poison softmax confidences and the early-exit test, and a finite value far
+    outside the pixel range (3.4e38) overflows the graph into NaN logits: refuse them all."""
+    lo, hi = bounds
+    if x.size and lo <= float(x.min()) and float(x.max()) <= hi:  # the common case: two passes
+        return  # (a NaN makes min/max NaN, which fails the comparison)
+    flat = x.ravel()
+    bad = ~np.isfinite(flat)
     if bad.any():
-        first = int(np.flatnonzero(bad.ravel())[0])
+        first = int(np.flatnonzero(bad)[0])
         raise InvalidArgument(f"inputs[0]: {int(bad.sum())} values are NaN or infinite (first at "
-                              f"flat index {first}: {float(x.ravel()[first])!r})")
+                              f"flat index {first}: {float(flat[first])!r})")
+    bad = (flat < lo) | (flat > hi)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        count = int(bad.sum())
+        raise InvalidArgument(f"inputs[0]: {count} value{'s' if count > 1 else ''} outside the "
+                              f"input range [{lo:g}, {hi:g}] (first at flat index {first}: "
+                              f"{flat[first]!s}); send pixels scaled to that range")
 
 
 def _budget(req: pb.ModelInferRequest, time_remaining_s: float | None,

@@ -133,8 +133,8 @@ class Engine:
             log.info("variant %s: re-measured on this host, p50 %.3f ms, p95 %.3f ms at batch 1",
                      name, p.p50, p.p95)
         self.router.rerank()  # ties in accuracy: the cheaper one on this host first
-        # The closed loop moves the safety factor from here: a typical timing spread on this host.
-        self.router.calibration.reset(float(np.median(spreads)) if spreads else 1.0)
+        # The closed loop moves the margin from here: a typical timing spread on this host.
+        self.router.reset_calibration(float(np.median(spreads)) if spreads else 1.0)
 
     def start(self) -> None:
         """Start the batchers (on the running event loop); arm injected faults (after warm-up,
@@ -284,8 +284,8 @@ class Engine:
         r = self.router
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)},
-                             (r.calibration.factor, r.calibration.miss_rate, r.overhead.ms,
-                              r.cpu.share_ms(now)))
+                             (r.calibration.factor, r.calibration.additive_ms,
+                              r.calibration.miss_rate, r.overhead.ms, r.cpu.share_ms(now)))
 
     # --- batches: what runs, and what each one teaches the latency model -----------------------
 

@@ -39,20 +39,19 @@ class Shed(BudgetExceeded):
     the budget, so computing it would only delay requests that can."""
 
     def __init__(self, remaining_ms: float, candidate: str, wait_ms: float, compute_ms: float,
-                 overhead_ms: float, factor: float) -> None:
+                 overhead_ms: float, margin_ms: float) -> None:
         # The message is written only when read: under overload most requests are shed, and
         # formatting six numbers costs more than the routing decision itself.
         super().__init__()
         self.remaining_ms, self.candidate = remaining_ms, candidate
-        self.parts = (wait_ms, compute_ms, overhead_ms, factor)
+        self.parts = (wait_ms, compute_ms, overhead_ms, margin_ms)
 
     def __str__(self) -> str:
-        wait, compute, overhead, factor = self.parts
+        wait, compute, overhead, margin = self.parts
         return (f"latency budget: {max(self.remaining_ms, 0.0):.3f} ms left, the fastest "
-                f"candidate {self.candidate!r} would need "
-                f"{(wait + compute + overhead) * factor:.3f} ms now ((wait {wait:.3f} + compute "
-                f"{compute:.3f} + overhead {overhead:.3f}) × safety factor {factor:.2f}); shed at "
-                f"once rather than queued")
+                f"candidate {self.candidate!r} would need {wait + compute + overhead + margin:.3f} "
+                f"ms now (wait {wait:.3f} + compute {compute:.3f} + overhead {overhead:.3f} + "
+                f"safety margin {margin:.3f}); shed at once rather than queued")
 
 
 class Overloaded(AdaptiveError):

@@ -94,8 +94,12 @@ class Metrics:
             "candidate could finish inside their budget under the load (DEADLINE_EXCEEDED).",
             ["model"], registry=r)
         self.router_factor = Gauge(
-            "adaptive_router_safety_factor", "The router's calibrated safety factor: every "
-            "predicted completion is multiplied by it to hold the target miss rate.", registry=r,
+            "adaptive_router_safety_factor", "The router's proportional bound on lateness: "
+            "a prediction of p gets a margin of at most (factor - 1) x p.", registry=r,
+            multiprocess_mode="livemax")
+        self.router_margin = Gauge(
+            "adaptive_router_margin_seconds", "The router's additive bound on lateness: no "
+            "prediction gets a larger margin (+Inf until enough answers are known).", registry=r,
             multiprocess_mode="livemax")
         self.router_miss = Gauge(
             "adaptive_router_miss_ratio", "Share of recent budgeted requests answered after "
@@ -137,13 +141,14 @@ class Metrics:
 
 
     def publish(self, host: HostSample, queued: Mapping[str, int],
-                predicted_s: Mapping[str, float], router: tuple[float, float, float, float]
-                ) -> None:
+                predicted_s: Mapping[str, float],
+                router: tuple[float, float, float, float, float]) -> None:
         """The gauges sampled once per monitor interval: host load, queue depths (samples per
         variant), the predicted compute time of each candidate at batch 1, and the router's
-        (safety factor, miss ratio, overhead ms, CPU share ms)."""
-        factor, miss, overhead_ms, share_ms = router
+        (safety factor, margin ms, miss ratio, overhead ms, CPU share ms)."""
+        factor, margin_ms, miss, overhead_ms, share_ms = router
         self.router_factor.set(factor)
+        self.router_margin.set(margin_ms / 1e3)
         self.router_miss.set(miss)
         self.router_overhead.set(overhead_ms / 1e3)
         self.router_cpu_share.set(share_ms / 1e3 if share_ms != float("inf") else -1.0)

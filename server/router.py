@@ -14,8 +14,8 @@ router predicts, per candidate, when it would finish if sent now:
   has room (and then pays for the bigger batch), else starts a new one.
 - *compute*: the latency model's p50 for the batch, times the CPU slowdown now.
 - *overhead*: the per-request time outside the model, learned from every answer.
-- *margin*: the closed-loop safety factor (`server.calibration`) that holds the target miss rate
-  multiplies the sum of the three.
+- *margin*: the closed-loop safety margin (`server.calibration`) that holds the target miss
+  rate: the smaller of a learned additive and a learned proportional bound on the lateness.
 
 It then picks
 
@@ -70,7 +70,7 @@ class Decision:
     queue_ms: float  # predicted wait before the batch starts
     compute_ms: float  # predicted compute (p50) of the batch it joins, CPU slowdown included
     overhead_ms: float  # predicted time outside the model
-    margin_ms: float  # what the calibrated safety factor adds on top
+    margin_ms: float  # the calibrated safety margin added on top
     remaining_ms: float | None  # time left to the deadline when deciding (None: no deadline)
     fits: bool
     slowdown: float
@@ -120,7 +120,12 @@ class Router:
         self.on_miss = on_miss
         self.max_queue = max_queue  # samples per variant queue; None: unbounded
         self.clock = clock
+        # One closed loop per candidate (a heavy variant's lateness is not a light one's), and one
+        # over all answers: the fallback for candidates with too few recent answers, and the
+        # miss rate operators see.
         self.calibration = Calibration(target=target_miss_rate)
+        self._calibrations = {c.name: Calibration(target=target_miss_rate, window=1024)
+                              for c in self.candidates}
         self.overhead = Overhead()
         self.cpu = CpuShare()
         self._by_name = {c.name: c for c in self.candidates}
@@ -141,6 +146,11 @@ class Router:
 
     def candidate(self, name: str) -> Candidate:
         return self._by_name[name]
+
+    def reset_calibration(self, base: float) -> None:
+        """Forget every closed loop's answers; start from the factor ``base``."""
+        for cal in (self.calibration, *self._calibrations.values()):
+            cal.reset(base)
 
     def deepest(self, variant: str) -> Candidate:
         """The variant's most expensive candidate: what its queued batches cost at worst."""
@@ -174,7 +184,8 @@ class Router:
         remaining = None if deadline is None else (deadline - now) * 1e3
         slowdown = self.latency.slowdown(load)
         layout = self._plan(load, slowdown)
-        overhead, factor = self.overhead.ms, self.calibration.current(now)
+        overhead = self.overhead.ms
+        self.calibration.refresh(now)
         share = self.cpu.share_ms(now) if not pin else float("inf")
         starts: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
         # (total, candidate, wait, compute): the fastest that does not fit, and the cheapest in
@@ -188,26 +199,28 @@ class Router:
                 st = starts[c.variant] = self._start(c.variant, layout, load, batch)
             wait, joins = st
             compute = sum_ms(c.units, joins + batch)[0] * slowdown
-            total = (wait + compute + overhead) * factor
+            predicted = wait + compute + overhead
+            total = predicted + self.margin_ms(c, predicted, now)
             if remaining is None or total <= remaining:
                 cost = sum_ms(c.units, batch)[0]
                 if cost <= share:
-                    return Decision(c, wait, compute, overhead, total - wait - compute - overhead,
-                                    remaining, True, slowdown, now)
+                    return Decision(c, wait, compute, overhead, total - predicted, remaining, True,
+                                    slowdown, now)
                 if cheapest is None or cost < cheapest[0]:
                     cheapest = (cost, c, wait, compute)
             elif fastest is None or total < fastest[0]:
                 fastest = (total, c, wait, compute)
         if cheapest is not None:  # everything that fits costs more CPU than the rate allows
             _, c, wait, compute = cheapest
-            return Decision(c, wait, compute, overhead, (wait + compute + overhead) * (factor - 1),
+            predicted = wait + compute + overhead
+            return Decision(c, wait, compute, overhead, self.margin_ms(c, predicted, now),
                             remaining, True, slowdown, now)
         assert fastest is not None and remaining is not None
         total, c, wait, compute = fastest
         if self.on_miss == "best-effort":
             return Decision(c, wait, compute, overhead, total - wait - compute - overhead,
                             remaining, False, slowdown, now)
-        raise Shed(remaining, c.name, wait, compute, overhead, factor)
+        raise Shed(remaining, c.name, wait, compute, overhead, total - wait - compute - overhead)
 
     def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
                 outside_ms: float | None = None) -> None:
@@ -215,8 +228,9 @@ class Router:
         whether it ``missed`` its budget (None: it had none), and the part of it spent outside
         its batch's queue and compute (``outside_ms``)."""
         if missed is not None:  # only budgeted answers: the margin exists to meet budgets
-            self.calibration.observe(decision.predicted_ms, actual_ms, now=self.clock(),
-                                     missed=missed)
+            now = self.clock()
+            for cal in (self.calibration, self._calibrations[decision.candidate.name]):
+                cal.observe(decision.predicted_ms, actual_ms, now=now, missed=missed)
         if outside_ms is not None:
             self.overhead.observe(outside_ms)
 
@@ -238,9 +252,16 @@ class Router:
         wait, joins = self._start(c.variant, self._plan(load, slowdown), load, batch)
         compute = self.latency.sum_ms(c.units, joins + batch)[0] * slowdown
         predicted = wait + compute + self.overhead.ms
-        margin = predicted * (self.calibration.factor - 1.0)
-        return Decision(c, wait, compute, self.overhead.ms, margin, None, True, slowdown,
-                        self.clock())
+        now = self.clock()
+        return Decision(c, wait, compute, self.overhead.ms, self.margin_ms(c, predicted, now),
+                        None, True, slowdown, now)
+
+    def margin_ms(self, c: Candidate, predicted_ms: float, now: float) -> float:
+        """The safety margin for ``c``: from its own recent answers when it has enough of them,
+        else from all answers."""
+        own = self._calibrations[c.name]
+        own.refresh(now)
+        return (own if own.ready else self.calibration).margin_ms(predicted_ms)
 
     def compute(self, c: Candidate, batch: int, slowdown: float = 1.0) -> Prediction:
         return self.latency.predict_sum(c.units, batch, slowdown=slowdown)

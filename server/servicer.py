@@ -218,8 +218,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             engine.rejected(request.error())
             raise request.error()
         try:
+            # --max-queue bounds a variant's queue, so a larger request could never be queued:
+            # the router would answer RESOURCE_EXHAUSTED "retry later" forever; decoding says why.
             call = decode_infer(request, spec, time_remaining_s=time_remaining,
-                                margin_ms=self.state.margin_ms, received=received)
+                                margin_ms=self.state.margin_ms, received=received,
+                                max_queue=engine.settings.max_queue)
         except AdaptiveError as exc:
             engine.rejected(exc)
             raise

@@ -186,3 +186,59 @@ def test_runner_failure_fails_its_batch_only() -> None:
         await b.stop()
 
     _run(test)
+
+
+def test_cancelled_requests_stop_counting_against_the_queue_at_once() -> None:
+    """2,000 requests cancelled while a batch runs: none of them may hold queue room until the
+    loop dequeues them (that answered later requests RESOURCE_EXHAUSTED), and none of their
+    samples is subtracted twice when the loop does reach them."""
+    runner = FakeRunner(hold_first=True)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=8, max_queue=4))
+        b.start()
+        first = asyncio.create_task(b.submit(_x(), deadline=None))
+        await _until_started(runner)
+        kept = asyncio.create_task(b.submit(_x(1, 7.0), deadline=None))
+        await asyncio.sleep(0)
+        for _ in range(2000):
+            doomed = asyncio.create_task(b.submit(_x(3), deadline=None))
+            await asyncio.sleep(0)  # queued
+            doomed.cancel()
+            await asyncio.sleep(0)  # the cancellation lands
+            await asyncio.sleep(0)  # and its done-callback runs
+            assert b.state().queued == 1
+        assert len(b._queue) < 50  # cancelled items (and their arrays) do not pile up
+        late = asyncio.create_task(b.submit(_x(3), deadline=None))  # fits: 1 + 3 <= 4
+        await asyncio.sleep(0)
+        assert b.state().queued == 4
+        runner.release.set()
+        await first
+        assert float((await kept).logits[0, 0]) == 7.0 and (await late).batch_size == 4
+        assert b.state().queued == 0 and runner.sizes == [1, 4]
+        await b.stop()
+
+    _run(test)
+
+
+def test_a_request_cancelled_after_the_loop_saw_it_is_not_subtracted_twice() -> None:
+    runner = FakeRunner(hold_first=True)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=8, max_queue=10))
+        b.start()
+        first = asyncio.create_task(b.submit(_x(), deadline=None))
+        await _until_started(runner)
+        doomed = asyncio.create_task(b.submit(_x(3), deadline=None))
+        kept = asyncio.create_task(b.submit(_x(2), deadline=None))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        runner.release.set()  # the loop may reach the cancelled item before its callback runs
+        await asyncio.gather(first, kept)
+        await asyncio.sleep(0)
+        assert b.state().queued == 0
+        await b.stop()
+
+    _run(test)

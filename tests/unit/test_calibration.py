@@ -1,4 +1,4 @@
-"""The router's closed loop (`server.calibration`): the safety factor that holds the target miss
+"""The router's closed loop (`server.calibration`): the safety margin that holds the target miss
 rate, and the CPU share a request can have at the arrival rate."""
 
 from __future__ import annotations
@@ -11,23 +11,43 @@ import pytest
 from server.calibration import Calibration, CpuShare
 
 
-def test_the_factor_is_the_recent_ratios_quantile_at_the_target() -> None:
+def test_the_margin_is_the_smaller_of_an_additive_and_a_proportional_bound() -> None:
     rng = random.Random(0)
     cal = Calibration(target=0.05)
-    for i in range(40_000):  # 10 ms predicted, 10 + Exp(1) ms taken: q95 = (10 + ln 20) / 10
+    for i in range(40_000):  # 10 ms predicted, 10 + Exp(1) ms taken: q97.5 of the lateness ln 40
         cal.observe(10.0, 10.0 + rng.expovariate(1.0), now=i * 1e-3, missed=False)
-    assert cal.factor == pytest.approx(1 + math.log(20) / 10, rel=0.03)
+    assert cal.additive_ms == pytest.approx(math.log(40), rel=0.2)
+    assert cal.factor == pytest.approx(1 + math.log(40) / 10, rel=0.03)
+    assert cal.margin_ms(10.0) == pytest.approx(math.log(40), rel=0.2)
+    assert cal.margin_ms(1.0) == pytest.approx(math.log(40) / 10, rel=0.2)  # proportional wins
+    assert cal.margin_ms(100.0) == cal.additive_ms  # additive wins
 
 
-def test_old_ratios_expire_and_the_factor_comes_back_without_any_answer() -> None:
+def test_the_union_of_both_bounds_holds_the_target_on_a_mixed_stream() -> None:
+    rng = random.Random(1)
+    cal = Calibration(target=0.02)
+    stream = []
+    for i in range(20_000):  # light and heavy work, late by a jitter plus a share of its length
+        p = 1.0 if i % 2 else 20.0
+        stream.append((p, p * (1 + 0.2 * rng.random()) + rng.expovariate(2.0)))
+    for i, (p, actual) in enumerate(stream[:10_000]):
+        cal.observe(p, actual, now=i * 1e-4, missed=False)
+    late = sum(actual > p + cal.margin_ms(p) for p, actual in stream[10_000:])
+    assert late / 10_000 <= 0.02 * 1.25  # the target, up to the noise of a quantile estimate
+
+
+def test_old_errors_expire_and_the_margin_comes_back_without_any_answer() -> None:
     cal = Calibration(horizon_s=10.0)
     cal.reset(1.2)
+    assert cal.margin_ms(10.0) == pytest.approx(2.0)  # until answers come: the base factor
     for i in range(64):  # a burst: answers five times later than predicted
         cal.observe(2.0, 10.0, now=i * 1e-3, missed=True)
-    assert cal.current(1.0) == pytest.approx(5.0)
-    # a factor that makes everything look too slow sheds every request, so no answer comes to
+    cal.refresh(1.5)
+    assert cal.margin_ms(2.0) == pytest.approx(8.0)
+    # a margin that makes everything look too slow sheds every request, so no answer comes to
     # lower it: time does
-    assert cal.current(30.0) == pytest.approx(1.2)
+    cal.refresh(30.0)
+    assert cal.margin_ms(10.0) == pytest.approx(2.0)
 
 
 def test_the_miss_rate_is_a_recent_share_of_late_answers() -> None:

@@ -137,9 +137,11 @@ def test_late_answers_widen_the_margin_and_early_ones_narrow_it(clock: FakeClock
     assert late == pytest.approx(1.3) and r.calibration.miss_rate > 0.8
     d = r.choose(deadline=deadline, batch=1, load=IDLE)
     assert d.candidate.name == "mid" and d.margin_ms == pytest.approx(0.3 * 3.0)
-    for _ in range(2000):  # then 10 % earlier than predicted, inside the budget
+    clock.now += 11.0  # the burst is over: its answers age out of the window
+    for _ in range(500):  # then 10 % earlier than predicted, inside the budget
         r.observe(d, d.predicted_ms * 0.9, missed=False)
     assert r.calibration.factor == pytest.approx(0.9) and r.calibration.miss_rate < 0.05
+    deadline = clock.deadline_in(11.0)
     assert r.choose(deadline=deadline, batch=1, load=IDLE).candidate.name == "slow"
 
 
@@ -235,3 +237,17 @@ def test_when_the_cpu_cannot_sustain_the_arrival_rate_cheaper_candidates_win(
     # cheapest that fits rather than a refusal
     assert r.choose(deadline=deadline, batch=1, load=IDLE).candidate.name == "fast"
     assert r.choose(deadline=deadline, batch=1, load=IDLE, pin="slow").candidate.name == "slow"
+
+
+def test_each_candidate_learns_its_own_margin_once_it_has_answers(clock: FakeClock) -> None:
+    r = _router(VARIANTS, clock)
+    slow = r.choose(deadline=None, batch=1, load=IDLE)
+    fast = r.choose(deadline=None, batch=1, load=IDLE, pin="fast")
+    for _ in range(200):
+        r.observe(slow, slow.predicted_ms + 5.0, missed=True)  # the heavy one runs 5 ms late
+        r.observe(fast, fast.predicted_ms, missed=False)  # the light one on time
+    clock.now += 2.0  # a refresh is due
+    assert r.margin_ms(r.candidate("slow"), 10.0, clock.now) == pytest.approx(5.0)
+    assert r.margin_ms(r.candidate("fast"), 1.0, clock.now) == pytest.approx(0.0)
+    # a candidate without answers of its own falls back on all answers
+    assert r.margin_ms(r.candidate("mid"), 3.0, clock.now) > 0.5
