@@ -22,8 +22,9 @@ It then picks
 1. the most accurate candidate whose predicted completion fits the time left (ties: faster) and
    whose compute stays within the CPU share a request can have at the arrival rate now
    (`server.calibration.CpuShare`; when everything that fits costs more, the cheapest that fits);
-2. if none fits, not even the fastest: `Shed` (DEADLINE_EXCEEDED) at once (``on_miss="shed"``, the default:
-   doomed work would only delay others), or the fastest anyway (``on_miss="best-effort"``);
+2. if none fits with its margin: the fastest, while it is predicted to make it without the
+   margin; otherwise `Shed` (DEADLINE_EXCEEDED) at once (``on_miss="shed"``, the default: doomed
+   work would only delay others), or the fastest anyway (``on_miss="best-effort"``);
 3. with no deadline: the most accurate candidate (requests without a budget are never shed).
 
 Candidates of ``exclude``d variants (quarantined after failures) and of variants whose queue
@@ -217,10 +218,13 @@ class Router:
                             remaining, True, slowdown, now)
         assert fastest is not None and remaining is not None
         total, c, wait, compute = fastest
-        if self.on_miss == "best-effort":
-            return Decision(c, wait, compute, overhead, total - wait - compute - overhead,
-                            remaining, False, slowdown, now)
-        raise Shed(remaining, c.name, wait, compute, overhead, total - wait - compute - overhead)
+        margin = total - wait - compute - overhead
+        # Nothing fits with its margin. The margin buys certainty when choosing among candidates;
+        # refusing is another matter: the fastest still runs while it is more likely than not to
+        # make it (predicted without margin), and only what would probably miss is shed.
+        if self.on_miss == "best-effort" or wait + compute + overhead <= remaining:
+            return Decision(c, wait, compute, overhead, margin, remaining, False, slowdown, now)
+        raise Shed(remaining, c.name, wait, compute, overhead, margin)
 
     def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
                 outside_ms: float | None = None) -> None:

@@ -251,3 +251,13 @@ def test_each_candidate_learns_its_own_margin_once_it_has_answers(clock: FakeClo
     assert r.margin_ms(r.candidate("fast"), 1.0, clock.now) == pytest.approx(0.0)
     # a candidate without answers of its own falls back on all answers
     assert r.margin_ms(r.candidate("mid"), 3.0, clock.now) > 0.5
+
+
+def test_the_margin_picks_among_candidates_but_only_a_probable_miss_is_shed(
+        clock: FakeClock) -> None:
+    r = _router(VARIANTS, clock)
+    r.reset_calibration(1.5)  # margins of half the prediction
+    d = r.choose(deadline=clock.deadline_in(1.2), batch=1, load=IDLE)
+    assert d.candidate.name == "fast" and not d.fits  # 1 ms + 0.5 margin > 1.2, 1 ms alone < 1.2
+    with pytest.raises(Shed):
+        r.choose(deadline=clock.deadline_in(0.9), batch=1, load=IDLE)
