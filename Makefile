@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[build,dev,demo]'
 	touch $(STAMP)
 
+# Adaptive vs pinned `full` on the same load ramp (~1 minute once families/demo is built);
+# tables on stdout, the plot in results/demo/demo.png.
 demo: $(STAMP)
 	$(BIN)/adaptive-inference demo
 

@@ -1,6 +1,6 @@
 """The ``adaptive-inference`` command. Each subcommand parses its flags here and calls into its
-room (``compression`` for build/inspect, ``server`` for serve, ``client`` for infer/bench/demo),
-importing it lazily so ``--help`` stays fast. User mistakes exit 2 with one line, no traceback."""
+room (``compression`` for build/inspect, ``server`` for serve, ``client`` for infer, bench, demo
+and top), importing it lazily so ``--help`` stays fast. User mistakes exit 2 with one line, no traceback."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 # Packages of the `build` extra: a command that needs one says how to install it.
@@ -154,9 +155,24 @@ def _demo(args: argparse.Namespace) -> int:
 
     from client.demo import run_demo
 
-    print(run_demo(Path(args.family), Path(args.config),
-                   max_queue_delay_ms=args.max_queue_delay_ms))
+    result = run_demo(Path(args.family), Path(args.config), loads=args.loads,
+                      seconds=args.seconds, reference=args.reference,
+                      out_dir=None if args.no_plot else Path(args.out))
+    print(result.report())
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from client.top import run_top
+
+    return run_top(args.target, args.metrics, once=args.once, interval_s=args.interval,
+                   client_kwargs=_client_security(args))
+
+
+def _loads(text: str) -> list[float]:
+    from client.loadgen import parse_rates
+
+    return parse_rates(text)  # the same rules: positive numbers, comma-separated
 
 
 def _rates(text: str) -> list[float]:
@@ -171,13 +187,34 @@ def _budget_spec(text: str) -> object:
     return BudgetSpec.parse(text)
 
 
+def _examples(*lines: str) -> dict[str, Any]:
+    """``add_parser`` keywords giving a subcommand's ``--help`` an examples section."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _log_flags(p: argparse.ArgumentParser, default: object) -> None:
+    """-v / -q, on the main parser (``default`` False) and on every subcommand (``default``
+    SUPPRESS, so a flag given before the subcommand is not reset by it)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="warnings and errors only (and no progress lines)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaptive-inference",
                                 description="Build and serve an adaptive model family.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _log_flags(p, False)
+    common = argparse.ArgumentParser(add_help=False)
+    _log_flags(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("build", help="train and compress a model family from a TOML config")
+    b = sub.add_parser("build", help="train and compress a model family from a TOML config",
+                       parents=[common], **_examples(
+                           "adaptive-inference build configs/mnist5k.toml --out families/mnist5k",
+                           "adaptive-inference build configs/quick.toml --out /tmp/quick "
+                           "--data idx:data/fashion --seed 1"))
     b.add_argument("config", help="TOML family config, e.g. configs/mnist5k.toml")
     b.add_argument("--out", required=True, help="family directory to write")
     b.add_argument("--data", help="dataset spec overriding the config: mnist5k, idx:DIR, npz:FILE")
@@ -188,11 +225,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(handler=_build)
 
-    i = sub.add_parser("inspect", help="print a family's variant table from its manifest")
+    i = sub.add_parser("inspect", help="print a family's variant table from its manifest",
+                       parents=[common], **_examples("adaptive-inference inspect families/demo"))
     i.add_argument("family", help="family directory")
     i.set_defaults(handler=_inspect)
 
-    s = sub.add_parser("serve", help="serve a family over KServe v2 gRPC, routing by budget")
+    s = sub.add_parser("serve", help="serve a family over KServe v2 gRPC, routing by budget",
+                       parents=[common], **_examples(
+                           "adaptive-inference serve families/mnist5k --port 8001 "
+                           "--metrics-port 8002",
+                           "adaptive-inference serve families/demo --workers 2 --on-miss "
+                           "best-effort"))
     s.add_argument("family", help="family directory (from build)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
@@ -249,7 +292,11 @@ def parser() -> argparse.ArgumentParser:
                         "at RATE (default 1); repeatable")
     s.set_defaults(handler=_serve)
 
-    f = sub.add_parser("infer", help="classify an image file on a running server")
+    f = sub.add_parser("infer", help="classify an image file on a running server",
+                       parents=[common], **_examples(
+                           "adaptive-inference infer --target 127.0.0.1:8001 digit.png "
+                           "--budget-ms 2",
+                           "adaptive-inference infer digits.npy --variant early-exit@1"))
     f.add_argument("file", help="FILE.npy ([H,W], [C,H,W] or [N,C,H,W]) or an image (PNG, JPEG)")
     f.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
     f.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
@@ -258,7 +305,9 @@ def parser() -> argparse.ArgumentParser:
     _add_client_security(f)
     f.set_defaults(handler=_infer)
 
-    h = sub.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 if SERVING)")
+    h = sub.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 if SERVING)",
+                       parents=[common], **_examples(
+                           "adaptive-inference health --target 127.0.0.1:8001 && echo up"))
     h.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
     h.add_argument("--service", default="", help="service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
@@ -266,7 +315,12 @@ def parser() -> argparse.ArgumentParser:
     h.set_defaults(handler=_health)
 
     k = sub.add_parser("bench", help="open-loop Poisson load at given rates against a running "
-                                     "server; results.json and plots")
+                                     "server; results.json and plots",
+                       parents=[common], **_examples(
+                           "adaptive-inference bench --target 127.0.0.1:8001 --rate 50,100,200 "
+                           "--budget-ms uniform:5:10 --family families/mnist5k --images 32",
+                           "adaptive-inference bench --rate 100 --variant full --budget-ms 10 "
+                           "--out results/pinned"))
     k.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
     k.add_argument("--rate", required=True, type=_arg_type(_rates),
                    help="offered requests/s; R1,R2,... runs one after another")
@@ -294,22 +348,58 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the server to be SERVING (default 30)")
     k.add_argument("--out", default="results/bench", help="output dir (default results/bench)")
     k.add_argument("--no-plots", action="store_true", help="results.json and requests.csv only")
-    k.add_argument("--quiet", action="store_true", help="no live progress line")
     k.set_defaults(handler=_bench)
 
-    d = sub.add_parser("demo", help="build the demo family if needed, serve it, drive mixed-"
-                                    "budget load of rising rate, print what the router did")
+    d = sub.add_parser(
+        "demo", parents=[common],
+        help="build the demo family if needed, serve it twice (adaptive; pinned to full), drive "
+             "the same load ramp across full's capacity at both, print and plot what happened",
+        description="Builds (or reuses) the demo family, starts two servers with default flags "
+                    "(one adaptive, one with every request pinned to full), measures full's idle "
+                    "round trip (budgets: uniform over [p99, 2 x p99]) and capacity on this host, "
+                    "then offers the same open-loop ramp (LOADS x full's capacity) to both.",
+        **_examples("adaptive-inference demo",
+                    "adaptive-inference demo --loads 1,2,4,8 --seconds 5 --out /tmp/demo"))
     d.add_argument("--family", default="families/demo", help="where the demo family lives")
     d.add_argument("--config", default="configs/demo.toml", help="config to build it from")
-    d.add_argument("--max-queue-delay-ms", type=float, default=1.0,
-                   help="batching delay for the demo server (default 1)")
+    d.add_argument("--loads", type=_arg_type(_loads), default=[0.5, 1.0, 2.0, 3.0],
+                   help="the ramp, in multiples of full's capacity (default 0.5,1,2,3)")
+    d.add_argument("--seconds", type=float, default=4.0, help="seconds per load (default 4)")
+    d.add_argument("--reference", default="full",
+                   help="the variant the other server pins every request to (default full)")
+    d.add_argument("--out", default="results/demo", help="where the plot goes "
+                                                         "(default results/demo)")
+    d.add_argument("--no-plot", action="store_true", help="tables only")
     d.set_defaults(handler=_demo)
+
+    t = sub.add_parser(
+        "top", parents=[common],
+        help="live view of a running server: requests/s, in-budget share, accuracy served, "
+             "variant/exit mix, queues, host load, the router's state",
+        description="Reads the server's /metrics and its candidate table once a second and "
+                    "redraws. Window figures cover the last interval (--once: two scrapes "
+                    "--interval apart).",
+        **_examples("adaptive-inference top --target 127.0.0.1:8001 "
+                    "--metrics http://127.0.0.1:8002/metrics",
+                    "adaptive-inference top --once > frame.txt"))
+    t.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    t.add_argument("--metrics", default="http://127.0.0.1:8002/metrics",
+                   help="the server's Prometheus URL (default http://127.0.0.1:8002/metrics)")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between frames "
+                                                               "(default 1)")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
+    _add_client_security(t)
+    t.set_defaults(handler=_top)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    p = parser()
+    args = p.parse_args(argv)
+    if args.verbose and args.quiet:
+        p.error("-v/--verbose and -q/--quiet exclude each other")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else
+                        logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from compression.core.errors import BuildError
     from server.errors import AdaptiveError, InvalidArgument, NotFound

@@ -6,8 +6,8 @@ same way:
 
 - `summarize_run`: one run's figures for ``results.json`` (throughput, budget attainment,
   goodput, latency percentiles, accuracy, share of each variant/exit, errors by status);
-- `summary_table` (the bench command's table of those figures) and `summarize_phases` (the
-  demo's three tables), both through `text_table`;
+- `summary_table` (the bench command's table of those figures) and `compare_policies` (the
+  demo's table: adaptive against pinned, per phase of its ramp), both through `text_table`;
 - `write_records_csv` / `read_records`: ``requests.csv``, one row per arrival;
 - `host_info` / `host_span`: the machine a figure was measured on.
 """
@@ -124,51 +124,56 @@ def _share(num: int, den: int) -> str:
     return f"{100.0 * num / den:.1f}%" if den else "-"
 
 
-def _accuracy(rs: list[Record]) -> str:
-    judged = [r for r in rs if r.correct is not None]
-    return _share(sum(r.correct or 0 for r in judged), sum(r.samples for r in judged)) \
-        if judged else "-"
+def in_budget_share(records: Sequence[Record]) -> float:
+    """Share of the arrivals answered within their budget (0 for none)."""
+    return sum(r.met for r in records) / len(records) if records else 0.0
 
 
-def _most_used(rs: list[Record]) -> str:
-    used = collections.Counter(r.candidate for r in rs if r.status == OK).most_common(1)
-    return str(used[0][0]) if used else "-"
+def judged_accuracy(records: Sequence[Record]) -> float | None:
+    """Correct samples over judged samples (None: nothing judged, e.g. no labels)."""
+    judged = [r for r in records if r.correct is not None]
+    samples = sum(r.samples for r in judged)
+    return sum(r.correct or 0 for r in judged) / samples if samples else None
 
 
-def summarize_phases(records: list[Record], phases: Sequence[Phase]) -> str:
-    """The demo's three tables: per phase, per candidate (variant/exit) used, per budget."""
-    out = []
+def _mix(records: Sequence[Record], top: int = 3) -> str:
+    """The ``top`` candidates that answered most, as shares of all arrivals."""
+    used = collections.Counter(r.candidate or "?" for r in records if r.status == OK)
+    if not used:
+        return "-"
+    n = len(records)
+    shown = [f"{c} {100 * k / n:.0f}%" for c, k in used.most_common(top)]
+    rest = sum(used.values()) - sum(k for _, k in used.most_common(top))
+    return ", ".join(shown + ([f"other {100 * rest / n:.0f}%"] if rest else []))
+
+
+def compare_policies(records: dict[str, list[Record]], phases: Sequence[Phase],
+                     loads: Sequence[float]) -> str:
+    """The demo's tables: per phase (``loads[i]`` x the reference's capacity) and policy, the
+    in-budget share, accuracy of the answers, correct answers in budget per second, the requests
+    failed (shed: DEADLINE_EXCEEDED) and the variant/exit mix; then, per policy, the whole ramp's
+    answers by candidate."""
     rows: list[list[str]] = []
-    for p, phase in enumerate(phases):
-        rs = [r for r in records if r.phase == p]
-        ok = [r for r in rs if r.status == OK]
-        rows.append([f"{phase.rate:.0f}/s", str(len(rs)), _share(len(ok), len(rs)),
-                     _ms([r.latency_ms for r in ok], 50), _ms([r.latency_ms for r in ok], 99),
-                     _share(sum(r.met for r in rs), len(rs)), _accuracy(ok), _most_used(ok)])
-    out.append(text_table(["offered", "requests", "answered", "p50 ms", "p99 ms", "in budget",
-                           "accuracy", "most used"], rows))
-    ok = [r for r in records if r.status == OK]
-    by_cand: dict[str, list[Record]] = collections.defaultdict(list)
-    for r in ok:
-        by_cand[r.candidate or "?"].append(r)
-    rows = [[c, str(len(rs)), _share(len(rs), len(ok)), _ms([r.latency_ms for r in rs], 50),
-             _share(sum(r.met for r in rs), len(rs)), _accuracy(rs)]
-            for c, rs in sorted(by_cand.items(), key=lambda kv: -len(kv[1]))]
-    out.append(text_table(["variant/exit", "answers", "share", "p50 ms", "in budget", "accuracy"],
-                          rows))
-    by_budget: dict[float | None, list[Record]] = collections.defaultdict(list)
-    for r in records:
-        by_budget[r.budget_ms].append(r)
-    rows = []
-    for b, rs in sorted(by_budget.items(), key=lambda kv: float("inf") if kv[0] is None
-                        else kv[0]):
-        answered = [r for r in rs if r.status == OK]
-        rows.append(["none" if b is None else f"{b:g} ms", str(len(rs)),
-                     _share(sum(r.met for r in rs), len(rs)), _accuracy(answered),
-                     _most_used(answered)])
-    out.append(text_table(["budget", "requests", "in budget", "accuracy", "most used"], rows))
-    out += _errors_line(collections.Counter(r.status for r in records if r.status != OK))
-    return "\n\n".join(out)
+    for i, (phase, load) in enumerate(zip(phases, loads, strict=True)):
+        for k, (policy, recs) in enumerate(records.items()):
+            rs = [r for r in recs if r.phase == i]
+            ok = [r for r in rs if r.status == OK]
+            acc = judged_accuracy(ok)
+            good = sum(r.correct or 0 for r in rs if r.met and r.correct is not None)
+            failed = len(rs) - len(ok)
+            rows.append([f"{load:g}x" if k == 0 else "", f"{phase.rate:.0f}/s" if k == 0 else "",
+                         policy, str(len(rs)), f"{100 * in_budget_share(rs):.1f}%",
+                         "-" if acc is None else f"{100 * acc:.2f}%",
+                         f"{good / phase.seconds:.0f}", _share(failed, len(rs)),
+                         _ms([r.latency_ms for r in ok], 99), _mix(rs)])
+    out = [text_table(["load", "offered", "policy", "requests", "in budget", "accuracy",
+                       "correct in budget/s", "failed", "p99 ms", "answered by (% of requests)"],
+                      rows)]
+    for policy, recs in records.items():
+        errors = collections.Counter(r.status for r in recs if r.status != OK)
+        out += [f"{policy}: " + ", ".join(f"{k} {v}" for k, v in errors.most_common())
+                if errors else f"{policy}: no errors"]
+    return "\n".join(out)
 
 
 # --- requests.csv --------------------------------------------------------------------------------

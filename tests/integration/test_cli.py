@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -114,3 +115,31 @@ def test_infer_command_errors_are_one_line(server: RunningServer, tmp_path: Path
     assert cli_main(["infer", "--target", server.target, str(npy), "--variant", "nope"]) == 2
     assert "error: NOT_FOUND: model_version 'nope'" in capsys.readouterr().err
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None  # nothing leaked into this process
+
+
+def test_inspect_command_prints_the_variant_table(quick_family: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from compression.core.family import load_family
+
+    family = load_family(quick_family)
+    assert cli_main(["-q", "inspect", str(quick_family)]) == 0
+    out = capsys.readouterr().out
+    first, *rest = out.splitlines()
+    assert first.startswith(f"family {family.name!r}: {len(family.variants)} variants")
+    names = [line.split()[0] for line in rest[2:] if line.strip()]
+    assert names == list(family.variants)  # one row per variant, in manifest order
+    assert cli_main(["inspect", str(quick_family / "missing")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_every_subcommand_help_shows_examples_and_log_flags() -> None:
+    from client.cli import parser
+
+    p = parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"build", "inspect", "serve", "infer", "health", "bench", "demo",
+                                "top"}
+    for name, sp in sub.choices.items():
+        text = sp.format_help()
+        assert "\nexamples:\n  adaptive-inference " + name in text, name
+        assert "--quiet" in text and "--verbose" in text, name
