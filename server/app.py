@@ -236,10 +236,7 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
     await loop.run_in_executor(executor, engine.warm_up)
     log.info("warm-up and latency re-measurement done")
     engine.start()
-    state.spec = ModelSpec(name=fam.name, input_name=fam.manifest["input"]["name"],
-                           input_shape=tuple(fam.input_shape),
-                           output_name=fam.manifest["output"]["name"],
-                           num_classes=fam.num_classes)
+    state.spec = ModelSpec.for_family(fam.manifest, fam.name)
     state.versions = [*fam.variants, *(c.name for c in engine.router.candidates
                                        if c.name not in fam.variants)]
     state.engine = engine

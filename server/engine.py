@@ -292,8 +292,9 @@ class Engine:
     def _executor_for(self, name: str) -> Execute:
         runner = self.runners[name]
         if isinstance(runner, StageChain):
-            return stages_executor(self.family.variant(name), runner, self._stages_fit)
-        return graph_executor(name, runner)
+            return stages_executor(self.family.variant(name), runner, self._stages_fit,
+                                   max_batch=self.settings.max_batch)
+        return graph_executor(name, runner, max_batch=self.settings.max_batch)
 
     def _stages_fit(self, variant: str, stage: int, samples: int,
                     deadlines: Sequence[float | None]) -> list[bool]:

@@ -1,12 +1,21 @@
 """Bad input against a real `serve` process: every malformed request gets a status naming the bad
 field (INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED), a property-based fuzz of 2,000+ random
 requests and raw non-protobuf bodies never hangs or crashes it, valid requests keep getting the
-right answers, and its RSS stays bounded."""
+right answers, and its RSS stays bounded.
+
+The attack classes covered by name and in the fuzz: wrong fields and values, non-protobuf bodies,
+attacker-sized repeated fields (a shape of a million dims, 90,000 outputs, 40,000 parameters: each
+refused by its count, cheaply), out-of-range pixels (finite but far outside [0, 1]: NaN logits
+otherwise), ambiguous payloads (raw and typed contents both set), unknown output parameters, and
+batches larger than the queue can ever hold; a valid request is answered while they arrive."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +68,14 @@ class Fuzzer:
     def send(self, call: Callable[[], object]) -> grpc.RpcError | None:
         self.sent += 1
         try:
-            call()
+            answer = call()
             code, details = grpc.StatusCode.OK, ""
+            resp = (pb.ModelInferResponse.FromString(answer) if isinstance(answer, bytes)
+                    else answer)
+            if isinstance(resp, pb.ModelInferResponse) and resp.raw_output_contents:
+                # an OK answer is a real one: never NaN or infinite logits
+                logits = np.frombuffer(resp.raw_output_contents[0], "<f4")
+                assert np.isfinite(logits).all(), f"OK with non-finite logits {logits[:10]}"
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
         self.codes[code.name] = self.codes.get(code.name, 0) + 1
@@ -135,6 +150,42 @@ def _batch(n: int) -> Callable[[pb.ModelInferRequest], None]:
     return mutate
 
 
+def _pixel(value: float) -> Callable[[pb.ModelInferRequest], None]:
+    def mutate(r: pb.ModelInferRequest) -> None:
+        x = np.full((1, *SHAPE), 0.5, np.float32)
+        x[0, 0, 0, 5] = value
+        r.raw_input_contents[0] = x.tobytes()
+    return mutate
+
+
+# Attacker-sized repeated fields, each just under the server's 1 MB message limit.
+HUGE_RANK = 1_000_000
+HUGE_OUTPUTS = 90_000
+HUGE_PARAMETERS = 40_000
+
+
+def _huge_rank(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].shape.extend(itertools.repeat(1, HUGE_RANK))
+
+
+def _huge_outputs(r: pb.ModelInferRequest) -> None:
+    for _ in range(HUGE_OUTPUTS):
+        r.outputs.add(name="logits")
+
+
+def _huge_parameters(r: pb.ModelInferRequest) -> None:
+    for k in range(HUGE_PARAMETERS):
+        r.parameters[f"p{k}"].double_param = 1.0
+
+
+def _both_payloads(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].contents.fp32_contents.extend([0.5] * SAMPLE)
+
+
+def _output_parameter(r: pb.ModelInferRequest) -> None:
+    r.outputs.add(name="logits").parameters["classification"].int64_param = 3
+
+
 CASES = [
     ("wrong shape", lambda r: r.inputs[0].shape.__setitem__(2, 27), "INVALID_ARGUMENT",
      "inputs[0].shape [1, 1, 27, 28]"),
@@ -162,6 +213,24 @@ CASES = [
      "parameters['timeout'] True: expected a number (got bool_param)"),
     ("huge model name", lambda r: setattr(r, "model_name", "m" * 100_000), "NOT_FOUND",
      "(100002 chars)"),
+    ("huge rank", _huge_rank, "INVALID_ARGUMENT",
+     f"inputs[0].shape [1, 1, 28, 28, 1, 1, 1, 1, …] ({HUGE_RANK + 4} dims)"),
+    ("huge outputs", _huge_outputs, "INVALID_ARGUMENT",
+     f"outputs: {HUGE_OUTPUTS} entries, at most 16"),
+    ("huge parameters", _huge_parameters, "INVALID_ARGUMENT",  # + the budget parameter
+     f"parameters: {HUGE_PARAMETERS + 1} entries, at most 64"),
+    ("pixel far out of range", _pixel(3.4e38), "INVALID_ARGUMENT",
+     "outside the input range [0, 1] (first at flat index 5: 3.4e+38)"),
+    ("negative pixel", _pixel(-1.0), "INVALID_ARGUMENT", "first at flat index 5: -1.0"),
+    ("saturated image", lambda r: r.raw_input_contents.__setitem__(
+        0, np.full(SAMPLE, 3.4e38, np.float32).tobytes()), "INVALID_ARGUMENT",
+     f"{SAMPLE} values outside the input range [0, 1] (first at flat index 0: 3.4e+38)"),
+    ("two payloads", _both_payloads, "INVALID_ARGUMENT",
+     "both raw_input_contents and inputs[0].contents.fp32_contents are set"),
+    ("output parameter", _output_parameter, "INVALID_ARGUMENT",
+     "outputs[0].parameters['classification']: unknown output parameter"),
+    ("batch beyond --max-queue", _batch(1025), "INVALID_ARGUMENT",  # the server's default 1024
+     "inputs[0].shape[0] 1025: larger than this server ever queues"),
 ]
 
 
@@ -189,6 +258,49 @@ def test_oversized_message_and_non_protobuf_body(fuzzer: Fuzzer) -> None:
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "5 bytes are not a valid inference.ModelInferRequest protobuf" in info.value.details()
     fuzzer.check_valid()
+
+
+def test_valid_requests_are_answered_while_huge_ones_arrive(fuzzer: Fuzzer) -> None:
+    """Attacker-sized requests (each under the message limit) from another thread, back to back:
+    each is refused by its count, and valid requests keep being answered, correctly, meanwhile."""
+    bodies = []
+    for mutate in (_huge_rank, _huge_outputs, _huge_parameters):
+        req = _valid()
+        mutate(req)
+        bodies.append(req.SerializeToString())
+    codes: list[str] = []
+    stop = threading.Event()
+
+    def attack() -> None:
+        with grpc.insecure_channel(fuzzer.target) as ch:
+            raw = ch.unary_unary(INFER)
+            for body in itertools.cycle(bodies):
+                if stop.is_set() or len(codes) >= 300:
+                    return
+                try:
+                    raw(body, timeout=CALL_TIMEOUT_S)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+
+    attacker = threading.Thread(target=attack, name="attacker")
+    attacker.start()
+    slowest = 0.0
+    answered = 0
+    try:
+        while attacker.is_alive() and answered < 200:
+            t = time.perf_counter()
+            fuzzer.check_valid()
+            slowest = max(slowest, time.perf_counter() - t)
+            answered += 1
+    finally:
+        stop.set()
+        attacker.join(CALL_TIMEOUT_S * 2)
+    log.warning("huge requests: %d sent (%s), %d valid answered meanwhile, slowest %.3f s",
+                len(codes), {c: codes.count(c) for c in set(codes)}, answered, slowest)
+    assert codes and set(codes) == {"INVALID_ARGUMENT"}, set(codes)
+    assert answered >= 5
+    assert slowest < 5.0, f"a valid request waited {slowest:.1f} s behind huge ones"
 
 
 # --- the fuzz ------------------------------------------------------------------------------------
@@ -231,17 +343,31 @@ def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
         t.name = draw(NAMES) if _bad(draw) else "input"
         t.datatype = (draw(st.sampled_from(["FP16", "INT8", "BYTES", "", "fp32"])) if _bad(draw)
                       else "FP32")
-        t.shape.extend(draw(st.lists(DIM, max_size=6)) if _bad(draw) else [n, *SHAPE])
+        if not _bad(draw):
+            t.shape.extend([n, *SHAPE])
+        elif draw(st.booleans()):
+            t.shape.extend(draw(st.lists(DIM, max_size=6)))
+        else:  # a huge rank: a valid shape followed by thousands of dims
+            t.shape.extend([n, *SHAPE])
+            t.shape.extend(itertools.repeat(draw(DIM), draw(st.sampled_from([1, 9, 5000,
+                                                                             100_000]))))
     count = max(n, 0) * SAMPLE if n < 4096 else 0
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.random(count, dtype=np.float32)
-    how = draw(st.sampled_from(["short", "long", "poisoned", "none", "two", "fp32"])) \
+    how = draw(st.sampled_from(["short", "long", "poisoned", "out-of-range", "saturated",
+                                "none", "two", "both", "fp32"])) \
         if _bad(draw) else draw(st.sampled_from(["raw", "fp32"]))
     if how == "poisoned" and count:
         x[draw(st.integers(0, count - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-    if how == "fp32" and req.inputs:
+    if how == "out-of-range" and count:  # finite, but no pixel
+        x[draw(st.integers(0, count - 1))] = draw(st.sampled_from(
+            [3.4e38, -3.4e38, 1.0001, -1e-7, 255.0, -1.0]))
+    if how == "saturated":  # every pixel 3.4e38: the graphs overflow into NaN/inf logits
+        x[:] = 3.4e38
+    typed = how in ("fp32", "both") and bool(req.inputs)
+    if typed:
         req.inputs[0].contents.fp32_contents.extend(x.tolist())
-    elif how != "none":
+    if how != "none" and not (how == "fp32" and typed):  # "both": raw bytes as well
         data = x.tobytes()
         data = data[:-draw(st.integers(1, 8))] if how == "short" else data
         data = data + b"\0" * draw(st.integers(1, 8)) if how == "long" else data
@@ -249,8 +375,17 @@ def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
         if how == "two":
             req.raw_input_contents.append(data)
     if _bad(draw):
-        for name in draw(st.lists(NAMES, min_size=1, max_size=2)):
-            req.outputs.add().name = name
+        what = draw(st.sampled_from(["names", "many", "parameter"]))
+        if what == "names":
+            for name in draw(st.lists(NAMES, min_size=1, max_size=2)):
+                req.outputs.add().name = name
+        elif what == "many":  # around the limit of 16, and far beyond it
+            for _ in range(draw(st.sampled_from([16, 17, 1000, 20_000]))):
+                req.outputs.add().name = "logits"
+        else:
+            out = req.outputs.add(name="logits")
+            out.parameters[draw(st.sampled_from(["classification", "binary_data", ""]))
+                           ].int64_param = draw(st.integers(0, 3))
     elif draw(st.booleans()):
         req.outputs.add().name = "logits"
     params = draw(parameters()) if _bad(draw) else (
@@ -259,6 +394,9 @@ def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     for key, kind, value in params:
         req.parameters[key].Clear()
         setattr(req.parameters[key], kind, value)
+    if params and draw(st.integers(0, 3)) == 0:  # a parameter map around 64 and far beyond it
+        for k in range(draw(st.sampled_from([60, 64, 65, 20_000]))):
+            req.parameters[f"p{k}"].int64_param = k
     return req
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +21,9 @@ from client.client import build_request
 from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
+from protos.wire import channel_options
 from server.latency import Load, QueueState
+from server.settings import Settings
 from tests.harness import RunningServer, serve_in_thread
 
 CHEAPEST = {("fast", None), ("early-exit", 0)}  # (variant, exit) of the ~0.03 ms candidates
@@ -219,3 +224,79 @@ def test_stopped_server_is_unavailable(serving_family: Path, images: np.ndarray)
         target = running.target
     with AdaptiveClient(target) as c, pytest.raises(Unavailable):
         c.infer(images[:1], timeout=2)
+
+
+# --- hostile requests: sized by the attacker, refused by size, range or ambiguity ----------------
+
+def _huge_rank(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].shape.extend(itertools.repeat(1, 4_000_000))  # a 4 MB message
+
+
+def _huge_outputs(r: pb.ModelInferRequest) -> None:
+    for _ in range(200_000):
+        r.outputs.add(name="logits")
+
+
+def _huge_parameters(r: pb.ModelInferRequest) -> None:
+    for k in range(100_000):
+        r.parameters[f"p{k}"].double_param = 1.0
+
+
+def _pixel(value: float) -> Callable[[pb.ModelInferRequest], None]:
+    def mutate(r: pb.ModelInferRequest) -> None:
+        x = np.frombuffer(r.raw_input_contents[0], "<f4").copy()
+        x[100] = value
+        r.raw_input_contents[0] = x.tobytes()
+    return mutate
+
+
+def _both_payloads(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].contents.fp32_contents.extend(
+        np.frombuffer(r.raw_input_contents[0], "<f4").tolist())
+
+
+def _output_parameter(r: pb.ModelInferRequest) -> None:
+    r.outputs.add(name="logits").parameters["classification"].int64_param = 3
+
+
+def _beyond_the_queue(r: pb.ModelInferRequest) -> None:
+    n = Settings().max_queue + 1  # the session server's --max-queue, on an idle server
+    r.inputs[0].shape[0] = n
+    r.raw_input_contents[0] = np.full((n, 1, 28, 28), 0.5, np.float32).tobytes()
+
+
+@pytest.mark.parametrize(("mutate", "fragments"), [
+    (_huge_rank, ["inputs[0].shape [1, 1, 28, 28, 1, 1, 1, 1, …] (4000004 dims)",
+                  "expected [N, 1, 28, 28]"]),
+    (_huge_outputs, ["outputs: 200000 entries, at most 16"]),
+    (_huge_parameters, ["parameters: 100001 entries, at most 64"]),  # + the budget
+    (_pixel(3.4e38), ["outside the input range [0, 1]", "first at flat index 100: 3.4e+38"]),
+    (_pixel(-7.0), ["outside the input range [0, 1]", "first at flat index 100: -7.0"]),
+    (lambda r: r.raw_input_contents.__setitem__(0, np.full(784, 3.4e38, np.float32).tobytes()),
+     ["784 values outside the input range [0, 1]"]),  # NaN/inf logits with status OK before
+    (_both_payloads, ["both raw_input_contents and inputs[0].contents.fp32_contents are set",
+                      "send one"]),
+    (_output_parameter, ["outputs[0].parameters['classification']: unknown output parameter"]),
+    (_beyond_the_queue, [f"inputs[0].shape[0] {Settings().max_queue + 1}",
+                         f"--max-queue {Settings().max_queue}", "can never run"]),
+], ids=["huge-rank", "huge-outputs", "huge-parameters", "pixel-3.4e38", "pixel-negative",
+        "saturated-image", "two-payloads", "output-parameter", "batch-beyond-max-queue"])
+def test_hostile_requests_are_invalid_and_cheap(server: RunningServer, images: np.ndarray,
+                                                 mutate: Callable[[pb.ModelInferRequest], None],
+                                                 fragments: list[str]) -> None:
+    req = build_request("servetest", images[:1], budget_ms=1000)
+    mutate(req)
+    with grpc.insecure_channel(server.target, options=channel_options()) as ch:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        t = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req, timeout=30)
+        elapsed = time.perf_counter() - t
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        details = err.value.details()
+        assert len(details) < 400, details[:400]
+        for f in fragments:
+            assert f in details, details
+        assert elapsed < 10, f"refusing it took {elapsed:.1f} s"
+        ok = stub.ModelInfer(build_request("servetest", images[:1]), timeout=10)  # still serving
+        assert np.isfinite(np.frombuffer(ok.raw_output_contents[0], "<f4")).all()
