@@ -135,6 +135,7 @@ class CpuShare:
     """
 
     headroom: float = 0.8
+    min_arrivals: int = 25  # per sampling interval, to learn the CPU a request costs
     tau_s: float = 0.1  # how fast the arrival rate follows a change
     alpha: float = 0.5  # EWMA weight of each sampling interval
     outside_ms: float = 0.0  # CPU ms per request outside the model (the request path)
@@ -168,7 +169,9 @@ class CpuShare:
         of the batches that ran, and the host's CPU shares (0..1 of all cores) over it."""
         self.cores = cores
         self.other_cores += self.alpha * (cpu_other * cores - self.other_cores)
-        if seconds <= 0 or arrivals <= 0:
+        if seconds <= 0 or arrivals < self.min_arrivals:
+            # With a few requests per interval the process's CPU is mostly something else (its
+            # threads' housekeeping, or whatever else the process hosts): no per-request figure.
             return
         compute_cores = compute_ms / 1e3 / seconds
         outside = max(cpu_process * cores - compute_cores, 0.0) * seconds * 1e3 / arrivals

@@ -83,3 +83,13 @@ def test_the_arrival_rate_follows_a_burst_within_a_fraction_of_a_second() -> Non
         share.arrived(t)
     assert share.rate(t) == pytest.approx(400, rel=0.15)  # 0.5 s into the burst
     assert share.rate(t + 2.0) < 1.0  # and it decays once arrivals stop
+
+
+def test_a_quiet_interval_teaches_nothing_about_the_cpu_a_request_costs() -> None:
+    share = CpuShare(alpha=1.0)
+    # 3 requests while the process burned a core on something else: not 300 ms per request
+    share.update(seconds=1.0, arrivals=3, compute_ms=1.0, cores=2, cpu_process=0.5,
+                 cpu_other=0.0)
+    assert share.outside_ms == 0.0
+    share.arrived(0.0)
+    assert share.share_ms(0.0) > 100.0  # one request: no limit worth the name
