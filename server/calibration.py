@@ -25,7 +25,6 @@ rate now. Pure: the caller passes the time and the measurements; no clock, no I/
 
 from __future__ import annotations
 
-import collections
 import math
 from dataclasses import dataclass, field
 
@@ -53,20 +52,22 @@ class Calibration:
     miss_rate: float = 0.0
     observed: int = 0
     ready: bool = False  # enough recent answers for the quantiles
-    _errors: collections.deque[tuple[float, float, float]] = field(
-        default_factory=collections.deque, repr=False)  # (time, actual − predicted, ratio)
+    # A ring of the last `window` answers, rows (time, actual − predicted, actual / predicted):
+    # numpy, because the quantiles are taken over it every `every` answers on the event loop.
+    _ring: np.ndarray = field(init=False, repr=False)
     _refreshed: float = float("-inf")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
             raise ValueError(f"target miss rate must lie in (0, 1), got {self.target!r}")
+        self._ring = np.empty((self.window, 3))
 
     def reset(self, base: float) -> None:
         """Start over from ``F = base`` (after warm-up: a typical p95 / p50 on this host)."""
         self.base = self.factor = base
         self.additive_ms = math.inf
         self.ready = False
-        self._errors.clear()
+        self.observed = 0
 
     def margin_ms(self, predicted_ms: float) -> float:
         """The margin to add to a prediction of ``predicted_ms``."""
@@ -75,11 +76,9 @@ class Calibration:
     def observe(self, predicted_ms: float, actual_ms: float, *, now: float, missed: bool) -> None:
         """One answered request with a budget, at ``now`` (seconds): its predicted and actual
         completion (ms from the decision), and whether it missed its budget."""
+        self._ring[self.observed % self.window] = (
+            now, actual_ms - predicted_ms, actual_ms / max(predicted_ms, MIN_PREDICTED_MS))
         self.observed += 1
-        self._errors.append((now, actual_ms - predicted_ms,
-                             actual_ms / max(predicted_ms, MIN_PREDICTED_MS)))
-        if len(self._errors) > self.window:
-            self._errors.popleft()
         self.miss_rate += self.miss_alpha * (float(missed) - self.miss_rate)
         if self.observed % self.every == 0:
             self._refresh(now)
@@ -91,15 +90,15 @@ class Calibration:
 
     def _refresh(self, now: float) -> None:
         self._refreshed = now
-        while self._errors and self._errors[0][0] < now - self.horizon_s:
-            self._errors.popleft()
-        self.ready = len(self._errors) >= self.min_samples
+        rows = self._ring[:min(self.observed, self.window)]
+        rows = rows[rows[:, 0] >= now - self.horizon_s]
+        self.ready = len(rows) >= self.min_samples
         if not self.ready:  # too few to take a quantile from
-            self.factor = min(max([self.base, *(r for _, _, r in self._errors)]), self.max_factor)
+            worst = float(rows[:, 2].max()) if len(rows) else self.base
+            self.factor = min(max(self.base, worst), self.max_factor)
             self.additive_ms = math.inf
             return
-        errs = np.array([(e, r) for _, e, r in self._errors])
-        q_add, q_ratio = np.quantile(errs, 1.0 - self.target / 2, axis=0)
+        q_add, q_ratio = np.quantile(rows[:, 1:], 1.0 - self.target / 2, axis=0)
         # Either can be negative (below 1) when predictions run pessimistic: it gives time back.
         self.additive_ms = float(min(max(q_add, -self.max_margin_ms), self.max_margin_ms))
         self.factor = float(min(q_ratio, self.max_factor))

@@ -39,6 +39,7 @@ Pure: no grpc, no I/O; the clock is injected (tests use a fake clock and fake qu
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -127,6 +128,7 @@ class Router:
         self.calibration = Calibration(target=target_miss_rate)
         self._calibrations = {c.name: Calibration(target=target_miss_rate, window=1024)
                               for c in self.candidates}
+        self._refreshed = float("-inf")
         self.overhead = Overhead()
         self.cpu = CpuShare()
         self._by_name = {c.name: c for c in self.candidates}
@@ -152,6 +154,12 @@ class Router:
         """Forget every closed loop's answers; start from the factor ``base``."""
         for cal in (self.calibration, *self._calibrations.values()):
             cal.reset(base)
+
+    def refresh_calibration(self, now: float) -> None:
+        """Let every closed loop drop what has aged past its horizon."""
+        self._refreshed = now
+        for cal in (self.calibration, *self._calibrations.values()):
+            cal.refresh(now)
 
     def deepest(self, variant: str) -> Candidate:
         """The variant's most expensive candidate: what its queued batches cost at worst."""
@@ -184,10 +192,14 @@ class Router:
         now = self.clock()
         remaining = None if deadline is None else (deadline - now) * 1e3
         slowdown = self.latency.slowdown(load)
-        layout = self._plan(load, slowdown)
         overhead = self.overhead.ms
-        self.calibration.refresh(now)
+        if now - self._refreshed > 1.0:  # answers refresh the margins; time must too (expiry)
+            self.refresh_calibration(now)
+        pooled, calibrations = self.calibration, self._calibrations
         share = self.cpu.share_ms(now) if not pin else float("inf")
+        # Shedding: a candidate whose own compute cannot fit is skipped before any layout.
+        skip_above = remaining if remaining is not None and self.on_miss == "shed" else math.inf
+        layout: Plan | None = None  # laid out once the first candidate might fit
         starts: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
         # (total, candidate, wait, compute): the fastest that does not fit, and the cheapest in
         # CPU that fits but costs more than the share; a Decision is built only for the answer.
@@ -195,15 +207,26 @@ class Router:
         cheapest: tuple[float, Candidate, float, float] | None = None
         sum_ms = self.latency.sum_ms
         for c in pool:  # most accurate first: the first that fits is the answer
+            cost = sum_ms(c.units, batch)[0]  # its own compute, uncontended: a lower bound
+            if cost * slowdown + overhead > skip_above:
+                # Cannot make it even with no wait and no margin: the layout is not needed.
+                if fastest is None or cost * slowdown + overhead < fastest[0]:
+                    fastest = (cost * slowdown + overhead, c, 0.0, cost * slowdown)
+                continue
+            if layout is None:
+                layout = self._plan(load, slowdown)
             st = starts.get(c.variant)
             if st is None:
                 st = starts[c.variant] = self._start(c.variant, layout, load, batch)
             wait, joins = st
             compute = sum_ms(c.units, joins + batch)[0] * slowdown
             predicted = wait + compute + overhead
-            total = predicted + self.margin_ms(c, predicted, now)
+            cal = calibrations[c.name]
+            if not cal.ready:
+                cal = pooled
+            bound = (cal.factor - 1.0) * predicted  # inline `Calibration.margin_ms`: hot loop
+            total = predicted + (cal.additive_ms if cal.additive_ms < bound else bound)
             if remaining is None or total <= remaining:
-                cost = sum_ms(c.units, batch)[0]
                 if cost <= share:
                     return Decision(c, wait, compute, overhead, total - predicted, remaining, True,
                                     slowdown, now)
