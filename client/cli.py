@@ -258,9 +258,9 @@ def parser() -> argparse.ArgumentParser:
                    help="when not even the fastest candidate can finish inside a request's "
                         "budget under the load now: fail it at once with DEADLINE_EXCEEDED "
                         "(shed, default), or run the fastest anyway (best-effort)")
-    s.add_argument("--target-miss-rate", type=float, default=0.01,
+    s.add_argument("--target-miss-rate", type=float, default=0.005,
                    help="share of budgeted requests allowed to finish late; the router's "
-                        "safety margin adapts to hold it (default 0.01)")
+                        "safety margin adapts to hold it (default 0.005)")
     s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
     s.add_argument("--intra-op-threads", type=int, default=1,
                    help="ORT threads per batch (default 1)")

@@ -133,7 +133,7 @@ class CpuShare:
     time constant of ``tau_s`` (`arrived`), read at every decision (`share_ms`).
     """
 
-    headroom: float = 0.8
+    headroom: float = 0.7
     min_arrivals: int = 25  # per sampling interval, to learn the CPU a request costs
     tau_s: float = 0.1  # how fast the arrival rate follows a change
     alpha: float = 0.5  # EWMA weight of each sampling interval

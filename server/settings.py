@@ -17,7 +17,7 @@ class Settings:
     max_queue: int = 1024
     on_miss: str = "shed"  # no candidate fits: fail at once (or "best-effort": the fastest)
     intra_op_threads: int = 1  # ORT threads per batch; the latency model counts them as load
-    target_miss_rate: float = 0.01  # the router's margin adapts to hold this share of late answers
+    target_miss_rate: float = 0.005  # the router's margin adapts to hold this share of late answers
     deadline_margin_ms: float = 0.5
     inline_below_ms: float = 0.0  # > 0: tiny batches on an idle variant skip the thread pool
     batch_timeout_ms: float = 1000.0  # a batch fails after max(this, 10 × its predicted p95)
