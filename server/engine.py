@@ -283,7 +283,7 @@ class Engine:
         self._sampled_at, self._arrivals, self._compute_ms = now, 0, 0.0
         r = self.router
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
-                             {c.name: d.compute_ms / 1e3 for c, d, _p50 in self.table(1)},
+                             {c.name: d.compute_ms / 1e3 for c, d, _p95 in self.table(1)},
                              (r.calibration.factor, r.calibration.additive_ms,
                               r.calibration.miss_rate, r.overhead.ms, r.cpu.share_ms(now)))
 
