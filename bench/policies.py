@@ -48,7 +48,6 @@ import shlex
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,13 +66,14 @@ from client.loadgen import (
     Record,
     RunConfig,
     TestData,
+    choose_images,
     closed_loop,
     load_test_data,
     run_open_loop,
     run_phases,
     sequential_ms,
 )
-from client.process import METRICS, ServerProcess
+from client.process import start_serving
 from client.results import host_info, host_span, summarize_run, text_table, write_records_csv
 from compression.core.family import load_family
 
@@ -409,16 +409,6 @@ def targets_text(targets: Mapping[str, Any]) -> str:
 
 # --- the server and the runs ---------------------------------------------------------------------
 
-def choose_images(client: AdaptiveClient, min_compute_ms: float) -> int:
-    """Fewest images per request (a power of two, at most 32 = the server's batch limit) for
-    which `full`'s predicted compute on this host reaches ``min_compute_ms``."""
-    for b in IMAGE_CHOICES:
-        full = next(v for v in client.variants(batch_size=b) if v.name == "full")
-        if full.predicted_p50_ms >= min_compute_ms:
-            return b
-    return IMAGE_CHOICES[-1]
-
-
 def server_busy(metrics_url: str) -> float:
     """Requests in flight plus samples queued, from the server's /metrics."""
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
@@ -467,18 +457,11 @@ def policy_dir(policy: str) -> str:
 
 def start_server(stack: contextlib.ExitStack, family_dir: Path, flags: list[str]
                  ) -> tuple[str, str]:
-    """`adaptive-inference serve` on free loopback ports until ``stack`` closes; returns its
-    target and metrics URL once SERVING."""
-    log_file = stack.enter_context(tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by stack)
-        "w", prefix="bench-serve-", suffix=".log", delete=False))
-    server = stack.enter_context(ServerProcess(
-        [str(family_dir), "--port", "0", "--metrics-port", "0", *flags], log=log_file))
-    target = f"127.0.0.1:{server.port()}"
-    metrics_url = f"http://127.0.0.1:{int(server.wait_for(METRICS)[0].group(1))}/metrics"
-    with AdaptiveClient(target) as client:
-        client.wait_ready(timeout=300)
-    log.info("server %s ready (flags %r); its log: %s", target, " ".join(flags), log_file.name)
-    return target, metrics_url
+    """`adaptive-inference serve` until ``stack`` closes; its target and metrics URL."""
+    srv = start_serving(stack, family_dir, flags, label="bench-serve")
+    assert srv.metrics_url is not None
+    log.info("server %s ready (flags %r); its log: %s", srv.target, " ".join(flags), srv.log_path)
+    return srv.target, srv.metrics_url
 
 
 class Server:
@@ -626,7 +609,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         target, _ = start_server(stack, family_dir, flags)
         with AdaptiveClient(target) as client:
-            images = args.images or choose_images(client, args.min_compute_ms)
+            images = args.images or choose_images(
+                lambda b: next(v.predicted_p50_ms for v in client.variants(batch_size=b)
+                               if v.name == "full"), IMAGE_CHOICES, args.min_compute_ms)
             x = data.x[:images]
             table = client.variants(batch_size=images)
             statics = pareto_statics(table, args.max_statics)

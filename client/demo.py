@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from client.loadgen import (
     Record,
     RunConfig,
     TestData,
+    choose_images,
     closed_loop,
     load_test_data,
     run_phases,
@@ -145,30 +145,14 @@ def test_images(family: Family) -> TestData:
         return load_test_data("random", family)
 
 
-def choose_images(predicted_ms: Callable[[int], float], choices: Sequence[int] = IMAGE_CHOICES,
-                  min_compute_ms: float = MIN_COMPUTE_MS) -> int:
-    """The fewest images per request whose predicted compute reaches ``min_compute_ms``."""
-    for b in choices:
-        if predicted_ms(b) >= min_compute_ms:
-            return b
-    return choices[-1]
-
-
 def _start(stack: ExitStack, family: Family, label: str) -> tuple[str, str]:
     """A `serve` child with default flags on free ports; its target and log path, once SERVING."""
-    from client.client import AdaptiveClient
-    from client.process import ServerProcess
+    from client.process import start_serving
 
     t0 = time.perf_counter()
-    log_file = stack.enter_context(tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by stack)
-        "w", prefix=f"adaptive-demo-{label}-", suffix=".log", delete=False))
-    server = stack.enter_context(ServerProcess(
-        [str(family.root), "--port", "0", "--metrics-port", "-1"], log=log_file))
-    target = f"127.0.0.1:{server.port()}"
-    with AdaptiveClient(target) as client:
-        client.wait_ready(timeout=120)
-    log.info("demo: %s server ready on %s in %.1f s", label, target, time.perf_counter() - t0)
-    return target, log_file.name
+    srv = start_serving(stack, family.root, label=f"demo-{label}", metrics=False, ready_timeout=120)
+    log.info("demo: %s server ready on %s in %.1f s", label, srv.target, time.perf_counter() - t0)
+    return srv.target, srv.log_path
 
 
 def calibrate(target: str, family: Family, data: TestData, reference: str,
@@ -181,7 +165,7 @@ def calibrate(target: str, family: Family, data: TestData, reference: str,
             def predicted(b: int) -> float:
                 return next(v.predicted_p50_ms for v in client.variants(batch_size=b)
                             if v.name == reference)
-            images = choose_images(predicted)
+            images = choose_images(predicted, IMAGE_CHOICES, MIN_COMPUTE_MS)
         x = data.x[:images]
         idle = sequential_ms(client, x, IDLE_REQUESTS, variant=reference, warmup=20)
     p50, p99 = float(np.percentile(idle, 50)), float(np.percentile(idle, 99))

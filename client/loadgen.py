@@ -388,6 +388,16 @@ async def _open_loop(target: str, model: str, data: TestData,
     return RunOutput(records, wall, lags)
 
 
+def choose_images(predicted_ms: Callable[[int], float], choices: Sequence[int],
+                  min_compute_ms: float) -> int:
+    """The fewest images per request (of ``choices``, ascending) whose predicted compute reaches
+    ``min_compute_ms``: enough that the model, not the gRPC round trip, dominates a request."""
+    for b in choices:
+        if predicted_ms(b) >= min_compute_ms:
+            return b
+    return choices[-1]
+
+
 # --- closed loop and sequential -----------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -6,13 +6,16 @@ with the load generator); the tests use the same helper to exercise the real com
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -81,3 +84,32 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A `serve` child that is SERVING: where to reach it and where it logs."""
+
+    target: str  # 127.0.0.1:PORT
+    metrics_url: str | None  # its /metrics, when started with one
+    log_path: str
+
+
+def start_serving(stack: contextlib.ExitStack, family_dir: str | Path, flags: Sequence[str] = (),
+                  *, label: str = "serve", metrics: bool = True, ready_timeout: float = 300
+                  ) -> Serving:
+    """`adaptive-inference serve FAMILY` on free loopback ports until ``stack`` closes, its log in
+    a temporary file; returns once its health service says SERVING."""
+    from client.client import AdaptiveClient  # grpc: only when a server is started
+
+    log_file = stack.enter_context(tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by stack)
+        "w", prefix=f"adaptive-{label}-", suffix=".log", delete=False))
+    server = stack.enter_context(ServerProcess(
+        [str(family_dir), "--port", "0", "--metrics-port", "0" if metrics else "-1", *flags],
+        log=log_file))
+    target = f"127.0.0.1:{server.port()}"
+    metrics_url = (f"http://127.0.0.1:{int(server.wait_for(METRICS)[0].group(1))}/metrics"
+                   if metrics else None)
+    with AdaptiveClient(target) as client:
+        client.wait_ready(timeout=ready_timeout)
+    return Serving(target, metrics_url, log_file.name)

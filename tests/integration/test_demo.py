@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.demo import DemoResult, choose_images, mix, run_demo
-from client.loadgen import Phase, Record
+from client.demo import DemoResult, mix, run_demo
+from client.loadgen import Phase, Record, choose_images
 from client.results import compare_policies, in_budget_share, judged_accuracy
 from compression.core.family import load_family
 
