@@ -150,7 +150,7 @@ def test_cancelled_request_never_runs() -> None:
     _run(test)
 
 
-def test_full_queue_is_overloaded_and_expired_requests_are_dropped_in_reject_mode() -> None:
+def test_full_queue_is_overloaded_and_expired_requests_are_dropped_when_shedding() -> None:
     runner = FakeRunner(hold_first=True)
 
     async def test(pool: ThreadPoolExecutor) -> None:
