@@ -45,9 +45,9 @@ def latency_cdf(groups: Mapping[str, Sequence[Record]], path: Path, *, title: st
             continue
         xs, ys = _cdf([r.latency_ms for r in ok], len(recs))
         (line,) = ax.step(xs, 100 * ys, where="post", label=label)
-        judged = [r for r in ok if r.budget_ms is not None]
+        judged = [r.latency_ms / r.budget_ms for r in ok if r.budget_ms is not None]
         if judged:
-            xs, ys = _cdf([r.latency_ms / r.budget_ms for r in judged],  # type: ignore[operator]
+            xs, ys = _cdf(judged,
                           sum(r.budget_ms is not None for r in recs))
             ax2.step(xs, 100 * ys, where="post", color=line.get_color(), label=label)
         budgets += [r.budget_ms for r in recs if r.budget_ms is not None]

@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     return main(args.family, opts)
 
 
-def _client_security(args: argparse.Namespace) -> dict[str, object]:
+def _client_security(args: argparse.Namespace) -> dict[str, Any]:
     """AdaptiveClient keyword arguments from the --tls-ca/--tls-cert/--tls-key/--token-file flags."""
     from server.security import read_token
 
@@ -85,7 +85,7 @@ def _infer(args: argparse.Namespace) -> int:
     from client.client import AdaptiveClient
     from client.images import read_images
 
-    with AdaptiveClient(args.target, **_client_security(args)) as client:  # type: ignore[arg-type]
+    with AdaptiveClient(args.target, **_client_security(args)) as client:
         shape = list(client.metadata().inputs[0].shape)[1:]
         x = read_images(args.file, shape)
         r = client.infer(x, budget_ms=args.budget_ms, variant=args.variant, timeout=args.timeout)
@@ -102,7 +102,7 @@ def _infer(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from client.client import AdaptiveClient
 
-    with AdaptiveClient(args.target, **_client_security(args)) as client:  # type: ignore[arg-type]
+    with AdaptiveClient(args.target, **_client_security(args)) as client:
         status = client.health(args.service, timeout=args.timeout)
     print(status)
     return 0 if status == "SERVING" else 1

@@ -382,9 +382,9 @@ async def _open_loop(target: str, model: str, data: TestData,
         if tasks:
             await asyncio.gather(*tasks)
         wall = loop.time() - first
-        if reporter is not None:
+        if reporter is not None and progress is not None:
             reporter.cancel()
-            progress(state.line())  # type: ignore[misc]
+            progress(state.line())
     return RunOutput(records, wall, lags)
 
 

@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,10 +154,11 @@ def render_frame(metrics_text: str, table: Sequence[VariantInfo], *,
     ``previous_text`` (the scrape ``interval_s`` earlier) the window figures cover that interval;
     without, everything since the server started."""
     cur = Scrape.parse(metrics_text)
-    windowed = previous_text is not None and interval_s is not None and interval_s > 0
-    win = cur.minus(Scrape.parse(previous_text)) if windowed else cur  # type: ignore[arg-type]
-    span = f"last {interval_s:.1f} s" if windowed else "since start"
-    rate = f"{win.total / interval_s:.1f}/s" if windowed else "-/s"  # type: ignore[operator]
+    win, seconds = cur, 0.0  # the window: since the previous scrape, or since the start
+    if previous_text is not None and interval_s is not None and interval_s > 0:
+        win, seconds = cur.minus(Scrape.parse(previous_text)), interval_s
+    span = f"last {seconds:.1f} s" if seconds else "since start"
+    rate = f"{win.total / seconds:.1f}/s" if seconds else "-/s"
     g = cur.gauges
     lines = [f"adaptive-inference top  {title}  {(now or datetime.now()).strftime('%H:%M:%S')}"
              .rstrip(), ""]
@@ -167,7 +168,7 @@ def render_frame(metrics_text: str, table: Sequence[VariantInfo], *,
                  f"requests)")
     lines.append(f"accuracy      {_pct(win.served_accuracy(), 2):>10}   ({span}; validation "
                  f"accuracy of what answered)")
-    shed_rate = f"{win.shed / interval_s:.1f}/s" if windowed else "-/s"  # type: ignore[operator]
+    shed_rate = f"{win.shed / seconds:.1f}/s" if seconds else "-/s"
     failed = win.failed()
     lines.append(f"shed          {shed_rate:>10}   {cur.shed:.0f} total"
                  + (f"; failed {span}: " + ", ".join(f"{k} {v:.0f}" for k, v in
@@ -210,14 +211,14 @@ def scrape(url: str, timeout: float = 5.0) -> str:
 
 
 def run_top(target: str, metrics_url: str, *, once: bool = False, interval_s: float = 1.0,
-            client_kwargs: dict[str, object] | None = None,
+            client_kwargs: dict[str, Any] | None = None,
             write: Callable[[str], object] | None = None) -> int:
     """Redraw a frame every ``interval_s`` until interrupted; ``once``: print one frame (two
     scrapes ``interval_s`` apart, so the per-second figures are real) and return."""
     from client.client import AdaptiveClient
 
     write = write or sys.stdout.write
-    with AdaptiveClient(target, **(client_kwargs or {})) as client:  # type: ignore[arg-type]
+    with AdaptiveClient(target, **(client_kwargs or {})) as client:
         title = f"{client.model} at {target}"
         previous: tuple[str, float] | None = None
         if once:
