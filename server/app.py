@@ -32,6 +32,11 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Each drains: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish. SIGHUP and
+# SIGUSR1 would otherwise kill the process at once, losing every call in flight; a reload of the
+# family on SIGHUP is not offered (restart the process: the drain makes that lossless).
+DRAIN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -281,16 +286,22 @@ def check_faults(family: Family, faults: tuple[str, ...]) -> None:
 
 async def serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool
                 ) -> int:
-    """One server process until SIGINT/SIGTERM, then drain; returns the exit status."""
+    """One server process until a `DRAIN_SIGNALS` signal, then drain; returns the exit status."""
     address = f"{options.host}:{options.port}"
     maddr = (f"{options.metrics_host or options.host}:{options.metrics_port}"
              if metrics and options.metrics_port is not None else None)
     srv, _port = await create_server(family, address, options=options, metrics_address=maddr,
                                      reuse_port=reuse_port)
     stop = asyncio.Event()
+    received: list[str] = []
+
+    def drain(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in DRAIN_SIGNALS:
+        loop.add_signal_handler(sig, drain, sig)
     ready = asyncio.create_task(srv.ready_event.wait())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -299,8 +310,8 @@ async def serve(family: Family, options: ServeOptions, *, reuse_port: bool, metr
         status = 1
     else:
         await stopping
-        log.info("signal received: NOT_SERVING, refusing new requests, in-flight ones get up "
-                 "to %.1f s", options.grace_s)
+        log.info("%s received: NOT_SERVING, refusing new requests, in-flight ones get up to "
+                 "%.1f s", received[0] if received else "signal", options.grace_s)
     ready.cancel()
     stopping.cancel()
     await srv.stop(grace=options.grace_s)

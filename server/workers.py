@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from compression.core.family import Family
 
+# server.app imports grpc and prometheus_client only inside functions: safe before the fork.
+from server.app import DRAIN_SIGNALS
+
 if TYPE_CHECKING:
     from server.app import ServeOptions
 
@@ -85,8 +88,8 @@ def serve_workers(family: Family, options: ServeOptions, serve: ServeOne) -> int
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signum)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    for sig in DRAIN_SIGNALS:
+        signal.signal(sig, forward)
     status = 0
     for _ in pids:
         pid, wstatus = os.wait()

@@ -1,6 +1,7 @@
-"""Graceful shutdown of a real `adaptive-inference serve` process: with requests in flight, SIGTERM
-turns health NOT_SERVING and refuses new requests with UNAVAILABLE at once, while every request
-that was in flight when the signal came finishes successfully; then the process exits 0."""
+"""Graceful shutdown of a real `adaptive-inference serve` process: with requests in flight,
+SIGTERM (or SIGHUP, which used to kill the process at once) turns health NOT_SERVING and refuses
+new requests with UNAVAILABLE at once, while every request that was in flight when the signal
+came finishes successfully; then the process exits 0."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def _inflight(metrics_port: int) -> float:
                 if s.name == "adaptive_inflight_requests")
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(serving_family: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(serving_family: Path,
+                                                                  sig: signal.Signals) -> None:
     proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "0",
                           "--threads", "2", "--grace-s", "30"])
     try:
@@ -54,7 +57,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(serving_family: 
                 assert time.monotonic() < stop, "the calls never all reached the server"
                 time.sleep(0.01)  # polling the server's gauge; there is nothing to wait on
             signalled = time.monotonic()
-            proc.proc.send_signal(signal.SIGTERM)
+            proc.proc.send_signal(sig)
 
             # While in-flight requests finish: health says NOT_SERVING, new requests are refused.
             with grpc.insecure_channel(target) as ch:  # no retry policy: see the first answer
@@ -74,8 +77,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(serving_family: 
         finished_after = sum(1 for _, t in results if t > signalled)
         assert proc.proc.wait(timeout=30) == 0
         exited = time.monotonic() - signalled
-        log.warning("shutdown: %d in flight at SIGTERM, %d failed, %d finished after the signal, "
-                    "exit %.2f s after it", IN_FLIGHT, failed, finished_after, exited)
+        log.warning("shutdown: %d in flight at %s, %d failed, %d finished after the signal, "
+                    "exit %.2f s after it", IN_FLIGHT, sig.name, failed, finished_after, exited)
         assert failed == 0
         assert finished_after >= 1  # they really were in flight when the signal came
     finally:
