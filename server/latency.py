@@ -114,9 +114,6 @@ class LatencyModel:
         self._points[unit] = points
         self._forget(unit)
 
-    def units(self) -> list[str]:
-        return list(self._points)
-
     def __contains__(self, unit: str) -> bool:
         return unit in self._points
 
