@@ -142,11 +142,29 @@ class CpuShare:
     cores: int = 1
     _rate: float = 0.0  # arrivals per second, decayed to `_at`
     _at: float = float("-inf")
+    # The sampling interval in progress: since when, requests arrived, batch compute ms.
+    _interval: tuple[float | None, int, float] = (None, 0, 0.0)
 
     def arrived(self, now: float) -> None:
         """One request arrived at ``now`` (seconds)."""
         self._rate = self.rate(now) + 1.0 / self.tau_s
         self._at = now
+        since, arrivals, compute_ms = self._interval
+        self._interval = (since, arrivals + 1, compute_ms)
+
+    def computed(self, ms: float) -> None:
+        """A batch (or early-exit stage) computed for ``ms``."""
+        since, arrivals, compute_ms = self._interval
+        self._interval = (since, arrivals, compute_ms + ms)
+
+    def sample(self, now: float, *, cores: int, cpu_process: float, cpu_other: float) -> None:
+        """End the sampling interval at ``now`` with the host's CPU shares over it (`update`),
+        and start the next."""
+        since, arrivals, compute_ms = self._interval
+        if since is not None:
+            self.update(seconds=now - since, arrivals=arrivals, compute_ms=compute_ms,
+                        cores=cores, cpu_process=cpu_process, cpu_other=cpu_other)
+        self._interval = (now, 0, 0.0)
 
     def rate(self, now: float) -> float:
         """Arrivals per second around ``now``."""

@@ -96,10 +96,6 @@ class Engine:
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
                                           max_s=settings.quarantine_max_s), self._probe, metrics)
         self._inflight = 0
-        # Since the last gauge update: requests that reached `infer`, compute ms of the batches.
-        self._arrivals = 0
-        self._compute_ms = 0.0
-        self._sampled_at: float | None = None
         self._idle = asyncio.Event()  # set while no request is in flight (graceful shutdown)
         self._idle.set()
         for c in self.router.candidates:
@@ -187,7 +183,6 @@ class Engine:
             m.child(m.budget, model).observe(max(call.budget_ms, 0.0) / 1e3)
         variant = "none"
         retried_from: str | None = None
-        self._arrivals += 1
         self.router.cpu.arrived(t0)
         m.inflight.inc()
         self._inflight += 1
@@ -276,12 +271,9 @@ class Engine:
         """Once per monitor interval: the CPU share per request, then every gauge."""
         host = self.monitor.latest
         now = self.clock()
-        if self._sampled_at is not None:
-            self.router.cpu.update(seconds=now - self._sampled_at, arrivals=self._arrivals,
-                                   compute_ms=self._compute_ms, cores=host.cores,
-                                   cpu_process=host.cpu_process, cpu_other=host.cpu_other)
-        self._sampled_at, self._arrivals, self._compute_ms = now, 0, 0.0
         r = self.router
+        r.cpu.sample(now, cores=host.cores, cpu_process=host.cpu_process,
+                     cpu_other=host.cpu_other)
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p95 in self.table(1)},
                              (r.calibration.factor, r.calibration.additive_ms,
@@ -318,7 +310,7 @@ class Engine:
         slowdown = self.slowdown()  # this batch has left `executing`: count it as starting
         for unit, batch, ms in out.timings:
             self.latency.observe(unit, batch, ms, slowdown=slowdown)
-            self._compute_ms += ms
+            self.router.cpu.computed(ms)
 
     def batch_failed(self, exc: VariantFailed) -> None:
         """`Listener`: a batch failed; quarantine its variant."""

@@ -93,3 +93,16 @@ def test_a_quiet_interval_teaches_nothing_about_the_cpu_a_request_costs() -> Non
     assert share.outside_ms == 0.0
     share.arrived(0.0)
     assert share.share_ms(0.0) > 100.0  # one request: no limit worth the name
+
+
+def test_sampling_intervals_count_the_arrivals_and_compute_between_them() -> None:
+    share = CpuShare(alpha=1.0)
+    share.sample(0.0, cores=2, cpu_process=0.0, cpu_other=0.0)  # the first interval starts
+    for i in range(50):
+        share.arrived(i / 100)
+        share.computed(4.0)
+    # 0.5 s: 50 requests, 200 ms of compute (0.4 core); the process used 0.6 core in all
+    share.sample(0.5, cores=2, cpu_process=0.3, cpu_other=0.0)
+    assert share.outside_ms == pytest.approx(0.2 * 0.5 * 1e3 / 50)  # 2 ms per request
+    share.sample(1.0, cores=2, cpu_process=0.9, cpu_other=0.0)  # no arrivals: nothing learned
+    assert share.outside_ms == pytest.approx(2.0)
