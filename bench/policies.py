@@ -74,7 +74,14 @@ from client.loadgen import (
     sequential_ms,
 )
 from client.process import start_serving
-from client.results import host_info, host_span, summarize_run, text_table, write_records_csv
+from client.results import (
+    host_info,
+    host_span,
+    percent,
+    summarize_run,
+    text_table,
+    write_records_csv,
+)
 from compression.core.family import load_family
 
 log = logging.getLogger("bench.policies")
@@ -241,10 +248,6 @@ def _med(row: Mapping[str, Any] | None, key: str) -> float | None:
     return None if row is None else row[key]["median"]
 
 
-def _p(v: float | None, nd: int = 1) -> str:
-    return "-" if v is None else f"{100 * v:.{nd}f}%"
-
-
 def _pt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:+.2f} pt"
 
@@ -270,19 +273,19 @@ def evaluate_targets(summary: Mapping[str, Any]) -> dict[str, Any]:
         acc_a, acc_f = _med(a, "accuracy"), _med(f, "accuracy")
         if 0.5 <= load <= 2:
             rows.append(_target(
-                f"in_budget_{load:g}x", f"{load:g}x: adaptive in budget", "≥ 98%", _p(att_a),
+                f"in_budget_{load:g}x", f"{load:g}x: adaptive in budget", "≥ 98%", percent(att_a),
                 None if att_a is None else att_a >= 0.98, adaptive=att_a))
             gap = None if acc_a is None or acc_f is None else acc_a - acc_f
             rows.append(_target(
                 f"accuracy_vs_fastest_{load:g}x", f"{load:g}x: accuracy, adaptive − {fastest}",
-                "≥ +1 pt", f"{_pt(gap)} ({_p(acc_a, 2)} vs {_p(acc_f, 2)})",
+                "≥ +1 pt", f"{_pt(gap)} ({percent(acc_a, 2)} vs {percent(acc_f, 2)})",
                 None if gap is None else gap >= 0.01 - 1e-9, adaptive=acc_a, fastest=acc_f,
                 gap=gap))
         if load >= 4:
             gap = None if att_a is None or att_f is None else att_a - att_f
             rows.append(_target(
                 f"in_budget_vs_fastest_{load:g}x", f"{load:g}x: in budget, adaptive − {fastest}",
-                "≥ −1 pt", f"{_pt(gap)} ({_p(att_a)} vs {_p(att_f)})",
+                "≥ −1 pt", f"{_pt(gap)} ({percent(att_a)} vs {percent(att_f)})",
                 None if gap is None else gap >= -0.01 - 1e-9, adaptive=att_a, fastest=att_f,
                 gap=gap))
     for best in summary["best_static"]:
@@ -299,7 +302,7 @@ def evaluate_targets(summary: Mapping[str, Any]) -> dict[str, Any]:
         rows.append(_target(
             f"accuracy_vs_best_static_{load:g}x",
             f"{load:g}x: accuracy, adaptive − best static in hindsight ({best['policy']})",
-            "≥ −0.3 pt", f"{_pt(gap)} ({_p(acc_a, 2)} vs {_p(acc_b, 2)})",
+            "≥ −0.3 pt", f"{_pt(gap)} ({percent(acc_a, 2)} vs {percent(acc_b, 2)})",
             None if gap is None else gap >= -0.003 - 1e-9, adaptive=acc_a, best_static=acc_b,
             gap=gap))
     goodput = {load: _med(_row(steady, load, ADAPTIVE), "goodput_rps") for load in loads}
@@ -395,7 +398,7 @@ def varying_text(summary: Mapping[str, Any]) -> str:
         acc = row["accuracy"]["median"]
         rows.append([row["policy"], _range(row["correct_in_budget"], "num"),
                      _range(row["attainment"]), "-" if acc is None else f"{100 * acc:.2f}%",
-                     *(_p(ph["attainment"]["median"]) for ph in row["phases"])])
+                     *(percent(ph["attainment"]["median"]) for ph in row["phases"])])
     return text_table(["policy", "correct in budget", "in budget", "accuracy",
                        *(f"in budget {lab}" for lab in labels)], rows)
 
@@ -496,7 +499,7 @@ def _log_run(label: str, policy: str, fig: Mapping[str, Any]) -> None:
     log.info("%-12s %-26s offered %5d  in budget %6s  goodput %6.1f/s  accuracy %7s  "
              "correct in budget %6d  p99 %s ms  errors %s (shed %d)  most used %s (%.0f%%)  send lag "
              "p99 %s ms  router safety factor %s → %s", label, policy, fig["offered"],
-             _p(fig["attainment"]), fig["goodput_rps"], _p(fig["accuracy"], 2),
+             percent(fig["attainment"]), fig["goodput_rps"], percent(fig["accuracy"], 2),
              fig["correct_in_budget"], fig["latency_ms"]["p99"], errors, fig["shed"], top[0],
              100 * top[1], fig["send_lag_ms"]["p99"], *factor)
 
@@ -555,7 +558,7 @@ async def measure(server: Server, model: str, data: TestData, args: argparse.Nam
                             "records_csv": os.path.relpath(csv, out), **fig})
             _log_run(f"varying r{rep + 1}", policy, fig)
             log.info("%-12s %-26s in budget per phase: %s", "", policy, "  ".join(
-                f"{ld:g}x {_p(ph['attainment'])}" for (ld, _), ph in zip(phases, fig["phases"],
+                f"{ld:g}x {percent(ph['attainment'])}" for (ld, _), ph in zip(phases, fig["phases"],
                                                                           strict=True)))
     return steady, varying
 

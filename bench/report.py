@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from client import bench_plots
-from client.results import host_info, read_records
+from client.results import host_info, percent, read_records
 from compression.core.family import Variant, load_family
 from compression.report import markdown_table
 
@@ -129,10 +129,6 @@ def compression_section(family_dir: Path) -> str:
             "(LeNet-scale MNIST models, or ImageNet for int8/MobileNet); the column before them "
             "is our figure of the same kind. Per-method details: the family's `report.md`.\n\n"
             f"{table}{exits}\n")
-
-
-def _pct(v: float | None, nd: int = 1) -> str:
-    return "-" if v is None else f"{100 * v:.{nd}f}%"
 
 
 def _spread(s: dict[str, float | None], pct: bool = True, nd: int = 1) -> str:
@@ -291,12 +287,12 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
         acc_a = None if a is None else a["accuracy"]["median"]
         if b["policy"] is None:
             brows.append([f"{load:g}x", "none reaches 95% in budget", "-", "-", "-",
-                          _pct(acc_a, 2), "-"])
+                          percent(acc_a, 2), "-"])
             continue
         gap = None if acc_a is None or b["accuracy"] is None else 100 * (acc_a - b["accuracy"])
         brows.append([f"{load:g}x", f"`{b['policy'].removeprefix('pinned ')}`",
-                      _pct(b["reported_accuracy"], 2), _pct(b["attainment"]),
-                      _pct(b["accuracy"], 2), _pct(acc_a, 2),
+                      percent(b["reported_accuracy"], 2), percent(b["attainment"]),
+                      percent(b["accuracy"], 2), percent(acc_a, 2),
                       "-" if gap is None else f"{gap:+.2f} pt"])
     best_table = markdown_table(["load", "best static in hindsight", "reported accuracy",
                                  "its in budget", "its accuracy", "adaptive accuracy",
@@ -308,7 +304,7 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
         vrows = [[("**" + r["policy"] + "**") if r["policy"] == "adaptive" else r["policy"],
                   _spread(r["correct_in_budget"], pct=False, nd=0), _spread(r["attainment"]),
                   _spread(r["accuracy"], nd=2),
-                  *(_pct(ph["attainment"]["median"]) for ph in r["phases"]),
+                  *(percent(ph["attainment"]["median"]) for ph in r["phases"]),
                   _spread(r.get("failed") or {"median": None}, pct=False, nd=0),
                   _spread(r.get("shed") or {"median": None}, pct=False, nd=0)]
                  for r in varying["by_policy"]]
@@ -338,7 +334,7 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
                          for p, e in codes.items()) or "none"
     lags = sorted(r["send_lag_ms"]["p99"] or 0.0 for r in summary["runs"])
     idle = cal["full_idle_ms"]
-    statics = ", ".join(f"`{v['variant']}` ({_pct(v['reported_accuracy'], 2)}, predicted p50 "
+    statics = ", ".join(f"`{v['variant']}` ({percent(v['reported_accuracy'], 2)}, predicted p50 "
                         f"{v['predicted_p50_ms']:.2f} ms)" for v in policies.values() if v["variant"])
     flags = " ".join(summary.get("serve_args") or [])
     served = f"`adaptive-inference serve {flags}`" if flags else \
@@ -378,7 +374,7 @@ def policy_section(summary: dict[str, Any] | None, results: Path, docs: Path) ->
         "began (median; `server/calibration.py`).\n\n"
         f"{steady}\n\nErrors by code (all repeats): {err_text}. Router state "
         f"at the end: safety factor {end.get('safety_factor', 1.0):.2f}, miss ratio "
-        f"{_pct(end.get('miss_ratio'))}, {end.get('shed_total', 0):.0f} requests shed in all."
+        f"{percent(end.get('miss_ratio'))}, {end.get('shed_total', 0):.0f} requests shed in all."
         f"\n\n{best_table}\n\n{varying_text}\n"
         f"### Targets\n\n{t['passed']} met, {t['failed']} not met, {t['not_evaluated']} not "
         "measurable in this run. Medians over repeats; accuracy targets compare the accuracy of "

@@ -120,6 +120,11 @@ def _ms(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q):.2f}" if values else "-"
 
 
+def percent(v: float | None, nd: int = 1) -> str:
+    """A share 0..1 as text for tables: ``"97.5%"``, or ``"-"`` when there is none."""
+    return "-" if v is None else f"{100 * v:.{nd}f}%"
+
+
 def _share(num: int, den: int) -> str:
     return f"{100.0 * num / den:.1f}%" if den else "-"
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.results import percent
 from protos.wire import candidate_name
 
 if TYPE_CHECKING:
@@ -143,10 +144,6 @@ class Scrape:
         return sum(self.accuracy[c] * n for c, n in mix.items()) / total if total else None
 
 
-def _pct(v: float | None, nd: int = 1) -> str:
-    return "-" if v is None else f"{100 * v:.{nd}f}%"
-
-
 def render_frame(metrics_text: str, table: Sequence[VariantInfo], *,
                  previous_text: str | None = None, interval_s: float | None = None,
                  title: str = "", now: datetime | None = None) -> str:
@@ -164,9 +161,9 @@ def render_frame(metrics_text: str, table: Sequence[VariantInfo], *,
              .rstrip(), ""]
     lines.append(f"requests      {rate:>10}   {cur.total:.0f} total, {cur.answered:.0f} answered, "
                  f"in flight {g.get('adaptive_inflight_requests', 0):.0f}")
-    lines.append(f"in budget     {_pct(win.in_budget):>10}   ({span}; answered in budget / all "
+    lines.append(f"in budget     {percent(win.in_budget):>10}   ({span}; answered in budget / all "
                  f"requests)")
-    lines.append(f"accuracy      {_pct(win.served_accuracy(), 2):>10}   ({span}; validation "
+    lines.append(f"accuracy      {percent(win.served_accuracy(), 2):>10}   ({span}; validation "
                  f"accuracy of what answered)")
     shed_rate = f"{win.shed / seconds:.1f}/s" if seconds else "-/s"
     failed = win.failed()
@@ -178,14 +175,14 @@ def render_frame(metrics_text: str, table: Sequence[VariantInfo], *,
     overhead = g.get("adaptive_router_overhead_seconds")
     share = g.get("adaptive_router_cpu_share_seconds")
     lines.append(f"router        safety factor {'-' if factor is None else f'{factor:.3f}'}   "
-                 f"miss ratio {_pct(miss, 2)}   overhead "
+                 f"miss ratio {percent(miss, 2)}   overhead "
                  f"{'-' if overhead is None else f'{overhead * 1e3:.3f} ms'}   CPU share "
                  + ("-" if share is None else "idle" if share < 0 else f"{share * 1e3:.3f} ms"
                     "/request"))
-    gpu = ", ".join(f"GPU{k} {_pct(v, 0)}" for k, v in sorted(cur.gpu.items())) or "no GPU"
-    lines.append(f"host          CPU {_pct(g.get('adaptive_cpu_utilization_ratio'), 0)} (server "
-                 f"{_pct(g.get('adaptive_process_cpu_utilization_ratio'), 0)})   memory "
-                 f"{_pct(g.get('adaptive_memory_utilization_ratio'), 0)}   {gpu}")
+    gpu = ", ".join(f"GPU{k} {percent(v, 0)}" for k, v in sorted(cur.gpu.items())) or "no GPU"
+    lines.append(f"host          CPU {percent(g.get('adaptive_cpu_utilization_ratio'), 0)} (server "
+                 f"{percent(g.get('adaptive_process_cpu_utilization_ratio'), 0)})   memory "
+                 f"{percent(g.get('adaptive_memory_utilization_ratio'), 0)}   {gpu}")
     lines.append("")
     mix = win.mix()
     answered = sum(mix.values())
@@ -195,8 +192,8 @@ def render_frame(metrics_text: str, table: Sequence[VariantInfo], *,
         n = mix.get(c.name, 0.0)
         q = cur.queue.get(c.variant)
         flag = " (quarantined)" if cur.quarantined.get(c.variant) else ""
-        rows.append([c.name + flag, f"{n:.0f}", _pct(n / answered if answered else None),
-                     _pct(c.accuracy, 2), f"{c.predicted_p50_ms:.3f}", f"{c.queue_ms:.3f}",
+        rows.append([c.name + flag, f"{n:.0f}", percent(n / answered if answered else None),
+                     percent(c.accuracy, 2), f"{c.predicted_p50_ms:.3f}", f"{c.queue_ms:.3f}",
                      "-" if q is None or c.exit not in (None, 0) else f"{q:.0f}"])
     from client.results import text_table
 
