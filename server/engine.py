@@ -260,12 +260,9 @@ class Engine:
 
     def table(self, batch: int = 1) -> list[tuple[Candidate, Decision, float]]:
         """Per candidate: the router's prediction now and the compute p95 (ms)."""
-        load = self.load()
-        rows = []
-        for c in self.router.candidates:
-            d = self.router.predict(c, batch, load)
-            rows.append((c, d, self.router.compute(c, batch, d.slowdown).p95))
-        return rows
+        r = self.router
+        return [(d.candidate, d, r.compute(d.candidate, batch, d.slowdown).p95)
+                for d in r.predictions(r.candidates, batch, self.load())]
 
     def update_gauges(self) -> None:
         """Once per monitor interval: the CPU share per request, then every gauge."""

@@ -274,14 +274,24 @@ class Router:
     # --- predictions ---------------------------------------------------------------------------
 
     def predict(self, c: Candidate, batch: int, load: Load) -> Decision:
-        """What ``c`` would cost for ``batch`` more samples now (the variant table)."""
+        """What ``c`` would cost for ``batch`` more samples now."""
+        return self.predictions([c], batch, load)[0]
+
+    def predictions(self, candidates: Sequence[Candidate], batch: int, load: Load
+                    ) -> list[Decision]:
+        """What each of ``candidates`` would cost for ``batch`` more samples now (the variant
+        table), from one layout of the queues."""
         slowdown = self.latency.slowdown(load)
-        wait, joins = self._start(c.variant, self._plan(load, slowdown), load, batch)
-        compute = self.latency.sum_ms(c.units, joins + batch)[0] * slowdown
-        predicted = wait + compute + self.overhead.ms
+        layout = self._plan(load, slowdown)
         now = self.clock()
-        return Decision(c, wait, compute, self.overhead.ms, self.margin_ms(c, predicted, now),
-                        None, True, slowdown, now)
+        out = []
+        for c in candidates:
+            wait, joins = self._start(c.variant, layout, load, batch)
+            compute = self.latency.sum_ms(c.units, joins + batch)[0] * slowdown
+            predicted = wait + compute + self.overhead.ms
+            out.append(Decision(c, wait, compute, self.overhead.ms,
+                                self.margin_ms(c, predicted, now), None, True, slowdown, now))
+        return out
 
     def margin_ms(self, c: Candidate, predicted_ms: float, now: float) -> float:
         """The safety margin for ``c``: from its own recent answers when it has enough of them,
