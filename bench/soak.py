@@ -155,7 +155,7 @@ def main() -> None:
         "rss_max_mib": max([*sampler.rss, rss_end]) / 2**20,
         "rss_growth": rss_end / rss_start - 1,
         "recovery_s": recovery_s, "after_p50_ms": after,
-        "load_average": host_info()["load_average"],
+        "host": host_info(),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
@@ -186,7 +186,7 @@ def report(f: dict[str, Any], factor: float) -> str:
                        f"({f['rss_growth']:+.1%}), max {f['rss_max_mib']:.1f} MiB"),
         ("recovery to idle latency", ("not within 60 s" if recovery is None else
                                       f"{recovery:.2f} s") + f" (p50 after: {_ms(f['after_p50_ms'])})"),
-        ("load average (1, 5, 15 min)", ", ".join(f"{v:.1f}" for v in f["load_average"])),
+        ("load average (1, 5, 15 min)", ", ".join(f"{v:.1f}" for v in f["host"]["load_average"])),
     ]
     return markdown_table(["figure", "value"], rows)
 

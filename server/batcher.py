@@ -25,10 +25,11 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -236,9 +237,14 @@ class Batcher:
             t0 = self._clock()
             n = sum(i.n for i in items)
             self._running, self._started_at = n, None
-            call = loop.run_in_executor(self._executor, self._run, items)
+            started = asyncio.Event()
+            call = loop.run_in_executor(self._executor, self._run, items,
+                                        partial(loop.call_soon_threadsafe, started.set))
             timeout = self._costs.timeout_s(n)
             try:
+                # The timeout counts from when a worker thread takes the batch: time spent
+                # waiting for a free thread (other variants' batches) is not a hang.
+                await _first(call, started.wait())
                 # shield: a timeout must not cancel the future the wedge is tracked by
                 out = await asyncio.wait_for(asyncio.shield(call), timeout)
             except TimeoutError:
@@ -266,9 +272,10 @@ class Batcher:
             if self._listener is not None:
                 self._listener.batch_done(self.name, items, t0, out)
 
-    def _run(self, items: list[Item]) -> BatchOutput:
+    def _run(self, items: list[Item], on_start: Callable[[], object]) -> BatchOutput:
         """In the worker thread: mark the start (the router's view of the pool), then run."""
         self._started_at = self._clock()
+        on_start()
         return self._execute(items)
 
     def _fail(self, items: list[Item], exc: VariantFailed) -> None:
@@ -356,3 +363,12 @@ class Batcher:
             self._queued -= item.n
         else:
             self._dead -= 1
+
+
+async def _first(call: asyncio.Future[BatchOutput], started: Coroutine[Any, Any, object]) -> None:
+    """Wait until the batch started running (or already finished/failed); never cancels ``call``."""
+    waiter = asyncio.ensure_future(started)
+    try:
+        await asyncio.wait((call, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()

@@ -1,4 +1,5 @@
-"""Shared fixtures: the quick family (configs/quick.toml) built once per test session.
+"""Shared fixtures: the quick family (configs/quick.toml) built once per test session, and
+``record``, which keeps a test's own measurements for the docs (bench/docs.py).
 
 Under ``CI=true`` a skipped test fails instead: a test skips only when something it needs is
 missing (promtool, Prometheus, an optional client), and CI must install everything, not hide it.
@@ -6,14 +7,30 @@ missing (promtool, Prometheus, an optional client), and CI must install everythi
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where `record` writes; bench/docs.py renders docs/*.md's measured blocks from it.
+MEASURED = Path(os.environ.get("ADAPTIVE_MEASURED_DIR", ROOT / "results" / "measured"))
+
+
+@pytest.fixture
+def record() -> Callable[..., None]:
+    """``record(key, **figures)``: what this test measured, as results/measured/KEY.json with
+    the machine it ran on — the figures docs/reliability.md shows come from here."""
+    from client.results import host_info
+
+    def write(key: str, **figures: Any) -> None:
+        MEASURED.mkdir(parents=True, exist_ok=True)
+        (MEASURED / f"{key}.json").write_text(
+            json.dumps({**figures, "host": host_info()}, indent=2, default=str) + "\n")
+    return write
 
 
 @pytest.fixture(scope="session")

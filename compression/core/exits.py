@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compression.core.ort import CPU, INPUT_NAME, OUTPUT_NAME, session
+from compression.core.ort import CPU, INPUT_NAME, OUTPUT_NAME, run, session
 
 if TYPE_CHECKING:
     import onnx
@@ -173,7 +173,7 @@ class StageChain:
     def stage(self, i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Run stage ``i``: (its exit's logits, features for stage i+1 or None for the last)."""
         name, outputs = self._io[i]
-        out = dict(zip(outputs, self.sessions[i].run(None, {name: x}), strict=True))
+        out = dict(zip(outputs, run(self.sessions[i], {name: x}, rows=len(x)), strict=True))
         return out[OUTPUT_NAME], out.get(FEATURES)
 
     def run(self, x: np.ndarray, upto: int | None = None) -> list[np.ndarray]:

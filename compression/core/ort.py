@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 INPUT_NAME = "input"  # every graph: FP32 [N, C, H, W], pixels in [0, 1]
 OUTPUT_NAME = "logits"  # every graph (and every early-exit stage): FP32 [N, classes]
 CPU = "CPUExecutionProvider"
+# ORT's CPU arena keeps its peak for the session's life: eleven variants warmed up at batch 256
+# held 1.3 GB. A run of more rows than this hands the arena's free chunks back afterwards (costs
+# a re-allocation on the next large batch; measured in bench/memory.py).
+SHRINK_ABOVE_ROWS = 32
+_SHRINK = ort.RunOptions()
+_SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
@@ -40,6 +46,12 @@ def session(graph: onnx.ModelProto | bytes, *, threads: int = 1,
     data = graph if isinstance(graph, bytes) else graph.SerializeToString()
     return ort.InferenceSession(data, sess_options=session_options(threads),
                                 providers=list(providers))
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], *, rows: int
+        ) -> list[np.ndarray]:
+    """``sess.run`` of every output; a batch above `SHRINK_ABOVE_ROWS` rows shrinks the arena."""
+    return sess.run(None, feeds, _SHRINK if rows > SHRINK_ABOVE_ROWS else None)
 
 
 def time_ms(fn: Callable[[], object], *, warmup: int = 5, iters: int = 50,

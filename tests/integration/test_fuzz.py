@@ -1,5 +1,5 @@
 """Bad input against a real `serve` process: every malformed request gets a status naming the bad
-field (INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED), a property-based fuzz of 2,000+ random
+field (INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED), a property-based fuzz of 10,000+ random
 requests and raw non-protobuf bodies never hangs or crashes it, valid requests keep getting the
 right answers, and its RSS stays bounded.
 
@@ -260,47 +260,81 @@ def test_oversized_message_and_non_protobuf_body(fuzzer: Fuzzer) -> None:
     fuzzer.check_valid()
 
 
-def test_valid_requests_are_answered_while_huge_ones_arrive(fuzzer: Fuzzer) -> None:
-    """Attacker-sized requests (each under the message limit) from another thread, back to back:
-    each is refused by its count, and valid requests keep being answered, correctly, meanwhile."""
-    bodies = []
-    for mutate in (_huge_rank, _huge_outputs, _huge_parameters):
-        req = _valid()
-        mutate(req)
-        bodies.append(req.SerializeToString())
-    codes: list[str] = []
-    stop = threading.Event()
+def _saturated(r: pb.ModelInferRequest) -> None:
+    r.raw_input_contents[0] = np.full(SAMPLE, 3.4e38, np.float32).tobytes()
 
-    def attack() -> None:
-        with grpc.insecure_channel(fuzzer.target) as ch:
-            raw = ch.unary_unary(INFER)
-            for body in itertools.cycle(bodies):
-                if stop.is_set() or len(codes) >= 300:
-                    return
-                try:
-                    raw(body, timeout=CALL_TIMEOUT_S)
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
 
-    attacker = threading.Thread(target=attack, name="attacker")
-    attacker.start()
-    slowest = 0.0
-    answered = 0
-    try:
-        while attacker.is_alive() and answered < 200:
-            t = time.perf_counter()
-            fuzzer.check_valid()
-            slowest = max(slowest, time.perf_counter() - t)
-            answered += 1
-    finally:
-        stop.set()
-        attacker.join(CALL_TIMEOUT_S * 2)
-    log.warning("huge requests: %d sent (%s), %d valid answered meanwhile, slowest %.3f s",
-                len(codes), {c: codes.count(c) for c in set(codes)}, answered, slowest)
-    assert codes and set(codes) == {"INVALID_ARGUMENT"}, set(codes)
-    assert answered >= 5
-    assert slowest < 5.0, f"a valid request waited {slowest:.1f} s behind huge ones"
+# Each attack class as request bodies, each under the message limit except "oversized".
+ATTACKS: dict[str, Callable[[], list[bytes]]] = {
+    "huge rank": lambda: [_mutated_body(_huge_rank)],
+    "huge outputs": lambda: [_mutated_body(_huge_outputs)],
+    "huge parameters": lambda: [_mutated_body(_huge_parameters)],
+    "out-of-range pixels": lambda: [_mutated_body(_saturated), _mutated_body(_pixel(-1.0))],
+    "ambiguous payloads": lambda: [_mutated_body(_both_payloads),
+                                   _mutated_body(_output_parameter)],
+    "non-protobuf bodies": lambda: [b"\xff\xff\xff\xff\x0f", bytes(range(256)) * 64],
+    "oversized messages": lambda: [b"\x0a" + b"x" * (MAX_MESSAGE_MB << 20)],
+}
+
+
+def _mutated_body(mutate: Callable[[pb.ModelInferRequest], None]) -> bytes:
+    req = _valid()
+    mutate(req)
+    return req.SerializeToString()
+
+
+def test_valid_requests_are_answered_while_each_attack_class_arrives(
+        fuzzer: Fuzzer, record: Callable[..., None]) -> None:
+    """For each attack class, bodies of that class back to back from another thread: each is
+    refused (never OK, never a crash), and valid requests keep being answered, correctly,
+    meanwhile; their latency per class is recorded for docs/reliability.md (target: p99 ≤ 100 ms
+    — measured, not asserted, on a shared machine)."""
+    figures: dict[str, dict[str, object]] = {}
+    for attack, make in ATTACKS.items():
+        bodies = make()
+        codes: list[str] = []
+        stop = threading.Event()
+
+        def attack_loop(bodies: list[bytes] = bodies, codes: list[str] = codes,
+                        stop: threading.Event = stop) -> None:
+            with grpc.insecure_channel(fuzzer.target) as ch:
+                raw = ch.unary_unary(INFER)
+                for body in itertools.cycle(bodies):
+                    if stop.is_set() or len(codes) >= 150:
+                        return
+                    try:
+                        raw(body, timeout=CALL_TIMEOUT_S)
+                        codes.append("OK")
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code().name)
+
+        attacker = threading.Thread(target=attack_loop, name="attacker")
+        attacker.start()
+        waits: list[float] = []
+        try:
+            while attacker.is_alive() and len(waits) < 300:
+                t = time.perf_counter()
+                fuzzer.check_valid()
+                waits.append(time.perf_counter() - t)
+        finally:
+            stop.set()
+            attacker.join(CALL_TIMEOUT_S * 2)
+        ms = np.array(waits) * 1e3
+        figures[attack] = {"sent": len(codes), "codes": {c: codes.count(c) for c in set(codes)},
+                           "valid": len(waits), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                           "p99_ms": round(float(np.percentile(ms, 99)), 1),
+                           "max_ms": round(float(ms.max()), 1)}
+        log.warning("%s: %s", attack, figures[attack])
+        assert codes and "OK" not in codes, (attack, set(codes))
+        assert set(codes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, (attack, set(codes))
+        assert len(waits) >= 5, f"{attack}: only {len(waits)} valid requests answered"
+        assert ms.max() < 5000, f"{attack}: a valid request waited {ms.max():.0f} ms"
+    table = "\n".join(
+        f"| {name} | {f['sent']} | {', '.join(f'{c} {n}' for c, n in sorted(f['codes'].items()))}"
+        f" | {f['valid']} | {f['p50_ms']} | {f['p99_ms']} | {f['max_ms']} |"
+        for name, f in figures.items())
+    record("fuzz-attacks", classes=figures, table=table,
+           worst_p99_ms=max(float(f["p99_ms"]) for f in figures.values()))
 
 
 # --- the fuzz ------------------------------------------------------------------------------------
@@ -420,12 +454,13 @@ def bodies(draw: st.DrawFn) -> bytes:
     return _mutated(_valid(draw(st.integers(1, 2))).SerializeToString(), draw)
 
 
-FUZZ = settings(max_examples=1400, deadline=None, database=None, print_blob=True,
+FUZZ = settings(max_examples=7200, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.large_base_example])
 
 
-def test_fuzzed_requests_all_end_in_a_status_and_memory_stays_bounded(fuzzer: Fuzzer) -> None:
+def test_fuzzed_requests_all_end_in_a_status_and_memory_stays_bounded(
+        fuzzer: Fuzzer, record: Callable[..., None]) -> None:
     @settings(FUZZ, max_examples=200)
     @given(requests())
     def warm_up(req: pb.ModelInferRequest) -> None:  # allocator arenas and caches settle
@@ -436,13 +471,14 @@ def test_fuzzed_requests_all_end_in_a_status_and_memory_stays_bounded(fuzzer: Fu
     def structured(req: pb.ModelInferRequest) -> None:
         fuzzer.send(lambda: fuzzer.stub.ModelInfer(req, timeout=CALL_TIMEOUT_S))
 
-    @settings(FUZZ, max_examples=600)
+    @settings(FUZZ, max_examples=2800)
     @given(bodies())
     def raw(body: bytes) -> None:
         fuzzer.send(lambda: fuzzer.raw(body, timeout=CALL_TIMEOUT_S))
 
     warm_up()
     fuzzer.check_valid()
+    t0 = time.perf_counter()
     rss_before = fuzzer.rss()
     structured()
     raw()
@@ -451,7 +487,11 @@ def test_fuzzed_requests_all_end_in_a_status_and_memory_stays_bounded(fuzzer: Fu
     growth = rss_after / rss_before - 1
     log.warning("fuzz: %d requests, codes %s, server RSS %.1f → %.1f MiB (%+.1f%%)",
                 fuzzer.sent, fuzzer.codes, rss_before / 2**20, rss_after / 2**20, growth * 100)
-    assert fuzzer.sent >= 2000
+    record("fuzz", sent=fuzzer.sent, codes=fuzzer.codes, seconds=round(time.perf_counter() - t0),
+           rss_before_mib=round(rss_before / 2**20, 1), rss_after_mib=round(rss_after / 2**20, 1),
+           growth_pct=round(growth * 100, 1),
+           codes_text=", ".join(f"{c} {n:,}" for c, n in sorted(fuzzer.codes.items())))
+    assert fuzzer.sent >= 10_000
     # both kinds of outcome were exercised, not only rejections
     assert fuzzer.codes.get("OK", 0) >= 20 and fuzzer.codes.get("INVALID_ARGUMENT", 0) >= 500
     assert growth <= 0.10, f"server RSS grew {growth:.1%} over the fuzz"

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_unknown_fault_variant_is_a_usage_error(serving_family: Path) -> None:
     assert "--inject-fault 'int4:raise': no variant 'int4'" in proc.stderr
 
 
-def test_raising_variant_is_retried_quarantined_and_reprobed(serving_family: Path) -> None:
+def test_raising_variant_is_retried_quarantined_and_reprobed(serving_family: Path,
+                                                             record: Callable[..., None]) -> None:
     opts = ServeOptions(threads=2, faults=("slow:raise",),
                         settings=Settings(quarantine_s=0.2, quarantine_max_s=0.4))
     with serve_in_thread(serving_family, options=opts) as running:
@@ -74,6 +76,8 @@ def test_raising_variant_is_retried_quarantined_and_reprobed(serving_family: Pat
         assert _sample(running, "adaptive_variant_quarantined") == 1
         log.warning("raise: %d of 16 requests retried, %d failed batches", len(retried),
                     _sample(running, "adaptive_variant_failures_total"))
+        raised = {"requests": len(results), "retried": len(retried),
+                  "failures": _sample(running, "adaptive_variant_failures_total")}
         with AdaptiveClient(running.target, model="servetest") as c:
             x = np.zeros((1, *SHAPE), np.float32)
             quarantined = c.infer(x)  # skipped by the router: no failure, no retry
@@ -85,9 +89,11 @@ def test_raising_variant_is_retried_quarantined_and_reprobed(serving_family: Pat
                         "the re-probe to clear the quarantine")
             assert _sample(running, "adaptive_variant_quarantined") == 0
             assert c.infer(x).variant == "slow"
+    record("faults-raise", **raised)
 
 
-def test_hanging_variant_times_out_and_requests_are_retried(serving_family: Path) -> None:
+def test_hanging_variant_times_out_and_requests_are_retried(serving_family: Path,
+                                                           record: Callable[..., None]) -> None:
     opts = ServeOptions(threads=3, faults=("slow:hang",),
                         settings=Settings(batch_timeout_ms=300, quarantine_s=30))
     with serve_in_thread(serving_family, options=opts) as running:
@@ -101,6 +107,8 @@ def test_hanging_variant_times_out_and_requests_are_retried(serving_family: Path
         assert _sample(running, "adaptive_variant_failures_total") == 1
         log.warning("hang: %d of 8 requests retried after the batch timeout, %.2f s",
                     sum(r.retried_from == "slow" for r in results), elapsed)
+        record("faults-hang", requests=len(results), seconds=round(elapsed, 2),
+               retried=sum(r.retried_from == "slow" for r in results))
         # the hung thread holds one worker: the other variants keep answering meanwhile
         more = _burst(running.target, 8, budget_ms=3000)
         assert all(r.variant == "early-exit" and r.retried_from is None for r in more)

@@ -71,7 +71,8 @@ class Health(threading.Thread):
                 self.answers.append(c.health(timeout=2.0))
 
 
-def test_overload_is_refused_at_once_health_answers_and_latency_recovers(server: str) -> None:
+def test_overload_is_refused_at_once_health_answers_and_latency_recovers(
+        server: str, record: Callable[..., None]) -> None:
     x = np.zeros((IMAGES, *SHAPE), np.float32)
     with AdaptiveClient(server, model="servetest") as c:
         _latency_ms(c, x, 5)  # warm the connection
@@ -107,6 +108,10 @@ def test_overload_is_refused_at_once_health_answers_and_latency_recovers(server:
                 "recovered in %s s", len(outcomes), RATE, codes,
                 health.answers.count("SERVING"), len(health.answers), idle,
                 "never" if recovered_s is None else f"{recovered_s:.2f}")
+    record("overload", requests=len(outcomes), rate=RATE, seconds=SECONDS,
+           ok=codes.get("OK", 0), refused=sum(n for c, n in codes.items() if c != "OK"),
+           health_serving=health.answers.count("SERVING"), health=len(health.answers),
+           recovered_s=None if recovered_s is None else round(recovered_s, 2))
     assert set(codes) <= {"OK", *REFUSED}, codes
     refused = [ms for c, ms in outcomes if c in REFUSED]
     answered = [ms for c, ms in outcomes if c == "OK"]

@@ -242,3 +242,43 @@ def test_a_request_cancelled_after_the_loop_saw_it_is_not_subtracted_twice() -> 
         await b.stop()
 
     _run(test)
+
+
+class TimedCosts(FakeCosts):
+    """Batches time out after ``timeout`` seconds of running."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def timeout_s(self, n: int) -> float | None:
+        return self.timeout
+
+
+def test_the_batch_timeout_counts_running_time_not_waiting_for_a_thread() -> None:
+    """One worker thread, held by another variant's batch for longer than this variant's
+    timeout: this variant's batch waits for the thread, then runs, and is answered — a batch
+    that waits for a thread is not hung (it was failed as 'timed out' before)."""
+    busy = FakeRunner(hold_first=True)
+    quick = FakeRunner()
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        settings = Settings(max_batch=4)
+        a = Batcher("a", busy, pool, FakeCosts(), clock=time.monotonic, settings=settings)
+        b = Batcher("b", quick, pool, TimedCosts(0.2), clock=time.monotonic, settings=settings)
+        a.start()
+        b.start()
+        held = asyncio.create_task(a.submit(_x(), deadline=None))
+        await _until_started(busy)
+        waiting = asyncio.create_task(b.submit(_x(1, 3.0), deadline=None))
+        await asyncio.sleep(0.5)  # 2.5x b's timeout, all of it waiting for the one thread
+        assert b.state().waiting
+        busy.release.set()
+        await held
+        result = await waiting
+        assert np.all(result.logits == 3.0)
+        await a.stop()
+        await b.stop()
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(asyncio.wait_for(test(pool), 20))
