@@ -17,6 +17,9 @@ ARG PYTHON=python:3.11-slim
 # CUDA build) that trains and compresses it ---
 FROM ${PYTHON} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Another index instead of PyPI, e.g. a loopback one serving `pip download`ed wheels
+# (deploy/container/local-docker.sh); pip reads it from the environment. Unset: PyPI.
+ARG PIP_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint family bench protos clean
+.PHONY: setup demo test lint family bench docs protos clean container-deps image test-container
 
 setup: $(STAMP)
 
@@ -23,6 +23,22 @@ demo: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The container: Debian's docker.io and debootstrap (apt, root), a private dockerd with its data
+# under ~/.cache/adaptive-inference/container, the image built from the unchanged Dockerfile on a
+# debootstrapped base with the wheels served over 127.0.0.1 (deploy/container/local-docker.sh).
+# `make test` deselects the container tests; `make test-container` runs them (minutes).
+container-deps:
+	deploy/container/local-docker.sh install
+
+# `make image` leaves the daemon running for `docker run`s: eval "$$(deploy/container/local-docker.sh env)";
+# `deploy/container/local-docker.sh stop` ends it.
+image: $(STAMP) container-deps
+	deploy/container/local-docker.sh start
+	deploy/container/local-docker.sh build adaptive-inference:local
+
+test-container: $(STAMP) container-deps
+	$(BIN)/python -m pytest -q -m container tests/container
 
 # ruff everywhere; mypy on the serving half, the client and the torch-free core (pyproject.toml).
 lint: $(STAMP)
@@ -46,6 +62,25 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py --family $(BENCH_FAMILY) --requests 2000 --json $(BENCH_OUT)/overhead.json
 	$(BIN)/python bench/policies.py --family $(BENCH_FAMILY) --out $(BENCH_OUT)/policies
 	$(BIN)/python bench/report.py --family $(BENCH_FAMILY) --results $(BENCH_OUT) --docs docs
+
+# The measured blocks of docs/*.md (bench/docs.py), re-rendered from one fresh run (~10 minutes):
+# the tests that record their figures, the container test, the memory and soak benchmarks, the
+# demo's final screen and plot.
+MEASURED := results/measured
+RECORDING_TESTS := tests/integration/test_fuzz.py tests/integration/test_reliability_faults.py \
+	tests/integration/test_reliability_overload.py tests/integration/test_shutdown.py \
+	tests/integration/test_scaleout.py tests/integration/test_metrics_endpoint.py \
+	tests/integration/test_workers_heal.py
+docs: $(STAMP)
+	@test -f $(BENCH_FAMILY)/manifest.json || $(MAKE) family
+	@mkdir -p $(MEASURED)
+	$(BIN)/python -m pytest -q $(RECORDING_TESTS)
+	$(MAKE) test-container
+	$(BIN)/python bench/memory.py --family $(BENCH_FAMILY) --json $(MEASURED)/memory.json > $(MEASURED)/memory.md
+	$(BIN)/python bench/soak.py --json $(MEASURED)/soak.json > $(MEASURED)/soak.md
+	$(BIN)/adaptive-inference demo --screen $(MEASURED)/demo.txt
+	cp results/demo/demo.png docs/demo.png
+	$(BIN)/python bench/docs.py
 
 # Regenerate protos/generated/ from protos/*.proto (the generated files are committed).
 # The -I mapping makes the generated modules import each other as protos.generated.*.

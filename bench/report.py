@@ -22,7 +22,7 @@ from typing import Any
 from client import bench_plots
 from client.results import host_info, percent, read_records
 from compression.core.family import Variant, load_family
-from compression.report import markdown_table
+from compression.report import accuracy_cell, markdown_table, mcnemar_cell
 
 log = logging.getLogger("bench.report")
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,13 +69,13 @@ def _ours(v: Variant, full: Variant, test_images: int) -> str:
             text = f"student {round((1 - alone) * test_images)} errors alone → " + text
         return text + f" on {test_images} test images"
     if v.method == "int8":
-        return (f"{_ratio(full.p50(1), v.p50(1))} faster (b1), {_ratio(full.p50(32), v.p50(32))} "
+        return (f"{_faster(full, v)} faster (b1), {_faster(full, v, 32)} "
                 f"(b32), {100 * (v.accuracy - full.accuracy):+.2f} pt")
     if v.method == "depthwise":
-        return (f"{_ratio(full.macs, v.macs)} fewer MACs, {_ratio(full.p50(1), v.p50(1))} faster, "
+        return (f"{_ratio(full.macs, v.macs)} fewer MACs, {_faster(full, v)} faster, "
                 f"{100 * (v.accuracy - full.accuracy):+.2f} pt")
     if v.method == "low-rank":
-        return (f"{_ratio(full.macs, v.macs)} fewer MACs, {_ratio(full.p50(1), v.p50(1))} faster, "
+        return (f"{_ratio(full.macs, v.macs)} fewer MACs, {_faster(full, v)} faster, "
                 f"{100 * (v.accuracy - full.accuracy):+.2f} pt")
     if v.method == "early-exit" and v.exits:
         pol = d.get("policy", {})
@@ -88,8 +88,15 @@ def _ours(v: Variant, full: Variant, test_images: int) -> str:
         return f"error {100 * (1 - v.accuracy):.2f}%, {size} smaller"
     if v.method == "pruned-neurons":
         return (f"MACs {full.macs / 1e6:.1f} M → {v.macs / 1e6:.1f} M, "
-                f"{_ratio(full.p50(1), v.p50(1))} faster, {100 * (v.accuracy - full.accuracy):+.2f} pt")
+                f"{_faster(full, v)} faster, {100 * (v.accuracy - full.accuracy):+.2f} pt")
     return "-"
+
+
+def _faster(full: Variant, v: Variant, batch: int = 1) -> str:
+    """The paired speed-up the build recorded (a ratio within one profiling round), else the
+    ratio of the two p50s (manifests from before paired profiling)."""
+    paired = (v.speedup or {}).get(str(batch))
+    return f"{paired:.2f}x" if paired else _ratio(full.p50(batch), v.p50(batch))
 
 
 def compression_section(family_dir: Path) -> str:
@@ -101,14 +108,15 @@ def compression_section(family_dir: Path) -> str:
     host = m["build"]["host"]
     rows = []
     for v in variants:
-        rows.append([f"`{v.name}`", v.method, f"{100 * v.accuracy:.2f}%",
-                     f"{100 * (v.accuracy - full.accuracy):+.2f}",
+        rows.append([f"`{v.name}`", v.method, accuracy_cell(v.accuracy, v.test_correct, test_images),
+                     f"{100 * (v.accuracy - full.accuracy):+.2f}"
+                     + ("" if v is full else f" ({mcnemar_cell(full.test_correct, v.test_correct)})"),
                      f"{v.params_count / 1e3:.1f} k", f"{v.macs / 1e6:.2f} M",
                      f"{v.size_bytes / 1e3:.1f} kB ({_ratio(full.size_bytes, v.size_bytes)})",
-                     f"{v.p50(1):.3f} ({_ratio(full.p50(1), v.p50(1))})",
+                     f"{v.p50(1):.3f} ({_faster(full, v)})",
                      _ours(v, full, test_images), ANCHORS.get(v.method, "—")])
-    table = markdown_table(["variant", "method", "accuracy", "Δ pt", "params", "MACs",
-                            "size (smaller)", "p50 b1 ms (faster)", "ours, as the anchor counts",
+    table = markdown_table(["variant", "method", "accuracy [95% CI]", "Δ pt (McNemar)", "params", "MACs",
+                            "size (smaller)", "p50 b1 ms (paired speed-up)", "ours, as the anchor counts",
                             "published anchor"], rows)
     ee = [v for v in variants if v.exits]
     exits = ""
@@ -117,7 +125,8 @@ def compression_section(family_dir: Path) -> str:
         shares = v.details.get("policy", {}).get("test_exit_shares") or \
             [e.exit_share for e in v.exits or []]
         exits = "\n\nEarly exits of `{}`: {}.".format(v.name, "; ".join(
-            f"exit {e.index}: accuracy {100 * e.accuracy:.2f}%, p50 b1 {e.latency_ms['1']['p50']:.3f} "
+            f"exit {e.index}: accuracy {accuracy_cell(e.accuracy, None, test_images)}, "
+            f"p50 b1 {e.latency_ms['1']['p50']:.3f} "
             f"ms cumulative, {100 * s:.1f}% of test samples leave here"
             for e, s in zip(v.exits or [], shares, strict=False)))
     return (f"## Compression: the default family `{fam.name}` against published results\n\n"
@@ -125,7 +134,9 @@ def compression_section(family_dir: Path) -> str:
             f"`{m['dataset']['spec']}` ({test_images} test images), seed {m['build']['seed']}, "
             f"built in {m['build']['seconds']:.0f} s on {host['cpus']} CPUs ({host['machine']}), "
             f"torch {host['torch']}, ONNX Runtime {host['onnxruntime']}. Latency: the build's "
-            "measurement, ONNX Runtime, 1 thread, batch 1. The anchors are the published figures "
+            "measurement, ONNX Runtime, 1 thread, batch 1. Accuracy: test split with its 95% "
+            "Wilson interval; Δ: against `full` with the exact McNemar p-value on the same test "
+            "images. The anchors are the published figures "
             "(LeNet-scale MNIST models, or ImageNet for int8/MobileNet); the column before them "
             "is our figure of the same kind. Per-method details: the family's `report.md`.\n\n"
             f"{table}{exits}\n")

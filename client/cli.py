@@ -35,9 +35,19 @@ def _inspect(args: argparse.Namespace) -> int:
     from compression.core.family import load_family
 
     family = load_family(args.family)
+    m = family.manifest
+    variants = list(family.variants.values())
+    full = family.variants.get("full", variants[0])
+    # accuracies on the test split, with their 95 % intervals over its size
+    test_images = m.get("dataset", {}).get("splits", {}).get("test")
     print(f"family {family.name!r}: {len(family.variants)} variants, input "
-          f"{family.manifest['input']['shape']}, dataset {family.manifest['dataset']['spec']!r}")
-    print(report.table(list(family.variants.values())))
+          f"{m['input']['shape']}, dataset {m['dataset']['spec']!r}, {test_images} test images")
+    print(report.table(variants, test_images))
+    print(f"\n{report.LEGEND}.\n{report.profile_note(m.get('build', {}).get('profile'))}")
+    exits = [r for v in variants if v.exits for r in report.exit_rows(v, full, test_images)]
+    if exits:
+        print("\nearly exits as routed (the calibrated policy, no deeper than exit k):")
+        print(report.text_table(report.EXIT_COLUMNS, exits))
     return 0
 
 
@@ -158,7 +168,11 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(Path(args.family), Path(args.config), loads=args.loads,
                       seconds=args.seconds, reference=args.reference,
                       out_dir=None if args.no_plot else Path(args.out))
-    print(result.report())
+    screen = result.report()
+    print(screen)
+    if args.screen:  # `make docs` puts this final screen into docs/serving.md
+        Path(args.screen).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.screen).write_text(screen + "\n")
     return 0
 
 
@@ -370,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="results/demo", help="where the plot goes "
                                                          "(default results/demo)")
     d.add_argument("--no-plot", action="store_true", help="tables only")
+    d.add_argument("--screen", metavar="FILE", help="also write the final screen to FILE")
     d.set_defaults(handler=_demo)
 
     t = sub.add_parser(

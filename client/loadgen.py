@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,11 @@ log = logging.getLogger(__name__)
 OK = "OK"  # the gRPC status name of an answered request
 DROPPED = "CLIENT_DROPPED"  # an arrival the client could not send: max_inflight reached
 CLIENT_ERROR = "CLIENT_ERROR"  # the call failed inside the client (not a gRPC status)
+# TCP connections the generator opens and sends round-robin over. A server with `--workers N`
+# shares its port with SO_REUSEPORT, and the kernel spreads *connections*, not requests, over the
+# workers: one connection would keep N-1 of them idle. Eight make an idle worker unlikely
+# (2 workers: 1 in 128) at no measurable cost to a single-process server.
+CONNECTIONS = 8
 
 
 # --- one request's outcome ----------------------------------------------------------------------
@@ -309,12 +316,13 @@ async def _open_loop(target: str, model: str, data: TestData,
     state = Progress()
     records: list[Record] = []
     lags: list[float] = []
-    async with grpc.aio.insecure_channel(target, options=wire.channel_options()) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    async with connections(target) as stubs:
         loop = asyncio.get_running_loop()
+        turn = itertools.cycle(stubs)  # round-robin over the connections
 
         async def one(index: int, cfg: RunConfig, start: int, budget: float | None,
                       scheduled: float) -> None:
+            stub = next(turn)
             x = data.x[start:start + cfg.images]
             status, cand, correct = OK, None, None
             lags.append((loop.time() - scheduled) * 1e3)
@@ -388,6 +396,18 @@ async def _open_loop(target: str, model: str, data: TestData,
     return RunOutput(records, wall, lags)
 
 
+@contextlib.asynccontextmanager
+async def connections(target: str, count: int = CONNECTIONS
+                      ) -> AsyncIterator[list[grpc_service_pb2_grpc.GRPCInferenceServiceStub]]:
+    """``count`` channels to ``target``, each on its own TCP connection (channels with the same
+    arguments would otherwise share one subchannel: `grpc.use_local_subchannel_pool`)."""
+    options = [*wire.channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [await stack.enter_async_context(grpc.aio.insecure_channel(target, options))
+                    for _ in range(max(count, 1))]
+        yield [grpc_service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
+
+
 def choose_images(predicted_ms: Callable[[int], float], choices: Sequence[int],
                   min_compute_ms: float) -> int:
     """The fewest images per request (of ``choices``, ascending) whose predicted compute reaches
@@ -422,11 +442,10 @@ async def closed_loop(target: str, model: str, x: np.ndarray, *, concurrency: in
     errors: collections.Counter[str] = collections.Counter()
     request = build_request(model, x, budget_ms=budget_ms, variant=variant)
     timeout = deadline_s(budget_ms, timeout_s)
-    async with grpc.aio.insecure_channel(target, options=wire.channel_options()) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    async with connections(target) as stubs:
         stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
+        async def worker(stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub) -> None:
             nonlocal answered
             while time.perf_counter() < stop:
                 try:
@@ -436,7 +455,7 @@ async def closed_loop(target: str, model: str, x: np.ndarray, *, concurrency: in
                     errors[exc.code().name] += 1
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
         elapsed = time.perf_counter() - t0
     return ClosedLoopResult(answered, dict(errors), elapsed)
 

@@ -4,6 +4,16 @@ Order of work: parse and validate the whole config (so a typo fails in a second,
 training) → load and split the data → train the base model, or reuse it from the cache keyed by
 (base section, data, seed) → the ``full`` variant → each configured variant in order through the
 method registry → manifest, report.md and pareto.png.
+
+Accuracy target: every variant must stay within ``max_drop`` points of ``full``'s validation
+accuracy (family-wide top-level key, default 1.0; a ``[[variants]]`` table may override it).
+`_search` tries the configured setting first and backs off along the method's strength knob
+(`compression.registry.Knob`), bisecting once between the last failing and the first passing
+setting where the knob is continuous; a dataset on which the configured strength passes pays one
+try. Variants built on another variant are judged against ``full`` too. The trace goes into the
+variant's ``details["search"]``; a variant that meets the target at no setting ships its most
+accurate try marked ``"within_max_drop": false`` there (a warning in the log, a line in the
+report), and the server leaves it out.
 """
 
 from __future__ import annotations
@@ -11,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +40,7 @@ from torch import nn
 
 from compression import data as datasets
 from compression import export, profile, registry, report
-from compression.core import encoding
+from compression.core import encoding, stats
 from compression.core.errors import ConfigError
 from compression.core.family import (
     BATCH_SIZES,
@@ -48,10 +59,13 @@ from compression.train import TrainConfig, accuracy, seed_everything, train
 
 log = logging.getLogger(__name__)
 
-_TOP_KEYS = {"family", "seed", "data", "base", "variants"}
+_TOP_KEYS = {"family", "seed", "max_drop", "data", "base", "variants"}
 _DATA_KEYS = {"spec", "val_fraction", "test_fraction"}
 _BASE_KEYS = {"arch", "train"}
-_VARIANT_KEYS = {"name", "method", "base", "params"}
+_VARIANT_KEYS = {"name", "method", "base", "max_drop", "params"}
+
+DEFAULT_MAX_DROP = 1.0  # points of validation accuracy a variant may lose against full
+BISECT_STEPS = 1  # extra tries between the last failing and first passing continuous setting
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class VariantConfig:
     method: str
     base: str
     params: Any  # the method's frozen config dataclass
+    max_drop: float = DEFAULT_MAX_DROP  # this variant's target: family-wide value or override
 
 
 @dataclass(frozen=True)
@@ -72,11 +87,13 @@ class BuildConfig:
     arch: Spec
     train: TrainConfig
     variants: tuple[VariantConfig, ...]
+    max_drop: float = DEFAULT_MAX_DROP
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["variants"] = [{"name": v.name, "method": v.method, "base": v.base,
-                          "params": asdict(v.params)} for v in self.variants]
+                          "max_drop": v.max_drop, "params": asdict(v.params)}
+                         for v in self.variants]
         return d
 
 
@@ -99,6 +116,7 @@ def load_config(path: str | Path, *, data_spec: str | None = None,
     arch_table = base.get("arch", {})
     defaults = DEFAULT_MLP if arch_table.get("kind") == "mlp" else DEFAULT_CNN
     arch = validate({**defaults, **arch_table})
+    max_drop = _max_drop(raw.get("max_drop", DEFAULT_MAX_DROP), f"{path}")
 
     variants: list[VariantConfig] = []
     seen = {"full"}
@@ -112,7 +130,8 @@ def load_config(path: str | Path, *, data_spec: str | None = None,
             raise ConfigError(f"{where}: base {v.get('base')!r} must name an earlier variant; "
                               f"earlier: {sorted(seen)}")
         params = registry.get(str(method)).parse(v.get("params", {}))
-        variants.append(VariantConfig(name, str(method), v.get("base", "full"), params))
+        variants.append(VariantConfig(name, str(method), v.get("base", "full"), params,
+                                      _max_drop(v.get("max_drop", max_drop), where)))
         seen.add(name)
 
     val_f, test_f = float(data.get("val_fraction", 0.1)), float(data.get("test_fraction", 0.2))
@@ -124,7 +143,16 @@ def load_config(path: str | Path, *, data_spec: str | None = None,
         seed=int(seed if seed is not None else raw.get("seed", 0)),
         data_spec=data_spec or str(data.get("spec", "mnist5k")),
         val_fraction=val_f, test_fraction=test_f,
-        arch=arch, train=train_cfg, variants=tuple(variants))
+        arch=arch, train=train_cfg, variants=tuple(variants), max_drop=max_drop)
+
+
+def _max_drop(value: Any, where: str) -> float:
+    """A ``max_drop`` value: accuracy points in [0, 100]; anything else names the bad value."""
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+            or not 0 <= value <= 100):
+        raise ConfigError(f"{where}: max_drop must be a number of accuracy points in [0, 100] "
+                          f"(e.g. 1.0), got {value!r}")
+    return float(value)
 
 
 def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | None = None,
@@ -151,14 +179,17 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
         "spec": arch, "torch_latency_ms": profile.torch_latency(model, splits.input_shape)})
     variants.append(_finish(ctx, tmp, "full", "full", None, {}, full_out, t0))
     for vc in cfg.variants:
-        log.info("variant %s: method %s on %s", vc.name, vc.method, vc.base)
+        log.info("variant %s: method %s on %s (max_drop %g pt)", vc.name, vc.method, vc.base,
+                 vc.max_drop)
         t0 = time.perf_counter()
-        seed_everything(cfg.seed)
-        result = registry.get(vc.method).apply(ctx, ctx.variant(vc.base), vc.params)
-        variants.append(_finish(ctx, tmp, vc.name, vc.method, vc.base, asdict(vc.params), result, t0))
+        result, chosen, trace = _search(ctx, vc)
+        v = _finish(ctx, tmp, vc.name, vc.method, vc.base, asdict(chosen), result, t0)
+        variants.append(replace(v, details={**v.details, "search": _judge(ctx, vc, v, trace)}))
         if result.report_md:
             sections.append(f"## {vc.name}\n\n{result.report_md.strip()}\n")
 
+    # One paired latency profile of every variant as served: speed-ups are in-round ratios.
+    variants, profiled = profile.profile_variants(tmp, variants, splits.input_shape)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "family": cfg.family,
@@ -169,9 +200,10 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
                   "range": [0.0, 1.0],
                   "normalization": {**splits.normalization(), "in_graph": True}},
         "output": {"name": OUTPUT_NAME, "datatype": "FP32",
-                   "classes": [str(i) for i in range(splits.num_classes)]},
+                   # folder: datasets name their classes (sorted folder names); others count
+                   "classes": list(ds.class_names or (str(i) for i in range(splits.num_classes)))},
         "build": {"seed": cfg.seed, "seconds": round(time.perf_counter() - t_start, 1),
-                  "host": _host(), "config": cfg.as_json()},
+                  "host": _host(), "profile": profiled, "config": cfg.as_json()},
         "variants": variants,
     }
     write_manifest(tmp, manifest)
@@ -181,6 +213,96 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
     tmp.rename(out)
     log.info("family %r written to %s in %.0f s", cfg.family, out, time.perf_counter() - t_start)
     return out
+
+
+# --- the accuracy target ---------------------------------------------------------------------
+
+def _search(ctx: BuildContext, vc: VariantConfig) -> tuple[MethodOutput, Any, list[dict[str, Any]]]:
+    """The strongest setting of the variant's knob whose validation accuracy is within
+    ``vc.max_drop`` points of ``full``'s: (its output, its config, the trace of every try).
+
+    Tries the configured setting, then the milder ones in the knob's order; where the knob is
+    continuous, `BISECT_STEPS` more tries halve the gap between the last failure and the first
+    pass. If no setting passes, the most accurate try is returned (`_judge` marks it).
+    """
+    method = registry.get(vc.method)
+    knob = registry.knob(vc.params)
+    full_val = ctx.variant("full").val_accuracy
+    trace: list[dict[str, Any]] = []
+    tries: list[tuple[Any, MethodOutput, float | None]] = []
+
+    def attempt(config: Any) -> bool:
+        t0 = time.perf_counter()
+        seed_everything(ctx.seed)
+        out = method.apply(ctx, ctx.variant(vc.base), config)
+        val = _trial_val_accuracy(ctx, out)
+        drop = None if val is None or full_val is None else 100 * (full_val - val)
+        within = drop is None or drop <= vc.max_drop + 1e-9
+        trace.append({"setting": knob.value(config) if knob else None,
+                      "val_accuracy": None if val is None else round(val, 6),
+                      "drop_pt": None if drop is None else round(drop, 3),
+                      "within_max_drop": within,
+                      "seconds": round(time.perf_counter() - t0, 1)})
+        tries.append((config, out, val))
+        log.info("variant %s: %s = %r → val accuracy %s (Δ %s pt vs full, max_drop %g): %s",
+                 vc.name, knob.field if knob else "configured",
+                 trace[-1]["setting"], "-" if val is None else f"{val:.4f}",
+                 "-" if drop is None else f"{0.0 - drop:+.2f}", vc.max_drop,
+                 "within" if within else "too far")
+        return within
+
+    passed: Any = None
+    failed: Any = None
+    for config in (knob.schedule(vc.params) if knob else [vc.params]):
+        if attempt(config):
+            passed = config
+            break
+        failed = config
+    if knob is not None and passed is not None and failed is not None:
+        for _ in range(BISECT_STEPS):
+            mid = knob.between(failed, passed)
+            if mid is None:
+                break
+            if attempt(mid):
+                passed = mid
+            else:
+                failed = mid
+    if passed is not None:
+        i = next(i for i, (c, _, _) in enumerate(tries) if c is passed)
+    else:  # nothing within: ship the most accurate try, marked
+        i = max(range(len(tries)), key=lambda j: -1.0 if tries[j][2] is None else tries[j][2])
+    trace[i]["chosen"] = True
+    return tries[i][1], tries[i][0], trace
+
+
+def _trial_val_accuracy(ctx: BuildContext, out: MethodOutput) -> float | None:
+    """Validation accuracy of what a try would serve (the codecs are lossless, so the graph
+    before encoding answers as the served one does; `_finish` measures the served one again)."""
+    if out.val_accuracy is not None:
+        return out.val_accuracy
+    if out.stages is not None:
+        return None
+    graph = out.graph if out.graph is not None else export.to_onnx(out.model, ctx.input_shape)
+    return _graph_accuracy(session(graph), ctx.splits.x_val, ctx.splits.y_val)
+
+
+def _judge(ctx: BuildContext, vc: VariantConfig, v: Variant,
+           trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's search record of ``v``: the served variant judged against ``full``."""
+    full_val = ctx.variant("full").val_accuracy
+    knob = registry.knob(vc.params)
+    drop = (None if v.val_accuracy is None or full_val is None
+            else round(100 * (full_val - v.val_accuracy), 3))
+    within = drop is None or drop <= vc.max_drop + 1e-9
+    chosen = next(t for t in trace if t.get("chosen"))
+    if not within:
+        log.warning("variant %s: no setting of %s meets max_drop %g pt (tried %s); shipping %r "
+                    "at %.2f pt below full on validation, marked within_max_drop=false: the "
+                    "server will not route to it", vc.name, knob.field if knob else "its method",
+                    vc.max_drop, [t["setting"] for t in trace], chosen["setting"], drop)
+    return {"knob": knob.field if knob else None, "max_drop_pt": vc.max_drop,
+            "full_val_accuracy": full_val, "drop_pt": drop, "within_max_drop": within,
+            "chosen": chosen["setting"], "trials": trace}
 
 
 # --- base model ------------------------------------------------------------------------------
@@ -201,8 +323,11 @@ def _base_model(cfg: BuildConfig, arch: Spec, splits: datasets.Splits, fingerpri
         log.info("base model: loaded %s (test accuracy %.4f)", checkpoint,
                  accuracy(model, splits.x_test, splits.y_test))
         return model.eval()
+    train_key = asdict(cfg.train)
+    if not cfg.train.floor_binds(len(splits.x_train)):
+        del train_key["min_steps_per_epoch"]  # no effect on this data: the same training
     key = hashlib.sha256(json.dumps(
-        {"arch": arch, "train": asdict(cfg.train), "data": fingerprint, "seed": cfg.seed,
+        {"arch": arch, "train": train_key, "data": fingerprint, "seed": cfg.seed,
          "split": [cfg.val_fraction, cfg.test_fraction], "torch": torch.__version__},
         sort_keys=True).encode()).hexdigest()[:24]
     cache = Path(cache_dir or os.environ.get("ADAPTIVE_CACHE",
@@ -254,12 +379,11 @@ def _finish(ctx: BuildContext, root: Path, name: str, method: str, base: str | N
         served = _read_back(root, artifacts)
     # Test accuracy for reports, validation accuracy for routing: the same served graph (or the
     # method's own measure of what it serves, e.g. the early-exit policy) on both splits.
+    # Which test images it gets right (each exit's too), kept for paired tests against full.
+    correct, exits = profile.correctness(served, result.stages, result.exits, ctx.splits.x_test,
+                                         ctx.splits.y_test)
+    acc = result.accuracy if result.accuracy is not None else float(correct.mean())
     sess = None
-    if result.accuracy is not None:
-        acc = result.accuracy
-    else:
-        sess = session(served)
-        acc = _graph_accuracy(sess, ctx.splits.x_test, ctx.splits.y_test)
     if result.val_accuracy is not None:
         val_acc: float | None = result.val_accuracy
     elif result.stages is None:
@@ -267,22 +391,24 @@ def _finish(ctx: BuildContext, root: Path, name: str, method: str, base: str | N
     else:
         val_acc = None
         log.warning("variant %s: method %s gave no validation accuracy", name, method)
-    latency = result.latency_ms or profile.onnx_latency(served, shape)
+    latency = result.latency_ms or {}  # build() profiles every variant together, paired
     model = result.model
     params_count = result.params_count if result.params_count is not None else (
         profile.count_params(model) if model is not None else 0)
     macs = result.macs if result.macs is not None else (
         profile.count_macs(model, shape) if model is not None else 0)
-    ctx.built[name] = Built(name=name, model=model, spec=result.spec, graph=served, accuracy=acc)
+    ctx.built[name] = Built(name=name, model=model, spec=result.spec, graph=served, accuracy=acc,
+                            val_accuracy=val_acc)
     v = Variant(name=name, method=method, params=params, artifacts=artifacts,
                 accuracy=round(acc, 6), params_count=int(params_count), macs=int(macs),
                 size_bytes=sum(a.bytes for a in artifacts), latency_ms=latency, base=base,
-                exits=result.exits, details=result.details,
+                exits=exits, details=result.details,
                 build_seconds=round(time.perf_counter() - t0, 1),
-                val_accuracy=None if val_acc is None else round(val_acc, 6))
-    log.info("variant %s: accuracy %.4f (val %s), %d params, %.1f M MACs, %d bytes, p50 %.3f ms "
-             "(%.0f s)", name, acc, "-" if val_acc is None else f"{val_acc:.4f}", v.params_count,
-             v.macs / 1e6, v.size_bytes, v.p50(1), v.build_seconds)
+                val_accuracy=None if val_acc is None else round(val_acc, 6),
+                test_correct=stats.encode_bits(correct))
+    log.info("variant %s: accuracy %.4f (val %s), %d params, %.1f M MACs, %d bytes (%.0f s)",
+             name, acc, "-" if val_acc is None else f"{val_acc:.4f}", v.params_count,
+             v.macs / 1e6, v.size_bytes, v.build_seconds)
     return v
 
 
@@ -297,7 +423,8 @@ def _write_graph(root: Path, name: str, graph: onnx.ModelProto,
         return [write_artifact(root, f"{name}/model.onnx", graph.SerializeToString())]
     # Encode the weight matrices and conv kernels; biases, BN and scalars stay dense in the graph.
     tensors = {k: v for k, v in export.initializers(graph).items()
-               if v.dtype == np.float32 and v.ndim >= 2}
+               if v.dtype == np.float32 and v.ndim >= 2
+               and (result.codec_tensors is None or k in result.codec_tensors)}
     blob = encoding.encode(result.weights_codec, tensors, **result.codec_options)
     return [write_artifact(root, f"{name}/model.onnx",
                            export.skeleton(graph, tensors).SerializeToString()),
@@ -335,5 +462,7 @@ def _dataclass_from(cls: type, table: dict[str, Any], where: str) -> Any:
 def _host() -> dict[str, Any]:
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
+            # training's float sums depend on it: a rebuild matches only at the same count
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "batch_sizes": list(BATCH_SIZES)}

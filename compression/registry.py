@@ -13,6 +13,14 @@ one place ``int8`` is registered (a config may use a method for many variants, e
     def apply(ctx: BuildContext, base: Built, config: Int8Config) -> MethodOutput: ...
 
 A new method adds its module to `METHOD_MODULES`; the builder never changes.
+
+Accuracy-targeted compression: a config class may declare its strength knob as data, a class
+attribute ``strength`` holding a `Knob` (the field, and its settings from most to least compressed),
+e.g. ``strength: ClassVar[Knob] = Knob("sparsity", (0.95, 0.9, 0.8, 0.7, 0.5), continuous=True)``.
+The builder (`compression.build`, ``_search``) tries the configured setting first and backs off
+along the knob to the strongest setting whose validation accuracy stays within ``max_drop`` of
+``full``'s; the methods themselves know nothing of the search. A config without a knob is tried
+once, and judged all the same.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -47,6 +56,65 @@ METHOD_MODULES: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A method's strength knob: one field of its config and that field's settings, ordered from
+    most to least compressed (the back-off order of the search).
+
+    ``continuous``: values between two settings are valid too (a float), so the search may bisect
+    between the last failing and the first passing setting. A configured value that is not on the
+    ladder is tried first all the same; the search then continues with the milder settings.
+    """
+
+    field: str
+    ladder: tuple[Any, ...]
+    continuous: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.ladder) < 2:
+            raise ValueError(f"knob {self.field!r}: a ladder needs ≥ 2 settings, got {self.ladder!r}")
+        if self.continuous and not all(_is_number(v) for v in self.ladder):
+            raise ValueError(f"knob {self.field!r}: a continuous ladder must be numbers")
+
+    def value(self, config: Any) -> Any:
+        return getattr(config, self.field)
+
+    def schedule(self, config: Any) -> list[Any]:
+        """``config`` first, then one config per ladder setting milder than its value."""
+        v = self.value(config)
+        if v in self.ladder:
+            milder = list(self.ladder[self.ladder.index(v) + 1:])
+        elif _is_number(v) and all(_is_number(x) for x in self.ladder):
+            rising = self.ladder[-1] > self.ladder[0]  # does a milder setting mean a larger value?
+            milder = [x for x in self.ladder if (x > v if rising else x < v)]
+        else:
+            milder = []  # off a non-numeric ladder: nothing is known to be milder
+        return [config, *(dataclasses.replace(config, **{self.field: x}) for x in milder)]
+
+    def between(self, stronger: Any, milder: Any) -> Any | None:
+        """The config halfway between two (continuous knobs only), or None where there is none."""
+        a, b = self.value(stronger), self.value(milder)
+        if not self.continuous or not (_is_number(a) and _is_number(b)):
+            return None
+        mid = round((a + b) / 2, 4)
+        if mid in (a, b):
+            return None
+        try:
+            return dataclasses.replace(stronger, **{self.field: mid})
+        except ValueError:  # the config's own checks reject the midpoint
+            return None
+
+
+def knob(config: Any) -> Knob | None:
+    """The strength knob a method's config declares (``strength``), or None."""
+    k = getattr(config, "strength", None)
+    return k if isinstance(k, Knob) else None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
 @dataclass
 class Built:
     """A variant built earlier in this run, usable as another variant's ``base``."""
@@ -56,6 +124,7 @@ class Built:
     spec: Spec | None  # its architecture spec, when expressible
     graph: onnx.ModelProto  # the dense graph it serves
     accuracy: float
+    val_accuracy: float | None = None  # what the accuracy target is judged on
 
 
 @dataclass
@@ -67,6 +136,9 @@ class BuildContext:
     train: TrainConfig
     built: dict[str, Built]
     progress: bool = True
+    # Results a method may reuse across the tries of one build's search (e.g. a teacher's logits
+    # per training batch, which every try of a seeded training sees again): key → value.
+    memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -103,6 +175,9 @@ class MethodOutput:
     graph: onnx.ModelProto | None = None
     weights_codec: str | None = None
     codec_options: dict[str, Any] = field(default_factory=dict)
+    # the initializers the codec stores; None: every float32 weight tensor (ndim ≥ 2). Others
+    # stay dense in the graph (e.g. the full-precision layers of a partly binary network).
+    codec_tensors: list[str] | None = None
     params_count: int | None = None  # override, e.g. non-zero weights of a sparse model
     macs: int | None = None  # override when the torch model is not what runs
     details: dict[str, Any] = field(default_factory=dict)  # JSON: goes into the manifest

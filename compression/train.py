@@ -3,6 +3,11 @@
 Methods customise training through three seams rather than copies of this loop:
 ``loss_fn(model, x, y)`` (distillation, early-exit joint loss), ``after_step(model)`` (holding
 pruning masks, clamping binary weights) and ``params`` (fine-tune only some parameters).
+
+Epochs have a floor in optimizer steps (``min_steps_per_epoch``): on a small dataset an epoch
+draws further shuffled passes until it has made that many updates, so every configured epoch
+count (the base's and each method's fine-tunes) means at least as much training as on the dataset
+the config was written for. Where a dataset has enough batches the floor changes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +43,25 @@ class TrainConfig:
     weight_decay: float = 1e-4
     augment_shift: int = 2  # random translation in pixels, 0 = off
     patience: int = 4  # early stop after this many epochs without a better val accuracy
+    min_steps_per_epoch: int = 0  # an epoch makes at least this many optimizer steps (0: one pass)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "min_steps_per_epoch", "patience", "augment_shift"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimizer steps per epoch on ``n_train`` images: one pass, or the floor if more."""
+        return max(1, -(-n_train // self.batch_size), self.min_steps_per_epoch)
+
+    def floor_binds(self, n_train: int) -> bool:
+        """Whether the step floor lengthens an epoch on ``n_train`` images."""
+        return self.min_steps_per_epoch > max(1, -(-n_train // self.batch_size))
 
     def scaled(self, **changes: object) -> TrainConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -82,13 +106,17 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, *, seed: int,
     y_train = torch.from_numpy(splits.y_train)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, (len(x_train) + cfg.batch_size - 1) // cfg.batch_size)
+    steps_per_epoch = cfg.steps_per_epoch(len(x_train))
+    # shuffled passes per epoch: one, or as many as the step floor needs
+    passes = (-(-steps_per_epoch * cfg.batch_size // len(x_train))
+              if cfg.floor_binds(len(x_train)) else 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=max(cfg.epochs, 1),
                                                 steps_per_epoch=steps_per_epoch, pct_start=0.15)
     best_acc, best_state, stale, epoch = -1.0, copy.deepcopy(model.state_dict()), 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        order = torch.randperm(len(x_train), generator=g)
+        # one permutation per pass, so every image is seen once per pass (one pass: as always)
+        order = torch.cat([torch.randperm(len(x_train), generator=g) for _ in range(passes)])
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch}/{cfg.epochs}", leave=False,
                    disable=not progress or not sys.stderr.isatty(), unit="step")
         running = 0.0

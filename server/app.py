@@ -6,7 +6,8 @@ health SERVING. Inference runs in a thread pool; the event loop only decodes, ro
 
 Shutdown (SIGTERM, SIGINT, or `AdaptiveServer.stop`): health NOT_SERVING and new inference
 requests refused with UNAVAILABLE at once (a client's retry policy moves them to another replica),
-in-flight requests finish for up to ``grace_s``, then gRPC stops.
+in-flight requests finish for up to ``grace_s``, then gRPC stops (`AdaptiveServer.stop`) or,
+for a `serve` process, the process ends without gRPC's shutdown (see `serve`).
 
 ``--workers N`` forks N processes that each run `serve` (see `server.workers`). The fork happens
 before any gRPC object or thread exists, and before prometheus_client is imported: hence the
@@ -20,10 +21,12 @@ import contextlib
 import logging
 import os
 import signal
+import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from compression.core.family import Family, load_family
 from protos.wire import MAX_MESSAGE_BYTES
@@ -88,9 +91,10 @@ class AdaptiveServer:
         if self.failure is not None:
             raise RuntimeError(f"server start-up failed: {self.failure}") from self.failure
 
-    async def stop(self, grace: float | None = 1.0) -> None:
-        """Drain: health NOT_SERVING and new requests refused (UNAVAILABLE) at once, in-flight
-        ones get up to ``grace`` seconds to finish; then stop gRPC and release everything."""
+    async def drain(self, grace: float | None = 1.0) -> float:
+        """Health NOT_SERVING and new requests refused (UNAVAILABLE) at once; wait up to
+        ``grace`` seconds for in-flight requests to be answered and their answers sent. Returns
+        the loop time at which the grace ends."""
         loop = asyncio.get_running_loop()
         until = loop.time() + (grace or 0.0)
         self.state.draining = True
@@ -103,6 +107,14 @@ class AdaptiveServer:
             except TimeoutError:
                 log.warning("grace period over with %d requests in flight; cancelling them",
                             engine.inflight)
+        with contextlib.suppress(TimeoutError):  # answers computed, now on the wire
+            await asyncio.wait_for(self.state.answered(), max(until - loop.time(), 0.0))
+        return until
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Drain (`drain`), then stop gRPC and release everything."""
+        loop = asyncio.get_running_loop()
+        until = await self.drain(grace)
         # Inference is drained (or out of grace); what is left are idle streams (a health Watch,
         # an open ModelStreamInfer) that would otherwise hold the process for the whole grace.
         await self.grpc.stop(min(max(until - loop.time(), 0.0), 1.0))
@@ -138,14 +150,13 @@ async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0
     """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from grpc_health.v1._async import HealthServicer
     from grpc_reflection.v1alpha import reflection
 
     from protos.generated import adaptive_pb2
     from protos.generated import grpc_service_pb2 as pb
     from server.metrics import Metrics, serve_http
     from server.monitor import Monitor
-    from server.security import TlsFiles, TokenAuth, read_token
+    from server.security import CappedHealth, TlsFiles, TokenAuth, read_token
     from server.servicer import ServingState, add_services
 
     # Credentials first: an unreadable file fails before anything listens.
@@ -165,7 +176,7 @@ async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0
         options=[("grpc.so_reuseport", 1 if reuse_port else 0),
                  ("grpc.max_receive_message_length", options.max_message_bytes)])
     add_services(server, state)
-    health = HealthServicer()
+    health = CappedHealth()  # at most security.MAX_WATCH_STREAMS Watch streams at once
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                 adaptive_pb2.DESCRIPTOR.services_by_name["AdaptiveService"].full_name)
@@ -226,7 +237,7 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
     if not isinstance(family, Family):
         log.info("loading family from %s", family)
         family = await loop.run_in_executor(executor, load_family, family)
-    fam: Family = family
+    fam: Family = within_max_drop(family)
     log.info("family %r: %d variants verified (%s)", fam.name, len(fam.variants),
              ", ".join(fam.variants))
     runners = await loop.run_in_executor(
@@ -248,6 +259,16 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
     engine.update_gauges()
 
 
+def within_max_drop(family: Family) -> Family:
+    """The family less variants the build marked as not within its accuracy target."""
+    marked = [n for n, v in family.variants.items()
+              if v.details.get("search", {}).get("within_max_drop") is False]
+    if marked:
+        log.warning("family %r: not serving %s: not within max_drop of full on validation "
+                    "(see report.md)", family.name, marked)
+    return replace(family, variants={n: v for n, v in family.variants.items() if n not in marked})
+
+
 async def _gauges(state: Any, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)  # a sampling period, not a wait for an event
@@ -261,13 +282,18 @@ async def _gauges(state: Any, interval: float) -> None:
 
 def main(family_dir: str | Path, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM. Returns the exit status."""
+    from server.memory import return_freed_memory
+    from server.runtime import providers
+
+    return_freed_memory()  # before any large buffer: the family's graphs are the first
+    providers(options.device)  # --device cuda without a CUDA provider: one line, exit 2
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
-    if options.workers <= 1:
-        return asyncio.run(serve(family, options, reuse_port=False, metrics=True))
-    from server.workers import serve_workers
+    if options.workers > 1:
+        from server.workers import serve_workers
 
-    return serve_workers(family, options, serve)
+        return serve_workers(family, options, serve)
+    asyncio.run(serve(family, options, reuse_port=False, metrics=True))  # ends the process
 
 
 def check_faults(family: Family, faults: tuple[str, ...]) -> None:
@@ -284,9 +310,14 @@ def check_faults(family: Family, faults: tuple[str, ...]) -> None:
                                   f"variants: {sorted(family.variants)}")
 
 
-async def serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool
-                ) -> int:
-    """One server process until a `DRAIN_SIGNALS` signal, then drain; returns the exit status."""
+async def serve(family: Family, options: ServeOptions, *, reuse_port: bool, metrics: bool,
+                on_ready: Callable[[], None] | None = None) -> NoReturn:
+    """One server process until a `DRAIN_SIGNALS` signal, then drain and end the process with its
+    exit status. ``on_ready`` is called once it is SERVING (`server.workers` tells the parent).
+
+    The process ends with ``os._exit`` right after the drain, not through gRPC's shutdown: that
+    shutdown answers a call racing it CANCELLED (which clients do not retry), while a closed
+    connection reads UNAVAILABLE, as every refusal during the drain does."""
     address = f"{options.host}:{options.port}"
     maddr = (f"{options.metrics_host or options.host}:{options.metrics_port}"
              if metrics and options.metrics_port is not None else None)
@@ -309,10 +340,16 @@ async def serve(family: Family, options: ServeOptions, *, reuse_port: bool, metr
     if srv.failure is not None:
         status = 1
     else:
+        if on_ready is not None and ready.done():
+            on_ready()
         await stopping
         log.info("%s received: NOT_SERVING, refusing new requests, in-flight ones get up to "
                  "%.1f s", received[0] if received else "signal", options.grace_s)
     ready.cancel()
     stopping.cancel()
-    await srv.stop(grace=options.grace_s)
-    return status
+    await srv.drain(grace=options.grace_s)
+    log.info("server on port %d drained; exiting with status %d", srv.port, status)
+    logging.shutdown()  # flush the log: nothing runs after os._exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -12,6 +12,11 @@ before it is refused: repeated fields a client sizes (the input's shape, ``outpu
 and only then looked at, and messages show a few entries plus the count, never a whole field.
 Pixels must lie in the model's input range (the manifest's ``input.range``, else [0, 1]):
 a finite value far outside it (3.4e38) gives NaN logits otherwise.
+
+The image input is accepted as ``FP32`` (pixels in the input range; ``raw_input_contents`` or
+``contents.fp32_contents``) or as ``UINT8`` (pixels 0..255; ``raw_input_contents`` one byte per
+value or ``contents.uint_contents``), which becomes float32 ``/ 255`` before the range check — the
+very values the build scaled its 8-bit images to. ModelMetadata still advertises FP32.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ MAX_OUTPUTS = 16
 MAX_PARAMETERS = 64
 SHOWN_DIMS = 8  # dims of a wrong shape shown in a message (then "…" and the count)
 DEFAULT_INPUT_RANGE = (0.0, 1.0)  # pixels; the graphs normalize inside
+# The input's datatypes: bytes per value in raw_input_contents, and the typed contents field.
+DATATYPES = {"FP32": (4, "fp32_contents"), "UINT8": (1, "uint_contents")}
+_UINT8_SCALE = np.float32(255.0)
 
 
 @dataclass(frozen=True)
@@ -93,8 +101,9 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
     if t.name != spec.input_name:
         raise InvalidArgument(f"inputs[0].name {shown(t.name)}: the model's input is "
                               f"{spec.input_name!r}")
-    if t.datatype != "FP32":
-        raise InvalidArgument(f"inputs[0].datatype {shown(t.datatype)}: expected 'FP32'")
+    if t.datatype not in DATATYPES:
+        raise InvalidArgument(f"inputs[0].datatype {shown(t.datatype)}: expected 'FP32' "
+                              f"(pixels in [0, 1]) or 'UINT8' (pixels 0..255)")
     expected = f"[N, {', '.join(map(str, spec.input_shape))}]"
     # The rank before anything else: a 60 MB request can carry 63 million dims.
     if len(t.shape) != 1 + len(spec.input_shape):
@@ -126,31 +135,49 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
 
 
 def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:
+    """The input as float32 (UINT8 scaled to [0, 1]); payload sizes checked against ``shape``."""
     count = math.prod(shape)
+    datatype = req.inputs[0].datatype
+    size, typed = DATATYPES[datatype]
     contents = req.inputs[0].contents
-    # Typed contents of another type than FP32 would be ignored: say so instead.
-    other = sorted(f.name for f, _v in contents.ListFields() if f.name != "fp32_contents")
+    # Typed contents of another type than the datatype's would be ignored: say so instead.
+    other = sorted(f.name for f, _v in contents.ListFields() if f.name != typed)
     if other:
-        raise InvalidArgument(f"inputs[0].contents.{other[0]} is set: datatype FP32 takes "
-                              f"inputs[0].contents.fp32_contents or raw_input_contents")
-    if req.raw_input_contents and len(contents.fp32_contents):
-        raise InvalidArgument(f"both raw_input_contents and inputs[0].contents.fp32_contents "
+        raise InvalidArgument(f"inputs[0].contents.{other[0]} is set: datatype {datatype} takes "
+                              f"inputs[0].contents.{typed} or raw_input_contents")
+    values = getattr(contents, typed)
+    if req.raw_input_contents and len(values):
+        raise InvalidArgument(f"both raw_input_contents and inputs[0].contents.{typed} "
                               f"are set ({len(req.raw_input_contents[0])} bytes, "
-                              f"{len(contents.fp32_contents)} values): send one")
+                              f"{len(values)} values): send one")
     if req.raw_input_contents:
         if len(req.raw_input_contents) != 1:
             raise InvalidArgument(f"raw_input_contents: expected 1 entry, got "
                                   f"{len(req.raw_input_contents)}")
         raw = req.raw_input_contents[0]
-        if len(raw) != count * 4:
+        if len(raw) != count * size:
             raise InvalidArgument(f"raw_input_contents[0]: {len(raw)} bytes, shape "
-                                  f"{dims(shape)} FP32 needs {count * 4}")
-        return np.frombuffer(raw, dtype="<f4").reshape(shape)
-    values = contents.fp32_contents
+                                  f"{dims(shape)} {datatype} needs {count * size}")
+        if datatype == "FP32":
+            return np.frombuffer(raw, dtype="<f4").reshape(shape)
+        return _from_uint8(np.frombuffer(raw, dtype=np.uint8).reshape(shape))
     if len(values) != count:
-        raise InvalidArgument(f"inputs[0].contents.fp32_contents: {len(values)} values, shape "
+        raise InvalidArgument(f"inputs[0].contents.{typed}: {len(values)} values, shape "
                               f"{dims(shape)} needs {count}")
-    return np.asarray(values, dtype=np.float32).reshape(shape)
+    if datatype == "FP32":
+        return np.asarray(values, dtype=np.float32).reshape(shape)
+    ints = np.asarray(values, dtype=np.uint32)  # uint_contents holds uint32s: 0..255 only
+    if count and int(ints.max()) > 255:
+        first = int(np.flatnonzero(ints > 255)[0])
+        raise InvalidArgument(f"inputs[0].contents.uint_contents: value {int(ints[first])} at "
+                              f"flat index {first} is not a UINT8 pixel (0..255)")
+    return _from_uint8(ints.reshape(shape))
+
+
+def _from_uint8(pixels: np.ndarray) -> np.ndarray:
+    """0..255 → float32 [0, 1] in one pass: the division rather than a multiply by 1/255, so the
+    values equal the build's ``uint8 / 255`` (and a client's own FP32 scaling) bit for bit."""
+    return np.divide(pixels, _UINT8_SCALE, dtype=np.float32)
 
 
 def _in_range(x: np.ndarray, bounds: tuple[float, float]) -> None:

@@ -239,7 +239,11 @@ class Engine:
         if not met:
             m.child(m.budget_misses, model, variant).inc()
         actual_ms = (done - decision.decided_at) * 1e3
-        self.router.observe(decision, actual_ms, missed=None if deadline is None else not met,
+        # Only the router's own choices calibrate its margin: a pinned request's budget may be
+        # one its variant can never meet (a client's choice), and counting those misses would
+        # widen the margin for every routed request after it.
+        routed = deadline is not None and call.pin is None
+        self.router.observe(decision, actual_ms, missed=not met if routed else None,
                             outside_ms=actual_ms - res.queue_ms - res.compute_ms)
         exit_index = int(res.exits.max()) if res.exits is not None else None
         _log_decision(call, decision, met)

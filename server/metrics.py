@@ -9,8 +9,8 @@ parent serves the aggregate; gauges say how they aggregate (``multiprocess_mode`
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -19,8 +19,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from server.monitor import HostSample
 
@@ -129,6 +129,9 @@ class Metrics:
         self.auth_failures = Counter(
             "adaptive_auth_failures_total", "Requests refused UNAUTHENTICATED (missing or wrong "
             "bearer token).", registry=r)
+        # One process serving its own endpoint is one worker; with --workers N the parent serves
+        # the real counts (server.workers) and this registry of a worker is never exposed.
+        r.register(WorkersCollector(lambda: WorkerCounts(live=1, configured=1, restarts=0)))
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: on the request path labels() costs a lock and a
@@ -164,16 +167,54 @@ class Metrics:
             self.predicted_latency.labels(name).set(s)
 
 
+@dataclass(frozen=True)
+class WorkerCounts:
+    """The server processes behind one metrics endpoint."""
+
+    live: int  # workers up and SERVING now
+    configured: int  # --workers
+    restarts: int  # crashed workers the parent restarted, since it started
+
+
+class WorkersCollector:
+    """``adaptive_workers``, ``adaptive_workers_configured`` and
+    ``adaptive_worker_restarts_total``, read from ``counts`` at each scrape.
+
+    A collector, not Gauge/Counter objects: the parent of ``--workers N`` serves the multiprocess
+    registry, whose metric objects would be written to (and summed from) the per-process files;
+    these numbers belong to the parent alone and are only ever read live."""
+
+    def __init__(self, counts: Callable[[], WorkerCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counts()
+        yield GaugeMetricFamily("adaptive_workers", "Server processes up and SERVING behind this "
+                                "endpoint (a restarted worker counts once it is warmed up).",
+                                value=c.live)
+        yield GaugeMetricFamily("adaptive_workers_configured", "Server processes this endpoint "
+                                "should have (--workers).", value=c.configured)
+        yield CounterMetricFamily("adaptive_worker_restarts", "Worker processes that exited "
+                                  "unexpectedly (signal or status) and were restarted.",
+                                  value=c.restarts)
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, for the registry's duplicate check; no call to ``counts`` at registration.
+        yield GaugeMetricFamily("adaptive_workers", "", value=0)
+        yield GaugeMetricFamily("adaptive_workers_configured", "", value=0)
+        yield CounterMetricFamily("adaptive_worker_restarts", "", value=0)
+
+
 def serve_http(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, int]:
-    """Serve ``registry`` on http://addr:port/metrics in a daemon thread; returns (server, port)."""
-    httpd, _thread = start_http_server(port, addr=addr, registry=registry)
-    bound = int(httpd.server_port)
-    log.info("metrics on http://%s:%d/metrics", addr, bound)
-    return httpd, bound
+    """Serve ``registry`` on http://addr:port/metrics in a daemon thread; returns (server, port).
+    The server is bounded (threads, connections, timeouts): see `server.metrics_http`."""
+    from server.metrics_http import MetricsHTTPServer
+
+    httpd = MetricsHTTPServer(registry, addr, port)
+    httpd.start()
+    log.info("metrics on http://%s:%d/metrics", addr, httpd.port)
+    return httpd, httpd.port
 
 
 def stop_http(httpd: Any) -> None:
-    # shutdown() blocks until serve_forever returns; do it off the caller's thread.
-    t = threading.Thread(target=lambda: (httpd.shutdown(), httpd.server_close()), daemon=True)
-    t.start()
-    t.join(timeout=5)
+    httpd.stop(timeout=5)

@@ -21,7 +21,8 @@ import onnxruntime as ort
 
 from compression.core.exits import StageChain
 from compression.core.family import Family, Variant
-from compression.core.ort import CPU, OUTPUT_NAME, session
+from compression.core.ort import CPU, OUTPUT_NAME, run, session
+from server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ def providers(device: str = "auto") -> list[str]:
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", CPU]
     if device == "cuda":
-        raise RuntimeError(f"--device cuda: onnxruntime offers no CUDAExecutionProvider "
-                           f"(available: {available})")
+        raise InvalidArgument(
+            f"--device cuda: this onnxruntime has no CUDAExecutionProvider (it has "
+            f"{', '.join(available)}); on a host with an NVIDIA driver install onnxruntime-gpu "
+            f"(pip install 'adaptive-inference[gpu]'), or serve with --device cpu")
     return [CPU]
 
 
@@ -61,7 +64,7 @@ class OrtRunner:
         self.backend = "onnxruntime"
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {self.input_name: x})
+        outs = run(self.session, {self.input_name: x}, rows=len(x))
         return dict(zip(self.output_names, outs, strict=True))
 
 

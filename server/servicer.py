@@ -12,6 +12,7 @@ shutdown (`ServingState.draining`) new inference requests are refused with UNAVA
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -50,6 +51,24 @@ class ServingState:
     margin_ms: float = 0.5
     versions: list[str] = field(default_factory=list)  # variants, then variant@exit depths
     draining: bool = False  # SIGTERM received: refuse new requests, finish in-flight ones
+    # Calls admitted before the drain whose answer is not on the wire yet: the drain waits for
+    # them before the process ends (refusals need no waiting: a lost one reads UNAVAILABLE too).
+    answering: int = 0
+    _answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def admit(self) -> None:
+        self.answering += 1
+        self._answered.clear()
+
+    def answered_one(self, *_context: object) -> None:
+        self.answering -= 1
+        if not self.answering:
+            self._answered.set()
+
+    async def answered(self) -> None:
+        """Return once every admitted call's answer has been sent."""
+        if self.answering:
+            await self._answered.wait()
 
     def ready_engine(self) -> tuple[Engine, ModelSpec]:
         if self.draining:
@@ -136,6 +155,9 @@ def _mapped(fn: Handler[T]) -> Handler[T]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            if not self.state.draining:  # runs on the loop, so no drain starts in between
+                self.state.admit()
+                context.add_done_callback(self.state.answered_one)  # once the status is sent
             if isinstance(request, Malformed):
                 raise request.error()
             return await fn(self, request, context)
@@ -201,6 +223,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Triton's convention: a failed request is an error_message in the stream, not the end.
         async for request in request_iterator:
+            admitted = not self.state.draining
+            if admitted:
+                self.state.admit()
             try:
                 resp = await self._infer(request, context.time_remaining())
                 yield pb.ModelStreamInferResponse(infer_response=resp)
@@ -209,6 +234,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 echo = (pb.ModelInferResponse() if isinstance(request, Malformed) else
                         pb.ModelInferResponse(model_name=request.model_name, id=request.id))
                 yield pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
+            finally:  # the generator resumes after a yield once that message was sent
+                if admitted:
+                    self.state.answered_one()
 
     async def _infer(self, request: pb.ModelInferRequest | Malformed,
                      time_remaining: float | None) -> pb.ModelInferResponse:

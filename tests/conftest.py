@@ -7,7 +7,6 @@ missing (promtool, Prometheus, an optional client), and CI must install everythi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,22 +14,14 @@ from typing import Any
 
 import pytest
 
+from tests.harness import write_measurement
+
 ROOT = Path(__file__).resolve().parents[1]
-# Where `record` writes; bench/docs.py renders docs/*.md's measured blocks from it.
-MEASURED = Path(os.environ.get("ADAPTIVE_MEASURED_DIR", ROOT / "results" / "measured"))
-
-
 @pytest.fixture
 def record() -> Callable[..., None]:
-    """``record(key, **figures)``: what this test measured, as results/measured/KEY.json with
-    the machine it ran on — the figures docs/reliability.md shows come from here."""
-    from client.results import host_info
-
-    def write(key: str, **figures: Any) -> None:
-        MEASURED.mkdir(parents=True, exist_ok=True)
-        (MEASURED / f"{key}.json").write_text(
-            json.dumps({**figures, "host": host_info()}, indent=2, default=str) + "\n")
-    return write
+    """``record(key, **figures)`` (`write_measurement`): the figures docs/reliability.md shows
+    come from here."""
+    return write_measurement
 
 
 @pytest.fixture(scope="session")

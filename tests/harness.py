@@ -1,4 +1,5 @@
-"""A real server in a background thread of the test process: `serve_in_thread`.
+"""A real server in a background thread of the test process (`serve_in_thread`), and where tests
+keep what they measured for the docs (`write_measurement`).
 
 The server is the product's own (`server.app.create_server` on 127.0.0.1, any free port), with its
 event loop in a daemon thread, so a test talks to it through the real client library over real
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +20,19 @@ from typing import Any
 
 from compression.core.family import Family
 from server.app import AdaptiveServer, ServeOptions, create_server
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where `record` writes; bench/docs.py renders docs/*.md's measured blocks from it.
+MEASURED = Path(os.environ.get("ADAPTIVE_MEASURED_DIR", ROOT / "results" / "measured"))
+
+
+def write_measurement(key: str, **figures: Any) -> None:
+    """What a test measured, as results/measured/KEY.json with the machine it ran on."""
+    from client.results import host_info
+
+    MEASURED.mkdir(parents=True, exist_ok=True)
+    (MEASURED / f"{key}.json").write_text(
+        json.dumps({**figures, "host": host_info()}, indent=2, default=str) + "\n")
 
 
 @dataclass

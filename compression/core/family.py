@@ -73,6 +73,8 @@ class Exit:
     val_accuracy: float | None = None  # validation accuracy when every sample leaves here
     policy_accuracy: float | None = None  # test accuracy of the policy capped at this exit
     policy_val_accuracy: float | None = None  # validation accuracy of the policy capped here
+    # test images the policy capped here gets right: `compression.core.stats.encode_bits`
+    test_correct: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class Variant:
     details: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
     val_accuracy: float | None = None
+    # which test images it gets right (`compression.core.stats.encode_bits`): paired tests vs full
+    test_correct: dict[str, Any] | None = None
+    # batch size → paired speed-up over full: median over interleaved rounds of the in-round ratio
+    speedup: dict[str, float] | None = None
 
     def p50(self, batch: int = 1) -> float:
         return self.latency_ms[str(batch)]["p50"]
@@ -174,8 +180,8 @@ def write_artifact(root: Path, rel: str, data: bytes, *, role: str = "graph",
 
 
 # Optional fields written only when set, so a manifest without them reads back the same.
-_OPTIONAL_VARIANT = ("exits", "val_accuracy")
-_OPTIONAL_EXIT = ("val_accuracy", "policy_accuracy", "policy_val_accuracy")
+_OPTIONAL_VARIANT = ("exits", "val_accuracy", "test_correct", "speedup")
+_OPTIONAL_EXIT = ("val_accuracy", "policy_accuracy", "policy_val_accuracy", "test_correct")
 
 
 def variant_to_json(v: Variant) -> dict[str, Any]:

@@ -9,6 +9,11 @@ Served as an ordinary float graph of ±α weights: ORT has no binary kernels, so
 The exporter folds BatchNorm into the convs, which multiplies each output channel by one number,
 so every channel still holds exactly two values ±a; the ``binary`` codec stores a sign bit per
 weight plus one float32 per output channel, and refuses any tensor that is not of that form.
+
+The strength knob is ``full_precision``: ``"none"`` binarises every conv and linear layer,
+``"ends"`` keeps the first layer and the classifier in float32 (as XNOR-Net and most binary
+networks do: they hold few weights and cost the most accuracy). Those stay dense in the graph;
+the codec stores the binary ones.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,19 +31,28 @@ from torch.nn.utils import parametrize
 from compression import export
 from compression.core import encoding
 from compression.core.errors import ConfigError
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import accuracy, train
 
 log = logging.getLogger(__name__)
 
+FULL_PRECISION = ("none", "ends")  # layers kept in float32, most compressed first
+
 
 @dataclass(frozen=True)
 class BinaryConfig:
+    # the search backs off from every layer binary to the first and last in float32
+    strength: ClassVar[Knob] = Knob("full_precision", FULL_PRECISION)
+
     epochs: int = 2  # fine-tune from the base's real weights with binarised forward passes
     lr: float = 1e-3
     clip: float = 1.0  # real weights are clipped to [−clip, clip]; no gradient beyond
+    full_precision: str = "none"  # "none": every conv/linear binary; "ends": first + last fp32
 
     def __post_init__(self) -> None:
+        if self.full_precision not in FULL_PRECISION:
+            raise ValueError(f"full_precision must be one of {FULL_PRECISION}, got "
+                             f"{self.full_precision!r}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be ≥ 0, got {self.epochs!r}")
         if self.lr <= 0:
@@ -79,19 +93,22 @@ class BinaryWeights(nn.Module):
         return _BinarizeSTE.apply(w, self.clip)
 
 
-def binarized_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+def binarized_layers(model: nn.Module, full_precision: str = "none") -> list[nn.Module]:
+    """The Conv2d / Linear layers that get binary weights, in module order; ``"ends"`` leaves
+    out the first and the last (the input layer and the classifier)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return layers[1:-1] if full_precision == "ends" else layers
 
 
-def attach(model: nn.Module, clip: float = 1.0) -> None:
-    """Binarise every Conv2d / Linear weight of ``model`` (in place) for training."""
-    for m in binarized_layers(model):
+def attach(model: nn.Module, clip: float = 1.0, full_precision: str = "none") -> None:
+    """Binarise the Conv2d / Linear weights of ``model`` (in place) for training."""
+    for m in binarized_layers(model, full_precision):
         parametrize.register_parametrization(m, "weight", BinaryWeights(clip))
 
 
-def bake(model: nn.Module) -> None:
+def bake(model: nn.Module, full_precision: str = "none") -> None:
     """Replace the real weights by their binarised values (exactly ±α per output channel)."""
-    for m in binarized_layers(model):
+    for m in binarized_layers(model, full_precision):
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
         with torch.no_grad():
@@ -100,7 +117,7 @@ def bake(model: nn.Module) -> None:
 
 @torch.no_grad()
 def clip_weights(model: nn.Module, clip: float) -> None:
-    for m in binarized_layers(model):
+    for m in model.modules():
         if parametrize.is_parametrized(m, "weight"):
             m.parametrizations.weight.original.clamp_(-clip, clip)
 
@@ -110,26 +127,43 @@ def apply(ctx: BuildContext, base: Built, config: BinaryConfig) -> MethodOutput:
     if base.model is None:
         raise ConfigError(f"binary needs a torch base model; {base.name!r} is graph-only")
     model = copy.deepcopy(base.model)
-    attach(model, config.clip)
+    attach(model, config.clip, config.full_precision)
     clip_weights(model, config.clip)
     acc_before = accuracy(model, ctx.splits.x_test, ctx.splits.y_test)
     if config.epochs:
         train(model, ctx.splits, ctx.train.scaled(epochs=config.epochs, lr=config.lr),
               seed=ctx.seed, after_step=lambda m: clip_weights(m, config.clip),
               desc="binaryconnect", progress=ctx.progress)
-    bake(model)
+    bake(model, config.full_precision)
     model.eval()
-    tensors = {k: v for k, v in export.initializers(export.to_onnx(model, ctx.input_shape)).items()
+    weights = {k: v for k, v in export.initializers(export.to_onnx(model, ctx.input_shape)).items()
                if v.dtype == np.float32 and v.ndim >= 2}
+    # the binary tensors: with "ends", the first and last layers' weights stay float32
+    tensors = {k: v for k, v in weights.items() if config.full_precision == "none" or _is_binary(v)}
     n_weights = sum(v.size for v in tensors.values())
+    binarized = {id(m) for m in binarized_layers(model, config.full_precision)}
+    n_fp32 = sum(m.weight.numel() for m in binarized_layers(model) if id(m) not in binarized)
     stored = len(encoding.encode("binary", tensors))  # fails loudly if anything is not ±a
+    scope = ("first conv and classifier included" if config.full_precision == "none" else
+             f"first layer and classifier kept float32: {n_fp32:,} weights")
     report = (
         f"BinaryConnect fine-tune of `{base.name}` for {config.epochs} epoch(s): every conv and "
-        "linear weight is sign(W)·α with α = mean|W| per output channel (first conv and "
-        f"classifier included). Test accuracy right after binarising {100 * acc_before:.2f}%, "
-        f"after fine-tuning {100 * accuracy(model, ctx.splits.x_test, ctx.splits.y_test):.2f}%. "
-        f"Weights: {n_weights:,} × 1 bit + one float32 per output channel = {stored / 1e3:.1f} kB "
-        f"against {4 * n_weights / 1e3:.1f} kB as fp32 ({4 * n_weights / stored:.1f}x smaller). "
+        f"linear weight is sign(W)·α with α = mean|W| per output channel ({scope}). Test "
+        f"accuracy right after binarising {100 * acc_before:.2f}%, after fine-tuning "
+        f"{100 * accuracy(model, ctx.splits.x_test, ctx.splits.y_test):.2f}%. "
+        f"Binary weights: {n_weights:,} × 1 bit + one float32 per output channel = "
+        f"{stored / 1e3:.1f} kB against {4 * n_weights / 1e3:.1f} kB as fp32 "
+        f"({4 * n_weights / stored:.1f}x smaller). "
         "Served as a float graph of ±α weights, so no speed-up is expected.")
     return MethodOutput(model=model, spec=base.spec, weights_codec="binary", report_md=report,
-                        details={"weight_bytes": stored, "fp32_weight_bytes": 4 * n_weights})
+                        codec_tensors=sorted(tensors),
+                        details={"weight_bytes": stored, "fp32_weight_bytes": 4 * n_weights,
+                                 "full_precision": config.full_precision,
+                                 "float32_weights": n_fp32})
+
+
+def _is_binary(a: np.ndarray) -> bool:
+    """A binarised weight: every output channel holds several ±a of one magnitude a (a lone
+    value per channel, such as the normalisation constants, is trivially so, and is not)."""
+    mag = np.abs(a.reshape(a.shape[0], -1))
+    return mag.shape[1] > 1 and bool((mag == mag.max(axis=1, keepdims=True)).all())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from compression import export, profile
 from compression.core import encoding
 from compression.core.errors import ConfigError
 from compression.models import fold_batchnorm
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.report import markdown_table
 from compression.train import accuracy, train
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClusteredConfig:
+    # the search backs off from the configured bits toward larger codebooks
+    strength: ClassVar[Knob] = Knob("bits", (2, 3, 4, 5, 6, 8))
+
     bits: int = 4  # 2^bits shared values per layer
     epochs: int = 2  # centroid fine-tune
     lr: float = 3e-4

@@ -8,20 +8,25 @@ channel, so it has nothing to separate and stays standard. The architecture is t
 ``conv = "depthwise"``, so the variant stays expressible as a spec; the new weights start from
 PyTorch's init and learn from the base model's soft targets (Hinton et al. 2015), with the
 distillation loss of `compression.methods.distilled` (`kd_training_loss`).
+
+The strength knob is the training length (``epochs``): the conversion is the compression, and
+what it costs in accuracy is mostly how long the new weights learn. The teacher's logits are
+memoised per batch across the search's tries (`distilled.teacher_memo`), so a longer retry pays
+for the student and the new epochs only.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from compression import export, profile, report
-from compression.methods.distilled import kd_training_loss
+from compression.methods.distilled import Teachers, kd_training_loss, teacher_memo
 from compression.models import StagedCNN, build_model
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import train
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DepthwiseConfig:
     """Distillation settings for training the converted network."""
+
+    # the search backs off from the configured epochs toward longer training
+    strength: ClassVar[Knob] = Knob("epochs", (8, 12, 16, 24, 32))
 
     epochs: int = 8
     lr: float = 3e-3
@@ -93,7 +101,8 @@ def apply(ctx: BuildContext, base: Built, config: DepthwiseConfig) -> MethodOutp
             "stages": [{k: v for k, v in st.items() if k != "conv"} for st in base.spec["stages"]]}
     model = build_model(spec)
     records = conv_records(base.model, model)  # type: ignore[arg-type]
-    loss_fn = kd_training_loss(base.model, temperature=config.temperature, alpha=config.alpha)
+    teacher = Teachers([base.model], memo=teacher_memo(ctx, base.name))
+    loss_fn = kd_training_loss(teacher, temperature=config.temperature, alpha=config.alpha)
     result = train(model, ctx.splits, ctx.train.scaled(epochs=config.epochs, lr=config.lr),
                    seed=ctx.seed, loss_fn=loss_fn, desc="depthwise distill", progress=ctx.progress)
     log.info("depthwise: trained %d epochs, best val accuracy %.4f", result.epochs_run,

@@ -12,10 +12,15 @@ from other seeds. The teacher sees exactly the augmented batch the student sees 
 matching), so it runs inside the loss, memoised per batch (`Teachers`).
 
 Knowledge distillation pays when the teacher is clearly better than the student can get alone: on
-mnist5k a student as accurate as `full` gains nothing from it, so the default family distils a
-smaller student from an ensemble.
+mnist5k a student as accurate as `full` gains nothing from it, and a long enough training of a
+small one (16 epochs) matches it on labels alone; the report's table says which, per build.
 
 For the report the same student is also trained on labels alone, and at a few other temperatures.
+
+The strength knob is ``width``, a multiplier of the student's channels (its spec's ``width``):
+the search widens the student until it is within the accuracy target. Every try sees the same
+seeded batches, so the teachers' logits are memoised across tries (`BuildContext.memo`) and so
+are the extra ensemble members: a retry costs the student's training only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -37,7 +42,7 @@ from compression import profile
 from compression.core.errors import ConfigError
 from compression.core.ort import session
 from compression.models import Spec, build_model, validate
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.report import markdown_table
 from compression.train import LossFn, accuracy, seed_everything, train
 
@@ -55,7 +60,11 @@ DEFAULT_STUDENT: dict[str, Any] = {"stages": [
 
 @dataclass(frozen=True)
 class DistilledConfig:
+    # the search backs off from the configured width toward wider students
+    strength: ClassVar[Knob] = Knob("width", (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), continuous=True)
+
     student: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_STUDENT))
+    width: float = 1.0  # multiplies the student's channels (stages given as one width each)
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the soft (teacher) term
     epochs: int = 8
@@ -79,16 +88,23 @@ class DistilledConfig:
             raise ValueError(f"ensemble must be ≥ 1, got {self.ensemble!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.width, int | float) or isinstance(self.width, bool) \
+                or not 0 < self.width <= 8:
+            raise ValueError(f"width must be a number in (0, 8], got {self.width!r}")
         try:  # check the student's architecture now, not after the teacher has trained
-            student_spec({"input": [1, 28, 28], "num_classes": 10}, self.student)
+            student_spec({"input": [1, 28, 28], "num_classes": 10}, self.student, self.width)
         except ConfigError as exc:
             raise ValueError(f"student: {exc}") from exc
 
 
-def student_spec(base_spec: Spec, student: dict[str, Any]) -> Spec:
-    """The student's spec: its own layers, the base's input shape, classes and normalisation."""
+def student_spec(base_spec: Spec, student: dict[str, Any], width: float = 1.0) -> Spec:
+    """The student's spec: its own layers (channels × ``width``), the base's input shape, classes
+    and normalisation."""
     inherited = {k: base_spec[k] for k in ("input", "num_classes", "normalize") if k in base_spec}
-    return validate({"kind": "cnn", **student, **inherited})
+    spec = validate({"kind": "cnn", **student, **inherited})
+    if width != 1.0:
+        spec["width"] = float(spec.get("width", 1.0)) * width
+    return spec
 
 
 Teacher = Callable[[torch.Tensor], torch.Tensor]  # images [N, C, H, W] → logits [N, classes]
@@ -159,9 +175,11 @@ class Teachers:
     the T sweep and the served run share one pass of the (much bigger) teachers.
     """
 
-    def __init__(self, models: list[Teacher]) -> None:
+    def __init__(self, models: list[Teacher],
+                 memo: dict[bytes, torch.Tensor] | None = None) -> None:
         self.models = [m.eval() if isinstance(m, nn.Module) else m for m in models]
-        self._memo: dict[bytes, torch.Tensor] = {}
+        # a memo shared across a search's tries must belong to exactly these teachers
+        self._memo: dict[bytes, torch.Tensor] = {} if memo is None else memo
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,22 +222,36 @@ def _ensemble(ctx: BuildContext, base: Built, config: DistilledConfig) -> list[T
         if base.spec is None:
             raise ConfigError(f"distilled: ensemble > 1 needs a base with a spec; {base.name!r} "
                               "has none")
-        seed_everything(ctx.seed + k)
-        member = build_model(base.spec)
-        train(member, ctx.splits, ctx.train.scaled(epochs=config.member_epochs),
-              seed=ctx.seed + k, desc=f"teacher {k + 1}/{config.ensemble}", progress=ctx.progress)
-        teachers.append(member.eval())
+        key = f"distilled:member:{base.name}:{k}:{config.member_epochs}"
+        if key not in ctx.memo:  # a later try of the search reuses the member
+            seed_everything(ctx.seed + k)
+            member = build_model(base.spec)
+            train(member, ctx.splits, ctx.train.scaled(epochs=config.member_epochs),
+                  seed=ctx.seed + k, desc=f"teacher {k + 1}/{config.ensemble}",
+                  progress=ctx.progress)
+            ctx.memo[key] = member.eval()
+        teachers.append(ctx.memo[key])
     return teachers
+
+
+def teacher_memo(ctx: BuildContext, *names: str) -> dict[bytes, torch.Tensor]:
+    """The logit memo of one teacher set (named in `Teachers` order), kept for the whole build:
+    the tries of a search, and any variant taught by the same set on the same batches (the
+    depthwise variant and a student of `full` alone share one)."""
+    memo: dict[bytes, torch.Tensor] = ctx.memo.setdefault("teachers:" + ":".join(names), {})
+    return memo
 
 
 @register("distilled", DistilledConfig)
 def apply(ctx: BuildContext, base: Built, config: DistilledConfig) -> MethodOutput:
     if base.model is None or base.spec is None:
         raise ConfigError(f"distilled needs a torch teacher with a spec; {base.name!r} has none")
-    spec = student_spec(base.spec, config.student)
+    spec = student_spec(base.spec, config.student, config.width)
     for name in config.teachers:  # fail before any training on a misspelt name
         ctx.variant(name)
-    teachers = Teachers(_ensemble(ctx, base, config))
+    members = [f"{base.name}#{k}@{config.member_epochs}" for k in range(1, config.ensemble)]
+    teachers = Teachers(_ensemble(ctx, base, config),
+                        memo=teacher_memo(ctx, base.name, *config.teachers, *members))
     x, y = ctx.splits.x_test, ctx.splits.y_test
     student = _train_student(ctx, spec, teachers, config, config.temperature,
                              f"distill T={config.temperature:g}")

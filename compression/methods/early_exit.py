@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx
@@ -62,7 +62,7 @@ from compression.core.exits import (
 from compression.core.family import BATCH_SIZES, Exit, LatencyTable
 from compression.methods.distilled import soft_target_loss
 from compression.models import StagedCNN
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import LossFn, train
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ CURVE = {"max_prob": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999
 @dataclass(frozen=True)
 class EarlyExitConfig:
     """Exit heads, the two trainings, and the calibration of the exit policy."""
+
+    # the threshold target: a smaller allowed drop lets fewer samples leave early (milder)
+    strength: ClassVar[Knob] = Knob("target_drop", (0.05, 0.02, 0.01, 0.005, 0.0))
 
     head_pool: int = 7  # exit head: max-pool the stage output to about pool×pool, then linear
     head_hidden: int = 0  # > 0: one hidden ReLU layer of this width in each early head

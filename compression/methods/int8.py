@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ from onnxruntime.quantization import (
 
 from compression import export, profile
 from compression.core.ort import INPUT_NAME, session
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": Calibratio
 
 @dataclass(frozen=True)
 class Int8Config:
+    strength: ClassVar[Knob] = Knob("per_channel", (False, True))  # per tensor, then per channel
+
     calibration_images: int = 256  # seeded training images that fix the activation ranges
     calibration_batch: int = 32
     calibrate_method: str = "minmax"

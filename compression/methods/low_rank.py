@@ -23,12 +23,15 @@ from torch import nn
 
 from compression import export, profile, report
 from compression.core.ort import session
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import train
 
 log = logging.getLogger(__name__)
 
 CRITERIA = ("ratio", "energy")
+# The strength knob follows the criterion: a larger parameter ratio or energy share is milder.
+RATIO_KNOB = Knob("param_ratio", (0.1, 0.15, 0.25, 0.35, 0.5, 0.7), continuous=True)
+ENERGY_KNOB = Knob("energy", (0.8, 0.9, 0.95, 0.98, 0.99), continuous=True)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class LowRankConfig:
             raise ValueError(f"fine_tune_epochs must be ≥ 0, got {self.fine_tune_epochs!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+    @property
+    def strength(self) -> Knob:
+        return RATIO_KNOB if self.criterion == "ratio" else ENERGY_KNOB
 
 
 # --- the factorisation ------------------------------------------------------------------------

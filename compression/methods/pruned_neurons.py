@@ -16,6 +16,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch_pruning as tp
@@ -24,7 +25,7 @@ from torch import nn
 from compression import profile
 from compression.core.errors import ConfigError
 from compression.models import Spec, StagedCNN, build_model
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import accuracy, train
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrunedNeuronsConfig:
+    # the search backs off from the configured ratio toward wider networks
+    strength: ClassVar[Knob] = Knob("ratio", (0.75, 0.6, 0.5, 0.4, 0.3, 0.2), continuous=True)
+
     ratio: float = 0.5  # share of channels removed from every prunable layer
     steps: int = 2  # pruning rounds (linear ratio schedule), each followed by a fine-tune
     epochs_per_step: int = 1

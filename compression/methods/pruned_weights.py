@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch import nn
 from compression import profile
 from compression.core.errors import ConfigError
 from compression.models import Spec, build_model
-from compression.registry import BuildContext, Built, MethodOutput, register
+from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.report import markdown_table
 from compression.train import accuracy, seed_everything, train
 
@@ -38,6 +39,10 @@ Masks = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class PrunedWeightsConfig:
+    # the search backs off from the configured sparsity toward denser models
+    strength: ClassVar[Knob] = Knob("sparsity", (0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5),
+                                    continuous=True)
+
     sparsity: float = 0.9  # share of all conv + linear weights that end up zero
     steps: int = 3  # pruning rounds, sparsity rising on a cubic schedule (Zhu & Gupta 2017)
     epochs_per_step: int = 1  # fine-tune epochs after each round

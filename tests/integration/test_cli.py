@@ -63,6 +63,18 @@ def test_serve_refuses_a_bad_family_with_one_line(tmp_path: Path) -> None:
     assert "manifest.json: file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="this host's onnxruntime has CUDA: --device cuda is valid here")
+def test_serve_device_cuda_without_a_cuda_provider_is_one_line(serving_family: Path) -> None:
+    proc = subprocess.run([*CLI, "serve", str(serving_family), "--device", "cuda", "--port", "0",
+                           "--metrics-port", "-1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--device cuda: this onnxruntime has no CUDAExecutionProvider" in lines[0]
+    assert "onnxruntime-gpu" in lines[0] and "--device cpu" in lines[0]
+
+
 def test_serve_reports_a_taken_port_in_one_line(serving_family: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -126,7 +138,7 @@ def test_inspect_command_prints_the_variant_table(quick_family: Path,
     out = capsys.readouterr().out
     first, *rest = out.splitlines()
     assert first.startswith(f"family {family.name!r}: {len(family.variants)} variants")
-    names = [line.split()[0] for line in rest[2:] if line.strip()]
+    names = [line.split()[0] for line in rest[2:rest.index("")]]  # the table ends at a blank
     assert names == list(family.variants)  # one row per variant, in manifest order
     assert cli_main(["inspect", str(quick_family / "missing")]) == 2
     assert "manifest.json" in capsys.readouterr().err

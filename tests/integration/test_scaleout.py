@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def _answered(metrics_port: int) -> float:
 
 
 def test_round_robin_spreads_over_two_servers_and_survives_losing_one(
-        serving_family: Path) -> None:
+        serving_family: Path, record: Callable[..., None]) -> None:
     args = [str(serving_family), "--port", "0", "--metrics-port", "0", "--threads", "1"]
     a, b = ServerProcess(args), ServerProcess(args)
     try:
@@ -73,6 +74,8 @@ def test_round_robin_spreads_over_two_servers_and_survives_losing_one(
             after = _answered(mports[1])
         log.warning("scale-out: first 40 requests split %s; %d more while one server stopped, "
                     "%d failed", spread, answered + 20, len(failures))
+        record("scaleout", spread=" / ".join(f"{n:.0f}" for n in spread), sent=answered + 20,
+               failed=len(failures))
         assert failures == []
         assert answered > 0
         assert after - before >= 20  # the survivor answers everything now

@@ -5,11 +5,14 @@ and health checks need no token."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,13 +22,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AdaptiveClient, Unauthenticated, Unavailable
+from client.process import SERVING as PROCESS_SERVING
+from client.process import ServerProcess
 from client.synthetic import SHAPE, cnn, plain, write_family
+from server import security
 from server.app import ServeOptions
 from tests.harness import RunningServer, serve_in_thread
 
 TOKEN = "s3cret-token-0123456789"
+SERVING_STATUS = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass(frozen=True)
@@ -196,3 +204,100 @@ def test_cli_health_and_infer_speak_tls_and_tokens(mtls_token_server: RunningSer
                      str(tmp_path / "x.npy")]) == 0
     assert cli_main(["infer", *target, *creds, str(tmp_path / "x.npy")]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+# --- What a peer without the token can cost: nothing is read, listed or held for it -----------
+
+def _secure(target: str, pki: Pki) -> grpc.Channel:
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(
+        pki.ca.cert, pki.client.key, pki.client.cert))
+
+
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    code: grpc.StatusCode = info.value.code()
+    return code
+
+
+BEARER = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def test_without_the_token_no_method_can_be_told_from_another(mtls_token_server: RunningServer,
+                                                              pki: Pki) -> None:
+    with _secure(mtls_token_server.target, pki) as ch:
+        unknown = ch.unary_unary("/no.Such/Method")
+        unknown_in_known = ch.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+        watch = health_pb2_grpc.HealthStub(ch).Watch
+        for call in (lambda: unknown(b"", timeout=5), lambda: unknown_in_known(b"", timeout=5),
+                     lambda: next(watch(health_pb2.HealthCheckRequest(), timeout=5))):
+            assert _code(call) is grpc.StatusCode.UNAUTHENTICATED
+        # With the token the difference shows: the method does not exist.
+        assert (_code(lambda: unknown(b"", timeout=5, metadata=BEARER))
+                is grpc.StatusCode.UNIMPLEMENTED)
+        # Check stays open: kubelet's gRPC probes carry no secrets.
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                    timeout=5).status == SERVING_STATUS
+
+
+def _peak_rss_mib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) // 1024
+
+
+@pytest.fixture(scope="module")
+def token_process(tiny_family: Path, pki: Pki) -> Iterator[tuple[ServerProcess, str]]:
+    """A plaintext ``serve`` process with a token: its memory is its own to measure."""
+    p = ServerProcess([str(tiny_family), "--port", "0", "--metrics-port", "-1", "--threads", "1",
+                       "--auth-token-file", str(pki.dir / "token")])
+    try:
+        target = f"127.0.0.1:{p.port()}"
+        p.wait_for(PROCESS_SERVING)
+        yield p, target
+    finally:
+        p.stop()
+
+
+def test_large_bodies_without_the_token_are_refused_unread(
+        token_process: tuple[ServerProcess, str]) -> None:
+    proc, target = token_process
+    n, body = 6, b"\0" * (48 << 20)  # under --max-message-mb: only the token refuses them
+    before = _peak_rss_mib(proc.proc.pid)
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        futures = [infer.future(body, timeout=60) for _ in range(n)]
+        codes = {f.exception().code() for f in futures}  # type: ignore[union-attr]
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+    # Read in full (the old unary refusal) the six would have raised the peak by ~600 MiB.
+    grown = _peak_rss_mib(proc.proc.pid) - before
+    assert grown < 96, f"peak RSS grew {grown} MiB for {n} refused bodies of 48 MiB"
+    with AdaptiveClient(target, model="tiny", token=TOKEN) as c:
+        assert c.infer(X).variant == "fast"  # and the server is as it was
+
+
+def test_watch_streams_beyond_the_cap_are_refused(tiny_family: Path, pki: Pki,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(security, "MAX_WATCH_STREAMS", 3)
+    with contextlib.contextmanager(_serve)(tiny_family, pki, mtls=False, token=True) as running:
+        health = running.server.health
+        with grpc.secure_channel(running.target,
+                                 grpc.ssl_channel_credentials(pki.ca.cert)) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+
+            def watch() -> Any:
+                return stub.Watch(health_pb2.HealthCheckRequest(), timeout=30, metadata=BEARER)
+
+            streams = [watch() for _ in range(3)]
+            assert [next(s).status for s in streams] == [SERVING_STATUS] * 3
+            assert health.watching == 3
+            assert _code(lambda: next(watch())) is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING_STATUS
+            streams.pop().cancel()  # a slot comes free when a stream ends, however it ends
+            deadline = time.monotonic() + 30
+            while health.watching > 2 and time.monotonic() < deadline:
+                time.sleep(0.02)  # the server sees the cancellation on its own loop
+            streams.append(watch())
+            assert next(streams[-1]).status == SERVING_STATUS
+            for s in streams:
+                s.cancel()

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,16 +32,19 @@ IN_FLIGHT = 8
 IMAGES = 32  # one full batch each: the pinned slow variant runs them one after another
 
 
-def _inflight(metrics_port: int) -> float:
+def _arrived(metrics_port: int) -> tuple[float, float]:
+    """(requests in flight, requests answered) from the server's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                   timeout=5).read().decode()
-    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-                if s.name == "adaptive_inflight_requests")
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    inflight = next(s.value for s in samples if s.name == "adaptive_inflight_requests")
+    answered = sum(s.value for s in samples if s.name == "adaptive_requests_total")
+    return inflight, answered
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(serving_family: Path,
-                                                                  sig: signal.Signals) -> None:
+def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(
+        serving_family: Path, sig: signal.Signals, record: Callable[..., None]) -> None:
     proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "0",
                           "--threads", "2", "--grace-s", "30"])
     try:
@@ -53,9 +59,11 @@ def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(serving_family:
                 pool.submit(lambda: (c.infer(x, variant="slow", timeout=60), time.monotonic()))
                 for _ in range(IN_FLIGHT)]
             stop = time.monotonic() + 30
-            while _inflight(mport) < IN_FLIGHT:  # every call has reached the server
+            # Every call has reached the server (in flight, or the first already answered: the
+            # gauge is sampled, and a scrape may come after the first batch finished).
+            while sum(_arrived(mport)) < IN_FLIGHT:
                 assert time.monotonic() < stop, "the calls never all reached the server"
-                time.sleep(0.01)  # polling the server's gauge; there is nothing to wait on
+                time.sleep(0.01)  # polling the server's gauges; there is nothing to wait on
             signalled = time.monotonic()
             proc.proc.send_signal(sig)
 
@@ -79,7 +87,78 @@ def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(serving_family:
         exited = time.monotonic() - signalled
         log.warning("shutdown: %d in flight at %s, %d failed, %d finished after the signal, "
                     "exit %.2f s after it", IN_FLIGHT, sig.name, failed, finished_after, exited)
+        record(f"shutdown-{sig.name}", in_flight=IN_FLIGHT, failed=failed,
+               finished_after=finished_after, exit_s=round(exited, 2))
         assert failed == 0
         assert finished_after >= 1  # they really were in flight when the signal came
+    finally:
+        proc.stop()
+
+
+HAMMERS = 4  # channels sending new calls back to back through the drain and the exit
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_calls_racing_the_drain_and_exit_are_refused_unavailable_never_cancelled(
+        serving_family: Path, sig: signal.Signals, record: Callable[..., None]) -> None:
+    """New calls sent without pause from before the signal until after the process is gone see
+    OK (before the signal), then UNAVAILABLE (refused while draining, or the connection closed
+    at the exit, or refused to connect): never CANCELLED, which clients do not retry. The calls
+    in flight at the signal all finish."""
+    proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "0",
+                          "--threads", "2", "--grace-s", "30"])
+    try:
+        port = proc.port()
+        mport = proc.port(METRICS)
+        proc.wait_for(SERVING)
+        target = f"127.0.0.1:{port}"
+        x = np.zeros((IMAGES, *SHAPE), np.float32)
+        codes: Counter[str] = Counter()
+        stop = threading.Event()
+
+        def hammer() -> None:
+            # No retry policy: every answer as the server (or the connection) gave it.
+            with grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]) as ch:
+                stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+                request = build_request("servetest", x[:1], variant="fast")
+                while not stop.is_set():
+                    try:
+                        stub.ModelInfer(request, timeout=10)
+                        codes["OK"] += 1
+                    except grpc.RpcError as exc:
+                        codes[exc.code().name] += 1
+
+        with AdaptiveClient(target, model="servetest") as c, \
+                ThreadPoolExecutor(IN_FLIGHT + HAMMERS) as pool:
+            hammers = [pool.submit(hammer) for _ in range(HAMMERS)]
+            try:
+                stop_at = time.monotonic() + 60
+                while codes["OK"] < HAMMERS:  # the flood is on
+                    assert time.monotonic() < stop_at, codes
+                    time.sleep(0.01)  # polling the hammers' count; there is nothing to wait on
+                calls = [pool.submit(c.infer, x, variant="slow", timeout=60)
+                         for _ in range(IN_FLIGHT)]
+                while _arrived(mport)[0] < IN_FLIGHT:  # (a few may be the hammers' fast calls)
+                    assert time.monotonic() < stop_at, "the calls never reached the server"
+                    time.sleep(0.01)  # polling the server's gauge
+                proc.proc.send_signal(sig)
+                assert proc.proc.wait(timeout=60) == 0
+                time.sleep(0.3)  # and a while after it is gone: refused connections
+            finally:
+                stop.set()
+            for h in hammers:
+                h.result(timeout=30)
+            results = [f.result(timeout=60) for f in calls]  # raises if an in-flight call failed
+        log.warning("drain under a flood of new calls (%s): %s; %d in flight at the signal all "
+                    "answered", sig.name, dict(codes), len(results))
+        record(f"drain-{sig.name}", ok=codes["OK"], unavailable=codes["UNAVAILABLE"],
+               cancelled=codes["CANCELLED"], other=sum(n for c, n in codes.items()
+                                                      if c not in ("OK", "UNAVAILABLE",
+                                                                   "CANCELLED")),
+               in_flight=len(results))
+        assert codes["CANCELLED"] == 0, codes
+        assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+        assert codes["UNAVAILABLE"] > 0
+        assert all(r.variant == "slow" for r in results)
     finally:
         proc.stop()

@@ -68,7 +68,7 @@ def test_quick_build_end_to_end(quick_family: Path) -> None:
 def test_rebuild_reuses_the_cached_base_and_is_deterministic(
         quick_family: Path, build_cache: Path, tmp_path: Path) -> None:
     before = sorted(build_cache.glob("base-*.safetensors"))
-    assert len(before) == 1
+    assert before  # quick_family trained and cached its base (other tests may cache theirs)
     out = build(load_config(QUICK), tmp_path / "again", cache_dir=build_cache, progress=False)
     assert sorted(build_cache.glob("base-*.safetensors")) == before  # nothing retrained
     a = json.loads((quick_family / "manifest.json").read_text())["variants"]

@@ -179,3 +179,58 @@ def test_a_request_larger_than_the_queue_is_invalid_not_overloaded() -> None:
     _refused(_request(x), "inputs[0].shape[0] 9", "--max-queue 8", max_queue=8)
     assert _decode(_request(x), max_queue=9).x.shape[0] == 9
     assert _decode(_request(x), max_queue=None).x.shape[0] == 9
+
+
+# --- UINT8 pixels ------------------------------------------------------------------------------
+
+def _uint8_request(u: np.ndarray, *, raw: bool = True) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="m")
+    t = req.inputs.add(name="input", datatype="UINT8", shape=list(u.shape))
+    if raw:
+        req.raw_input_contents.append(u.astype(np.uint8).tobytes())
+    else:
+        t.contents.uint_contents.extend(u.ravel().tolist())
+    return req
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_uint8_pixels_become_the_fp32_a_client_would_send(raw: bool) -> None:
+    u = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    u[0, 0, 0, :2] = (0, 255)  # both ends of the range
+    x = _decode(_uint8_request(u, raw=raw)).x
+    assert x.dtype == np.float32 and x.shape == (3, 1, 28, 28)
+    scaled = u.astype(np.float32) / 255  # what the build and an FP32 client compute
+    np.testing.assert_array_equal(x, scaled)  # bit for bit: the same logits either way
+    np.testing.assert_array_equal(_decode(_request(scaled)).x, x)
+
+
+def test_uint8_payload_errors_name_the_field_and_value() -> None:
+    u = np.zeros((2, 1, 28, 28), np.uint8)
+    short = _uint8_request(u)
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-1]
+    _refused(short, "raw_input_contents[0]: 1567 bytes", "UINT8 needs 1568")
+    as_fp32 = _uint8_request(u)
+    as_fp32.raw_input_contents[0] = np.zeros(u.shape, np.float32).tobytes()  # 4x the bytes
+    _refused(as_fp32, "raw_input_contents[0]: 6272 bytes", "UINT8 needs 1568")
+    big = _uint8_request(u, raw=False)
+    big.inputs[0].contents.uint_contents[1000] = 256
+    _refused(big, "inputs[0].contents.uint_contents: value 256 at flat index 1000",
+             "not a UINT8 pixel (0..255)")
+    few = _uint8_request(u[:1], raw=False)
+    few.inputs[0].shape[0] = 2
+    _refused(few, "inputs[0].contents.uint_contents: 784 values", "needs 1568")
+    wrong_field = _uint8_request(u, raw=False)
+    wrong_field.inputs[0].contents.ClearField("uint_contents")
+    wrong_field.inputs[0].contents.fp32_contents.extend([0.5] * u.size)
+    _refused(wrong_field, "inputs[0].contents.fp32_contents is set: datatype UINT8 takes "
+             "inputs[0].contents.uint_contents or raw_input_contents")
+    both = _uint8_request(u)
+    both.inputs[0].contents.uint_contents.extend([1] * u.size)
+    _refused(both, "both raw_input_contents and inputs[0].contents.uint_contents are set")
+
+
+@pytest.mark.parametrize("datatype", ["INT8", "FP16", "UINT16", "uint8", "BYTES"])
+def test_other_datatypes_are_refused_naming_the_accepted_ones(datatype: str) -> None:
+    req = _uint8_request(np.zeros((1, 1, 28, 28), np.uint8))
+    req.inputs[0].datatype = datatype
+    _refused(req, f"inputs[0].datatype {datatype!r}", "expected 'FP32'", "or 'UINT8'")

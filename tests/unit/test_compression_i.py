@@ -34,7 +34,7 @@ from compression.methods import (
     pruned_weights,
 )
 from compression.models import DEFAULT_CNN, build_model, fold_batchnorm
-from compression.registry import BuildContext
+from compression.registry import BuildContext, Built
 from compression.train import TrainConfig, TrainResult, accuracy, seed_everything, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -383,6 +383,32 @@ def test_binarised_layers_hold_exactly_two_values_per_output_channel() -> None:
     assert len(blob) < sum(v.nbytes for v in tensors.values()) / 8
 
 
+def test_binary_ends_keeps_first_and_last_layers_float_and_the_served_graph_round_trips(
+        tmp_path: Path) -> None:
+    """``full_precision = "ends"`` (the search's milder binary setting): the first conv and the
+    classifier stay float32 and dense in the graph, every other weight goes to the codec."""
+    from compression.build import _read_back, _write_graph
+
+    ctx = _ctx(_splits())
+    model = _tiny()
+    base = Built("full", model, {**TINY, "num_classes": 4}, export.to_onnx(model, (1, 28, 28)),
+                 accuracy=0.0)
+    out = binary.apply(ctx, base, binary.BinaryConfig(epochs=0, full_precision="ends"))
+    layers = [m for m in out.model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert len(layers) == 4 and out.details["float32_weights"] == (
+        layers[0].weight.numel() + layers[-1].weight.numel())
+    for m in (layers[0], layers[-1]):  # real-valued: many magnitudes per output channel
+        assert len(m.weight[0].abs().unique()) > 2
+    for m in layers[1:-1]:  # binary: one magnitude per output channel
+        assert len(m.weight[0].abs().unique()) == 1
+    graph = export.to_onnx(out.model, (1, 28, 28))
+    assert out.codec_tensors is not None and len(out.codec_tensors) == 2
+    artifacts = _write_graph(tmp_path, "binary", graph, out)
+    served = _read_back(tmp_path, artifacts)
+    x = ctx.splits.x_val
+    np.testing.assert_array_equal(export.run(session(served), x), export.run(session(graph), x))
+
+
 def test_binary_codec_refuses_a_real_valued_tensor() -> None:
     w = np.array([[0.5, -0.5, 0.5], [0.2, -0.3, 0.2]], dtype=np.float32)
     with pytest.raises(ValueError, match="output channel 1 holds 2 distinct magnitudes"):
@@ -411,6 +437,7 @@ def test_configs_reject_bad_values_naming_them(cls: type, field: str, value: obj
 TINY_FAMILY = """
 family = "tiny"
 seed = 0
+max_drop = 100  # the methods are tested here; the accuracy target in test_max_drop.py
 [data]
 spec = "npz:{npz}"
 [base.arch]

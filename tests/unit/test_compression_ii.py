@@ -299,6 +299,7 @@ def test_capped_policy_accuracy_is_what_the_server_returns_at_that_depth(criteri
 TINY_FAMILY = """
 family = "tiny-cii"
 seed = 0
+max_drop = 100  # the methods are tested here; the accuracy target in test_max_drop.py
 
 [data]
 spec = "mnist5k"

@@ -127,3 +127,124 @@ def test_npz_with_wrong_keys_or_pickled_objects(tmp_path: Path) -> None:
     _expect(f"npz:{tmp_path / 'keys.npz'}", "expected arrays", "images")
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
     _expect(f"npz:{tmp_path / 'obj.npz'}", "obj.npz")  # refused, never unpickled
+
+
+# --- folder:DIR (ImageFolder) ----------------------------------------------------------------
+
+def _png(path: Path, pixels: np.ndarray, fmt: str = "PNG") -> Path:
+    """[H, W] uint8 → L, [H, W, 2|3|4] → LA/RGB/RGBA, [H, W] uint16 → I;16 (Pillow's mapping)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def _rgb(seed: int, h: int = 6, w: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _gray(seed: int, h: int = 6, w: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def test_folder_rgb_classes_are_sorted_folder_names_and_pixels_exact(tmp_path: Path) -> None:
+    # written out of order, one nested: classes and files come back in sorted order
+    _png(tmp_path / "zebra" / "b.png", _rgb(1))
+    _png(tmp_path / "zebra" / "a.png", _rgb(2))
+    _png(tmp_path / "ant" / "sub" / "c.png", _rgb(3))
+    _png(tmp_path / "ant" / "B.PNG", _rgb(4))
+    flat = np.full((6, 5, 3), (200, 30, 90), np.uint8)  # smooth: JPEG keeps it nearly intact
+    _png(tmp_path / "ant" / "d.jpeg", flat, fmt="JPEG")
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    _png(tmp_path / "ant" / ".hidden.png", _rgb(6, 9, 9))  # skipped: another size would fail
+    _png(tmp_path / ".cache" / "x.png", _rgb(7, 9, 9))  # a hidden folder is no class
+    ds = data.load(f"folder:{tmp_path}")
+    assert ds.class_names == ("ant", "zebra") and ds.num_classes == 2
+    assert ds.x.shape == (5, 3, 6, 5) and ds.x.dtype == np.float32
+    np.testing.assert_array_equal(ds.y, [0, 0, 0, 1, 1])
+    # order: ant/B.PNG, ant/d.jpeg, ant/sub/c.png, zebra/a.png, zebra/b.png
+    for i, seed in ((0, 4), (2, 3), (3, 2), (4, 1)):  # PNG is lossless: exactly uint8 / 255
+        np.testing.assert_array_equal(ds.x[i], _rgb(seed).transpose(2, 0, 1) / np.float32(255))
+    np.testing.assert_allclose(ds.x[1], flat.transpose(2, 0, 1) / 255, atol=0.04)  # JPEG: lossy
+    again = data.load(f"folder:{tmp_path}")
+    assert again.fingerprint() == ds.fingerprint()
+
+
+def test_folder_channels_follow_the_stated_rule(tmp_path: Path) -> None:
+    gray = tmp_path / "gray"
+    _png(gray / "a" / "1.png", _gray(1))
+    _png(gray / "b" / "2.png", (_gray(2) > 127).astype(np.uint8) * 255)
+    _png(gray / "b" / "3.png", np.dstack([_gray(3), _gray(4)]))
+    _png(gray / "b" / "4.png", _gray(5).astype(np.uint16) * 257)  # 16-bit
+    ds = data.load(f"folder:{gray}")
+    assert ds.x.shape == (4, 1, 6, 5)  # every image grayscale: one channel
+    np.testing.assert_array_equal(ds.x[2, 0], _gray(3) / np.float32(255))  # alpha dropped
+    np.testing.assert_allclose(ds.x[3, 0], _gray(5) / 255, atol=1e-6)  # 65535 = 1.0
+    mixed = tmp_path / "mixed"
+    _png(mixed / "a" / "1.png", _gray(1))
+    rgba = np.dstack([_rgb(2), _gray(9)])
+    _png(mixed / "b" / "2.png", rgba)
+    ds = data.load(f"folder:{mixed}")
+    assert ds.x.shape == (2, 3, 6, 5)  # one colour image: all RGB
+    for c in range(3):  # grayscale repeated in R, G and B
+        np.testing.assert_array_equal(ds.x[0, c], _gray(1) / np.float32(255))
+    np.testing.assert_array_equal(ds.x[1], _rgb(2).transpose(2, 0, 1) / np.float32(255))
+
+
+def test_folder_train_and_test_subfolders_are_the_source_split(tmp_path: Path) -> None:
+    for i in range(6):
+        _png(tmp_path / "train" / ("cat" if i % 2 else "dog") / f"{i}.png", _rgb(i, 8, 12))
+    _png(tmp_path / "test" / "dog" / "t.png", _rgb(99, 8, 12))  # a subset of the classes
+    ds = data.load(f"folder:{tmp_path}")
+    assert ds.class_names == ("cat", "dog") and ds.num_classes == 2
+    assert ds.x.shape == (6, 3, 8, 12) and ds.x_test is not None and ds.y_test is not None
+    assert ds.x_test.shape == (1, 3, 8, 12) and ds.y_test.tolist() == [1]
+    s = data.split(ds, seed=0)
+    np.testing.assert_array_equal(s.x_test, ds.x_test)  # kept as the source defines it
+    assert s.input_shape == (3, 8, 12) and len(s.normalization()["mean"]) == 3
+
+
+def test_folder_errors_name_the_folder_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    _expect(f"folder:{tmp_path / 'nodir'}", "nodir", "directory not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _expect(f"folder:{empty}", "found 0 class folder(s)", "at least 2")
+    _png(tmp_path / "one" / "only" / "a.png", _rgb(0))
+    _expect(f"folder:{tmp_path / 'one'}", "found 1 class folder(s) ['only']")
+    _png(tmp_path / "bare" / "a" / "x.png", _rgb(0))
+    (tmp_path / "bare" / "b").mkdir()
+    (tmp_path / "bare" / "b" / "x.bmp").write_bytes(b"BM")
+    _expect(f"folder:{tmp_path / 'bare'}", "bare/b: class folder holds no .png/.jpg/.jpeg image")
+    monkeypatch.setattr(data, "MAX_CLASSES", 2)
+    _png(tmp_path / "many" / "a" / "x.png", _rgb(0))
+    _png(tmp_path / "many" / "b" / "x.png", _rgb(0))
+    _png(tmp_path / "many" / "c" / "x.png", _rgb(0))
+    _expect(f"folder:{tmp_path / 'many'}", "3 class folders, at most 2")
+
+
+def test_folder_unreadable_or_odd_sized_images_are_named(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _png(root / "a" / "1.png", _rgb(0))
+    _png(root / "b" / "2.png", _rgb(1))
+    bad = root / "b" / "3.png"
+    bad.write_bytes(b"this is no png")
+    _expect(f"folder:{root}", f"{bad}: unreadable image")
+    good = _png(root / "b" / "3.png", _rgb(2, 64, 64))
+    good.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated mid-data
+    _expect(f"folder:{root}", f"{good}: unreadable image")
+    _png(root / "b" / "3.png", _rgb(2, 7, 5))
+    _expect(f"folder:{root}", f"{bad}: image size 5x7 differs from 5x6 of {root / 'a' / '1.png'}")
+
+
+def test_folder_split_layout_errors(tmp_path: Path) -> None:
+    _png(tmp_path / "s" / "train" / "a" / "1.png", _rgb(0))
+    _png(tmp_path / "s" / "train" / "b" / "1.png", _rgb(1))
+    _png(tmp_path / "s" / "test" / "c" / "1.png", _rgb(2))
+    _expect(f"folder:{tmp_path / 's'}", "test: class folder(s) ['c'] not in", "['a', 'b']")
+    _png(tmp_path / "s" / "val" / "a" / "1.png", _rgb(3))
+    _expect(f"folder:{tmp_path / 's'}", "holds train/ and also ['val']")
+    _png(tmp_path / "t" / "test" / "a" / "1.png", _rgb(0))
+    _png(tmp_path / "t" / "b" / "1.png", _rgb(0))
+    _expect(f"folder:{tmp_path / 't'}", "holds test/ but no train/ folder")

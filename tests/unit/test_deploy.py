@@ -1,24 +1,49 @@
-"""The deployment files, checked statically (docker and kubectl cannot run here): the Dockerfile's
-stages, CPU-only installs, non-root user, ports and HEALTHCHECK; the Kubernetes Deployment's gRPC
-probes and resources, the headless Service, the CPU HPA and the custom-metrics notes. Commands in
-them are parsed with the real `adaptive-inference` argument parser, so a renamed flag fails here."""
+"""The deployment files, checked statically (tests/container/ builds and runs the image; no
+Kubernetes runs here): the Dockerfile's stages, CPU-only installs, non-root user, ports and
+HEALTHCHECK; every manifest under deploy/k8s/ against the real Kubernetes schemas (strict, the
+oldest and newest version kubernetes-validate ships); the Deployment's gRPC probes and resources,
+the headless Service, the HPA on CPU and on requests in flight, and the Prometheus adapter rules
+behind it (their queries name series the server exports; promtool parses them). Commands are
+parsed with the real `adaptive-inference` argument parser, so a renamed flag fails here."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from deploy_checks import (
+    ADAPTER_RULES,
+    adapter_rules,
+    docker_run_spec,
+    exported_series,
+    memory_bytes,
+    names_in,
+    render_metrics_query,
+)
+from prometheus_client import generate_latest
 
 from client.cli import parser
+from server.metrics import Metrics
+
+kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (the dev extra)")
+from kubernetes_validate.utils import all_versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
+MANIFESTS = sorted(p for p in K8S.iterdir() if p.suffix in (".yaml", ".yml"))
+# The oldest and the newest Kubernetes whose schemas kubernetes-validate ships (1.25 and 1.37 in
+# its 1.37 release): a field removed or added between them shows up at one end.
+VERSIONS = sorted({all_versions()[0], all_versions()[-1]})
+PROMTOOL = shutil.which("promtool")
 
 
 @dataclass(frozen=True)
@@ -165,6 +190,40 @@ def test_headless_service_for_round_robin(k8s: dict[str, dict[str, Any]]) -> Non
     assert any(p["port"] == 8001 and p["name"] == "grpc" for p in svc["ports"])
 
 
+def test_every_file_under_k8s_is_a_manifest() -> None:
+    others = {p.name for p in K8S.iterdir()} - {p.name for p in MANIFESTS} - {"README.md"}
+    assert not others, f"not validated (only .yaml/.yml are): {sorted(others)}"
+    assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "hpa.yaml"}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid_against_the_kubernetes_schema(manifest: Path, version: str) -> None:
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    assert docs, f"{manifest.name}: no documents"
+    for doc in docs:
+        try:
+            checked = kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{manifest.name} ({doc['kind']}) against Kubernetes {version}: "
+                        f"{exc.message} at {'.'.join(map(str, exc.path))}")
+        assert checked == version.rsplit(".", 1)[0]  # that very schema, not an older fallback
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_validation_rejects_a_misspelled_field_and_a_wrong_type(
+        k8s: dict[str, dict[str, Any]], version: str) -> None:
+    typo = copy.deepcopy(k8s["Deployment"])
+    container = typo["spec"]["template"]["spec"]["containers"][0]
+    container["readinessProbes"] = container.pop("readinessProbe")
+    with pytest.raises(kv.ValidationError, match="readinessProbes"):
+        kv.validate(typo, version, strict=True)
+    wrong = copy.deepcopy(k8s["HorizontalPodAutoscaler"])
+    wrong["spec"]["minReplicas"] = "two"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(wrong, version, strict=True)
+
+
 def test_hpa_scales_the_deployment_on_cpu(k8s: dict[str, dict[str, Any]]) -> None:
     hpa = k8s["HorizontalPodAutoscaler"]
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -176,13 +235,86 @@ def test_hpa_scales_the_deployment_on_cpu(k8s: dict[str, dict[str, Any]]) -> Non
     assert hpa["spec"]["minReplicas"] >= 2
 
 
+def _pods_metrics(k8s: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The HPA's per-pod custom metrics: name → target."""
+    return {m["pods"]["metric"]["name"]: m["pods"]["target"]
+            for m in k8s["HorizontalPodAutoscaler"]["spec"]["metrics"] if m["type"] == "Pods"}
+
+
+def test_hpa_also_scales_on_requests_in_flight_per_pod(k8s: dict[str, dict[str, Any]]) -> None:
+    pods = _pods_metrics(k8s)
+    assert "adaptive_inflight_requests" in pods
+    target = pods["adaptive_inflight_requests"]
+    assert target["type"] == "AverageValue" and float(target["averageValue"]) > 0
+    served = {r["name"]["as"] for r in adapter_rules()}
+    assert set(pods) <= served, f"HPA metrics no adapter rule provides: {set(pods) - served}"
+
+
+@pytest.fixture(scope="module")
+def exported() -> set[str]:
+    return exported_series(generate_latest(Metrics().registry).decode())
+
+
+def test_adapter_rules_query_series_the_server_exports(exported: set[str]) -> None:
+    rules = adapter_rules()
+    assert rules
+    for rule in rules:
+        series = names_in(rule["seriesQuery"])
+        assert len(series) == 1 and series <= exported, rule["seriesQuery"]
+        assert re.fullmatch(rule["name"]["matches"], next(iter(series))), rule["name"]
+        # what the adapter sends Prometheus: only exported series, grouped per pod
+        query = render_metrics_query(rule)
+        assert "<<" not in query and names_in(query) == series, query
+        assert re.search(r"by \(pod\)", query), query
+        # the adapter maps the namespace and pod labels to the objects the HPA averages over
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
+                                                  "pod": {"resource": "pod"}}
+
+
+def test_adapter_rules_reject_a_series_the_server_does_not_export(exported: set[str]) -> None:
+    rule = {**adapter_rules()[0], "seriesQuery": 'adaptive_inflight_request{pod!=""}'}
+    assert not names_in(render_metrics_query(rule)) <= exported
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (Debian package `prometheus`; "
+                                             ".ci/run installs it)")
+def test_promtool_parses_the_adapter_queries(tmp_path: Path) -> None:
+    """Each rendered metricsQuery as a recording rule: `promtool check rules` parses the PromQL."""
+    assert PROMTOOL is not None
+    rules = [{"record": f"adapter:{r['name']['as']}", "expr": render_metrics_query(r)}
+             for r in adapter_rules()]
+    path = tmp_path / "adapter.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": rules}]}))
+    proc = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in proc.stdout, \
+        proc.stdout + proc.stderr
+
+
+def test_deployment_maps_to_hardened_docker_run_flags(k8s: dict[str, dict[str, Any]],
+                                                      dockerfile: list[Instruction]) -> None:
+    """What tests/container runs the image with: every pod setting has its docker flag."""
+    spec = docker_run_spec(k8s["Deployment"], mounts={"family": Path("/srv/family")})
+    flags = " ".join(spec.flags)
+    for expected in ("--user 10001:10001", "--read-only", "--security-opt no-new-privileges",
+                     "--cap-drop ALL", "--cpus 2", f"--memory {2 * 2**30}",
+                     f"--tmpfs /tmp:rw,size={64 * 2**20}", "-v /srv/family:/family:ro"):
+        assert expected in flags, (expected, flags)
+    assert spec.user == _final(dockerfile, "USER")[-1].args
+    assert spec.args == k8s["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert spec.grace_s == 30
+    assert memory_bytes("512Mi") == 512 * 2**20 and memory_bytes("1G") == 10**9
+    privileged = copy.deepcopy(k8s["Deployment"])
+    privileged["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] = True
+    with pytest.raises(AssertionError, match="privileged"):
+        docker_run_spec(privileged, mounts={"family": Path("/srv/family")})
+
+
 def test_readme_covers_dns_round_robin_and_custom_metrics() -> None:
     text = (K8S / "README.md").read_text()
     assert "dns:///" in text and "round_robin" in text
     assert "prometheus-adapter" in text
-    rules = re.search(r"```yaml\n(.*?)```", text, re.S)
-    assert rules, "the adapter rule example"
-    parsed = yaml.safe_load(rules.group(1))
-    assert parsed["rules"][0]["seriesQuery"].startswith("adaptive_")
+    assert str(ADAPTER_RULES.relative_to(ROOT)) in text  # points at the checked rule file
+    assert "adaptive_inflight_requests" in text
     for cmd in re.findall(r"`(adaptive-inference (?:serve|health)[^`]*)`", text):
         parser().parse_args(shlex.split(cmd)[1:] + (["/family"] if "serve" in cmd else []))

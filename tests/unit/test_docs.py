@@ -48,4 +48,6 @@ def test_the_reliability_page_takes_its_figures_from_measurements() -> None:
     """Every run of tests and soak figures on docs/reliability.md sits in a measured block."""
     doc = (ROOT / "docs" / "reliability.md").read_text()
     keys = {m["key"] for m in BLOCK.finditer(doc)} | {m["key"] for m in TEXT.finditer(doc)}
-    assert {"fuzz", "fuzz-attacks", "memory", "soak", "faults", "overload", "shutdown"} <= keys
+    assert {"fuzz", "fuzz-attacks", "memory", "soak", "faults-raise", "faults-hang", "overload",
+            "shutdown-SIGTERM", "drain-SIGTERM", "workers-heal", "metrics-endpoint", "scaleout",
+            "container"} <= keys
