@@ -131,13 +131,17 @@ def probe_port(host: str, port: int) -> None:
     TIME_WAIT connections of an earlier server from counting."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise PortTaken(f"port {port} on {host} is already in use by another "
-                            f"process") from None
+        _bind(probe, host, port)
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
+    """``sock.bind``; a port in use is `PortTaken`, said plainly."""
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortTaken(f"port {port} on {host} is already in use by another process") from None
 
 
 def hold_port(host: str, port: int) -> tuple[socket.socket, socket.socket | None, int]:
@@ -149,13 +153,7 @@ def hold_port(host: str, port: int) -> tuple[socket.socket, socket.socket | None
         if port:
             probe_port(host, port)
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            holder.bind((host, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise PortTaken(f"port {port} on {host} is already in use by another "
-                            f"process") from None
+        _bind(holder, host, port)
         port = holder.getsockname()[1]
         if claim is None:  # port 0: the kernel picked a free port; claim it all the same
             claim = claim_port(host, port)
