@@ -67,6 +67,10 @@ def test_a_killed_worker_is_restarted_and_serves_again(serving_family: Path,
         proc.wait_for(SERVING, count=2)
         workers = [c.pid for c in psutil.Process(proc.proc.pid).children()]
         assert len(workers) == 2
+        # A worker logs SERVING a moment before the parent reads its "ready" from the pipe.
+        deadline = time.monotonic() + 10
+        while _worker_metrics(mport)["adaptive_workers"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the parent's gauge; there is nothing to wait on
         assert _worker_metrics(mport) == {"adaptive_workers": 2.0,
                                           "adaptive_workers_configured": 2.0,
                                           "adaptive_worker_restarts_total": 0.0}
