@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -48,15 +49,23 @@ SETTINGS = [
 
 
 DEPLOYMENT = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "deployment.yaml"
-_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def memory_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (``"2Gi"``, ``"512M"``, ``1073741824``) in bytes."""
+    m = re.fullmatch(r"(\d+)([KMGT]i|[kMGT])?", str(quantity))
+    if m is None:
+        raise ValueError(f"memory quantity {quantity!r} not understood")
+    return int(m.group(1)) * {**_BINARY, **_DECIMAL, None: 1}[m.group(2)]
 
 
 def deployment_limit_mib(path: Path = DEPLOYMENT) -> float:
     """The serving container's memory limit in the shipped Deployment."""
     doc = yaml.safe_load(path.read_text())
-    limit = str(doc["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"])
-    unit = next((u for u in _UNITS if limit.endswith(u)), None)
-    return float(limit.removesuffix(unit)) * _UNITS[unit] / 2**20 if unit else float(limit) / 2**20
+    limit = doc["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    return memory_bytes(limit) / 2**20
 
 
 def activation_bytes(graph: onnx.ModelProto) -> int:

@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.memory import memory_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "adaptive-inference.json"
@@ -104,17 +106,6 @@ def cpu_cores(quantity: str | int | float) -> float:
     """A Kubernetes CPU quantity (``2``, ``"1.5"``, ``"500m"``) in cores."""
     text = str(quantity)
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
-
-
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def memory_bytes(quantity: str | int) -> int:
-    """A Kubernetes memory quantity (``"2Gi"``, ``"512M"``, ``1073741824``) in bytes."""
-    m = re.fullmatch(r"(\d+)([KMGT]i|[kMGT])?", str(quantity))
-    assert m, f"memory quantity {quantity!r} not understood"
-    return int(m.group(1)) * {**_BINARY, **_DECIMAL, None: 1}[m.group(2)]
 
 
 @dataclass(frozen=True)
