@@ -25,11 +25,10 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -237,16 +236,10 @@ class Batcher:
             t0 = self._clock()
             n = sum(i.n for i in items)
             self._running, self._started_at = n, None
-            started = asyncio.Event()
-            call = loop.run_in_executor(self._executor, self._run, items,
-                                        partial(loop.call_soon_threadsafe, started.set))
+            call = loop.run_in_executor(self._executor, self._run, items)
             timeout = self._costs.timeout_s(n)
             try:
-                # The timeout counts from when a worker thread takes the batch: time spent
-                # waiting for a free thread (other variants' batches) is not a hang.
-                await _first(call, started.wait())
-                # shield: a timeout must not cancel the future the wedge is tracked by
-                out = await asyncio.wait_for(asyncio.shield(call), timeout)
+                out = await self._within(call, timeout)
             except TimeoutError:
                 log.error("variant %s: batch of %d still running after %.3f s; wedged until it "
                           "returns", self.name, n, timeout)
@@ -272,11 +265,31 @@ class Batcher:
             if self._listener is not None:
                 self._listener.batch_done(self.name, items, t0, out)
 
-    def _run(self, items: list[Item], on_start: Callable[[], object]) -> BatchOutput:
+    def _run(self, items: list[Item]) -> BatchOutput:
         """In the worker thread: mark the start (the router's view of the pool), then run."""
         self._started_at = self._clock()
-        on_start()
         return self._execute(items)
+
+    async def _within(self, call: asyncio.Future[BatchOutput], timeout: float | None
+                      ) -> BatchOutput:
+        """``call``'s result; TimeoutError once it has *run* for ``timeout`` seconds. Time spent
+        waiting for a free worker thread (behind other variants' batches) is not a hang, so
+        the clock starts at `_run`; the fast path is one `wait_for`, as without this rule."""
+        if timeout is None:
+            return await asyncio.shield(call)
+        wait = timeout
+        while True:
+            try:
+                # shield: a timeout must not cancel the future the wedge is tracked by
+                return await asyncio.wait_for(asyncio.shield(call), wait)
+            except TimeoutError:
+                started = self._started_at
+                if started is None:  # still waiting for a thread: give it the whole timeout
+                    wait = timeout
+                    continue
+                wait = started + timeout - self._clock()
+                if wait <= 0:
+                    raise
 
     def _fail(self, items: list[Item], exc: VariantFailed) -> None:
         """Fail a batch and everything queued behind it (retried elsewhere at once, rather than
@@ -363,12 +376,3 @@ class Batcher:
             self._queued -= item.n
         else:
             self._dead -= 1
-
-
-async def _first(call: asyncio.Future[BatchOutput], started: Coroutine[Any, Any, object]) -> None:
-    """Wait until the batch started running (or already finished/failed); never cancels ``call``."""
-    waiter = asyncio.ensure_future(started)
-    try:
-        await asyncio.wait((call, waiter), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
