@@ -58,7 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, workers=args.workers,
-        backend=args.backend, device=args.device,
+        backend=args.backend, device=args.device, gpu_dtype=args.gpu_dtype,
+        gpu_max_batch=args.gpu_max_batch, accelerator=args.accelerator,
         **({"threads": args.threads} if args.threads else {}),
         settings=Settings(max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
                           max_queue=args.max_queue, on_miss=args.on_miss,
@@ -259,9 +260,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="processes sharing the port (SO_REUSEPORT), metrics aggregated")
     s.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime",
-                   help="torch runs only variants that record a torch spec; others stay on ORT")
+                   help="what runs the CPU lanes: ONNX Runtime, or torch (the same graphs "
+                        "converted; int8 stays on ONNX Runtime)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="ORT execution provider (auto: CUDA when available)")
+                   help="where variants run. auto (default): on the CPU, and also on the GPU "
+                        "when torch sees one, the router choosing per request; cuda: on the GPU "
+                        "(the CPU only for variants without a GPU form); cpu: CPU only")
+    s.add_argument("--gpu-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="precision of the GPU lanes; fp16/bf16 re-measure each candidate's "
+                        "accuracy on the family's validation sample (default fp32)")
+    s.add_argument("--gpu-max-batch", type=int, default=256,
+                   help="samples per batch on a GPU lane, one CUDA graph per power of two up "
+                        "to it (default 256)")
+    s.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
+                   help="torch device of the GPU lanes; cpu runs their code on the CPU, for "
+                        "tests and CI on machines without a GPU (default cuda)")
     s.add_argument("--max-batch", type=int, default=32, help="samples per batch (default 32)")
     s.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                    help="hold a request up to this long for a fuller batch, never past what its "

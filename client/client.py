@@ -53,12 +53,13 @@ class InferResult:
     budget_ms: float | None  # the budget the server planned for
     exits: tuple[int, ...] | None = None  # per-sample exits when N > 1
     retried_from: str | None = None  # the server retried this request after that variant failed
+    device: str = wire.CPU  # where it ran: "cpu", or "cuda" when a GPU lane answered
 
     @property
     def candidate(self) -> str:
-        """Who answered, as the server names its routing candidates: ``variant`` or
-        ``variant@exit``."""
-        return wire.candidate_name(self.variant, self.exit)
+        """Who answered, as the server names its routing candidates: ``variant``,
+        ``variant@exit``, and on a GPU lane ``cuda:variant``."""
+        return wire.placed_name(wire.candidate_name(self.variant, self.exit), self.device)
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -137,7 +138,7 @@ def parse_response(resp: pb.ModelInferResponse, latency_ms: float) -> InferResul
         latency_ms=latency_ms, queue_ms=num(wire.QUEUE_MS_PARAM),
         compute_ms=num(wire.COMPUTE_MS_PARAM), budget_ms=num(wire.BUDGET_PARAM),
         exits=None if exits is None else tuple(int(e) for e in exits.split(",")),
-        retried_from=text(wire.RETRIED_FROM_PARAM))
+        retried_from=text(wire.RETRIED_FROM_PARAM), device=text(wire.DEVICE_PARAM) or wire.CPU)
 
 
 def deadline_s(budget_ms: float | None, timeout: float | None) -> float | None:

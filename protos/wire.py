@@ -18,6 +18,7 @@ EXITS_PARAM = "exits"  # "0,2,1": per-sample exits, when the request had more th
 QUEUE_MS_PARAM = "queue_ms"  # double: time the request waited for its batch
 COMPUTE_MS_PARAM = "compute_ms"  # double: time its batch computed
 RETRIED_FROM_PARAM = "retried_from"  # the variant that failed first; this answer is its retry
+DEVICE_PARAM = "device"  # where it ran, when not the CPU: "cuda" (a GPU lane)
 
 # --- limits -------------------------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 64 << 20  # gRPC send/receive limit on both sides
@@ -26,11 +27,18 @@ MAX_BUDGET_MS = 3_600_000.0  # an hour: anything longer is a unit mistake, not a
 
 # --- names -------------------------------------------------------------------------------------
 EXIT_SEPARATOR = "@"
+DEVICE_SEPARATOR = ":"
+CPU = "cpu"  # the default placement: candidates on it carry no device prefix
 
 
 def candidate_name(variant: str, exit_index: int | None = None) -> str:
     """A routing candidate as clients see it: ``full``, or ``early-exit@1`` for an exit depth."""
     return variant if exit_index is None else f"{variant}{EXIT_SEPARATOR}{exit_index}"
+
+
+def placed_name(name: str, device: str = CPU) -> str:
+    """A candidate or queue on a device: ``full`` on the CPU, ``cuda:full`` on a GPU lane."""
+    return name if device == CPU else f"{device}{DEVICE_SEPARATOR}{name}"
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

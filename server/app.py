@@ -1,8 +1,10 @@
 """Server assembly: `create_server` (used by tests, the demo and benchmarks) and `main` (the CLI).
 
 Start-up order: bind and start gRPC with health NOT_SERVING → load the family (sha256 verified)
-→ create the runners → warm up and re-measure every variant on this host → start the batchers →
-health SERVING. Inference runs in a thread pool; the event loop only decodes, routes and encodes.
+→ create the runners (CPU lanes on ONNX Runtime; GPU lanes on torch when ``--device`` puts them
+there, see `accelerator_device`) → warm up and re-measure every lane on its device → start the
+batchers → health SERVING. Inference runs in thread pools; the event loop only decodes, routes
+and encodes.
 
 Shutdown (SIGTERM, SIGINT, or `AdaptiveServer.stop`): health NOT_SERVING and new inference
 requests refused with UNAVAILABLE at once (a client's retry policy moves them to another replica),
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 # Each drains: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish. SIGHUP and
 # SIGUSR1 would otherwise kill the process at once, losing every call in flight; a reload of the
 # family on SIGHUP is not offered (restart the process: the drain makes that lossless).
+# The lane name of the GPU lanes' code run on the CPU by ``--accelerator cpu`` (tests, CI).
+TORCH_CPU = "torch-cpu"
 DRAIN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -51,7 +55,10 @@ class ServeOptions:
     metrics_port: int | None = 8002  # None: no metrics endpoint
     workers: int = 1
     backend: str = "onnxruntime"
-    device: str = "auto"
+    device: str = "auto"  # cpu | cuda | auto (GPU lanes beside the CPU's when a GPU is usable)
+    gpu_dtype: str = "fp32"  # fp16 / bf16: accuracy re-measured on the validation sample
+    gpu_max_batch: int = 256
+    accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)
@@ -240,15 +247,26 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
     fam: Family = within_max_drop(family)
     log.info("family %r: %d variants verified (%s)", fam.name, len(fam.variants),
              ", ".join(fam.variants))
+    accel_device = accelerator_device(options)
+    accelerator = None
+    cpu_family = fam
+    if accel_device is not None:
+        accelerator = await loop.run_in_executor(
+            executor, lambda: _accelerator(fam, options, accel_device))
+        if options.device == "cuda":  # the CPU serves only what has no form on the GPU
+            cpu_family = replace(fam, variants={n: v for n, v in fam.variants.items()
+                                                if n not in accelerator.runners})
+    cpu_device = "cpu" if accelerator is not None else options.device
     runners = await loop.run_in_executor(
-        executor, lambda: load_runners(fam, backend=options.backend, device=options.device,
+        executor, lambda: load_runners(cpu_family, backend=options.backend, device=cpu_device,
                                        threads=options.settings.intra_op_threads))
-    log.info("runners created: backend %s, providers %s", options.backend,
-             providers(options.device))
+    log.info("CPU lanes: %d variants, backend %s, providers %s", len(runners), options.backend,
+             providers(cpu_device))
     faults = (FaultInjector([Fault.parse(f) for f in options.faults]) if options.faults
               else None)
     engine = Engine(fam, runners, executor=executor, metrics=metrics, monitor=monitor,
-                    settings=options.settings, threads=options.threads, faults=faults)
+                    settings=options.settings, threads=options.threads, faults=faults,
+                    accelerator=accelerator)
     await loop.run_in_executor(executor, engine.warm_up)
     log.info("warm-up and latency re-measurement done")
     engine.start()
@@ -257,6 +275,74 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
                                        if c.name not in fam.variants)]
     state.engine = engine
     engine.update_gauges()
+
+
+def accelerator_device(options: ServeOptions) -> str | None:
+    """The torch device of the GPU lanes, or None (CPU only). ``--device auto`` asks torch only
+    where NVML sees an NVIDIA GPU (importing torch costs a second and ~200 MB); ``--device cuda``
+    without a usable GPU raises `InvalidArgument` with one line on what is missing, unless
+    onnxruntime's CUDA provider can serve instead (onnxruntime-gpu, the ``gpu`` extra)."""
+    if options.device == "cpu":
+        return None
+    if options.accelerator == "cpu":  # the GPU lanes' code on the CPU: tests, CI
+        return "cpu"
+    if options.device == "auto" and not nvidia_gpu_present():
+        return None
+    # Checking through NVML leaves CUDA uninitialised in this process: `--workers` forks after.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from server.torch_runner import cuda_problem
+
+    problem = cuda_problem()
+    if problem is None:
+        return "cuda"
+    if options.device == "auto":
+        log.warning("a GPU is present but not usable for GPU lanes (%s); serving on the CPU",
+                    problem)
+        return None
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None  # onnxruntime-gpu serves every variant through its CUDA provider
+    raise InvalidArgument(f"--device cuda: {problem}; or serve with --device cpu")
+
+
+def nvidia_gpu_present() -> bool:
+    """Does NVML report at least one NVIDIA GPU? (False without a driver or pynvml.)"""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount()) > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver, no device: no GPU
+        return False
+
+
+def _accelerator(fam: Family, options: ServeOptions, device: str) -> Any:
+    """Torch runners for every variant with a form on ``device``, their threads, and the
+    accuracy of each candidate re-measured when the dtype is not fp32 (blocking)."""
+    from server.engine import Accelerator
+    from server.runtime import torch_runners
+    from server.warmup import remeasure_accuracy
+
+    runners, skipped = torch_runners(fam, device=device, dtype=options.gpu_dtype,
+                                     max_batch=options.gpu_max_batch)
+    for name, why in skipped.items():
+        log.warning("variant %s stays on the CPU: %s", name, why)
+    # Lanes are named by device ("cuda:full"); torch on the CPU must not take the CPU lanes'.
+    tag = TORCH_CPU if device == "cpu" else device
+    accuracy: dict[str, float] = {}
+    if options.gpu_dtype != "fp32":
+        accuracy = remeasure_accuracy(fam, runners, tag)
+    # A thread per lane up to 4: each runs one batch at a time on its own CUDA stream; more
+    # threads than that only contend for the GIL around launches.
+    threads = max(1, min(len(runners), 4))
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"infer-{tag}")
+    log.info("GPU lanes on %s (%s): %s", tag, options.gpu_dtype, ", ".join(runners))
+    return Accelerator(tag, runners, executor, threads, max_batch=options.gpu_max_batch,
+                       accuracy=accuracy)
 
 
 def within_max_drop(family: Family) -> Family:
@@ -283,10 +369,9 @@ async def _gauges(state: Any, interval: float) -> None:
 def main(family_dir: str | Path, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM. Returns the exit status."""
     from server.memory import return_freed_memory
-    from server.runtime import providers
 
     return_freed_memory()  # before any large buffer: the family's graphs are the first
-    providers(options.device)  # --device cuda without a CUDA provider: one line, exit 2
+    accelerator_device(options)  # --device cuda without a usable GPU: one line, exit 2
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
     if options.workers > 1:

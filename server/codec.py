@@ -255,4 +255,6 @@ def encode_infer(req: pb.ModelInferRequest, spec: ModelSpec, out: Outcome
         params[wire.EXITS_PARAM].string_param = ",".join(str(int(e)) for e in out.exits)
     if out.retried_from is not None:  # the variant that failed first; this answer is its retry
         params[wire.RETRIED_FROM_PARAM].string_param = out.retried_from
+    if out.device != wire.CPU:
+        params[wire.DEVICE_PARAM].string_param = out.device
     return resp

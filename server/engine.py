@@ -5,8 +5,13 @@ and records the per-request metrics. The servicer hands it a decoded `Call` and 
 back; nothing here knows gRPC or protobuf. The other rooms: `execute` (what a batch runs),
 `quarantine` (failed variants), `warmup` (seeding the latency model), `metrics.publish` (gauges).
 
+Placement: the family's variants run on the CPU (ONNX Runtime, the engine's executor) and, given
+an `Accelerator`, also on a GPU (torch runners, the accelerator's own threads). Each (variant,
+device) is a *lane*: its own runner, batcher, latency-model units and router candidates
+(``cuda:full``), so the router chooses the device per request like it chooses the variant.
+
 Faults: when a routed request's batch fails (its runner raised or timed out), the request is
-retried once on the next-best candidate that fits what is left of its budget, and the variant is
+retried once on the next-best candidate that fits what is left of its budget, and the lane is
 quarantined until a background probe passes. Pinned requests are not moved to another variant.
 """
 
@@ -17,19 +22,20 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compression.core.exits import StageChain
+from compression.core.exits import Stages
 from compression.core.family import Family
+from protos.wire import CPU
 from server.batcher import Batcher, BatchOutput, Execute, Item
 from server.errors import AdaptiveError, BudgetExceeded, InternalError, Shed, VariantFailed
 from server.execute import graph_executor, stages_executor
 from server.faults import FaultInjector
 from server.latency import Clock, LatencyModel, Load
-from server.monitor import Monitor
+from server.monitor import GpuSample, Monitor
 from server.quarantine import Breaker, Quarantine
 from server.router import Candidate, Decision, Router, candidates_for
 from server.runtime import Runner
@@ -67,17 +73,59 @@ class Outcome:
     budget_ms: float | None
     met: bool  # answered inside the budget (True without one)
     retried_from: str | None = None  # the variant that failed first, when this is the retry
+    device: str = CPU  # where it ran
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The GPU lanes: a torch runner per variant on one device, on their own worker threads."""
+
+    device: str  # "cuda"; "cpu" runs the same runner code without a GPU (tests, CI)
+    runners: Mapping[str, Runner | Stages]  # per variant that has a form on the device
+    executor: Executor  # one thread per concurrently running lane (each has its own stream)
+    threads: int
+    max_batch: int = 256  # a GPU computes 256 images in about the time the CPU does one
+    # re-measured validation accuracy by candidate name (fp16/bf16 change the numbers)
+    accuracy: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One variant on one device: what its batcher runs and where."""
+
+    name: str  # the variant on the CPU; "cuda:variant" on the accelerator
+    variant: str
+    device: str
+    runner: Runner | Stages
+    executor: Executor
+    settings: Settings
 
 
 class Engine:
     """Routes and runs requests for one family; see the module docstring."""
 
-    def __init__(self, family: Family, runners: Mapping[str, Runner | StageChain], *,
+    def __init__(self, family: Family, runners: Mapping[str, Runner | Stages], *,
                  executor: Executor, metrics: Metrics, monitor: Monitor,
                  settings: Settings = Settings(), clock: Clock = time.monotonic,
-                 threads: int = 1, faults: FaultInjector | None = None) -> None:
+                 threads: int = 1, faults: FaultInjector | None = None,
+                 accelerator: Accelerator | None = None) -> None:
         self.family = family
-        self.runners = dict(runners)
+        self.accelerator = accelerator
+        self.lanes = {name: Lane(name, name, CPU, r, executor, settings)
+                      for name, r in runners.items()}
+        candidates = candidates_for(family.variants[n] for n in runners)
+        lane_max_batch: dict[str, int] = {}
+        if accelerator is not None:
+            accel_settings = replace(settings, max_batch=accelerator.max_batch)
+            for c in candidates_for((family.variants[n] for n in accelerator.runners),
+                                    accelerator.device, accelerator.accuracy):
+                if c.lane not in self.lanes:
+                    self.lanes[c.lane] = Lane(c.lane, c.variant, c.device,
+                                              accelerator.runners[c.variant],
+                                              accelerator.executor, accel_settings)
+                    lane_max_batch[c.lane] = accelerator.max_batch
+                candidates.append(c)
+        self.runners = {name: lane.runner for name, lane in self.lanes.items()}
         self.settings = settings
         self.metrics = metrics
         self.monitor = monitor
@@ -87,22 +135,24 @@ class Engine:
         self.latency = LatencyModel(threads_per_batch=settings.intra_op_threads)
         for v in family.variants.values():
             seed_from_manifest(self.latency, v)
-        self.router = Router(candidates_for(family.variants.values()), self.latency,
-                             max_batch=settings.max_batch, on_miss=settings.on_miss,
-                             max_queue=settings.max_queue,
-                             target_miss_rate=settings.target_miss_rate, clock=clock)
+        self.router = Router(candidates, self.latency, max_batch=settings.max_batch,
+                             on_miss=settings.on_miss, max_queue=settings.max_queue,
+                             target_miss_rate=settings.target_miss_rate, clock=clock,
+                             lane_max_batch=lane_max_batch)
         self.batchers: dict[str, Batcher] = {}
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
                                           max_s=settings.quarantine_max_s), self._probe, metrics)
         self._inflight = 0
+        self._accel_slowdown = 1.0  # from the GPU's utilisation by others (`update_gauges`)
+        self._accel_busy_ms = 0.0  # GPU lanes' compute since the last gauge update
         self._idle = asyncio.Event()  # set while no request is in flight (graceful shutdown)
         self._idle.set()
         for c in self.router.candidates:
             metrics.accuracy.labels(c.name).set(c.accuracy)
             if c.exit is not None:
                 metrics.early_exit.labels(str(c.exit))
-        for name in family.variants:  # zero series from the start, so rates work at once
+        for name in self.lanes:  # zero series from the start, so rates work at once
             metrics.budget_misses.labels(family.name, name)
             metrics.requests.labels(family.name, name, "OK")
             metrics.variant_failures.labels(name)
@@ -112,22 +162,28 @@ class Engine:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Run every variant at batch 1, 8, 32 and re-seed the latency model with this host's
-        times (blocking: call it in a worker thread before serving)."""
+        """Run every lane at batch 1, 8, 32 and its largest and re-seed the latency model with
+        this host's times, on the device each lane runs on (blocking: call it in a worker thread
+        before serving). GPU runners first capture their CUDA graphs."""
         shape = self.family.input_shape
-        sizes = sorted({1, 8, min(32, self.settings.max_batch), self.settings.max_batch})
         spreads: list[float] = []  # p95 / p50 at batch 1
-        for name, runner in self.runners.items():
+        for name, lane in self.lanes.items():
+            runner = lane.runner
+            warm = getattr(runner, "warm", None)
+            if callable(warm):
+                warm()
+            mb = lane.settings.max_batch
+            sizes = sorted({1, 8, min(32, mb), mb})
             tables = remeasure(name, runner, shape, batch_sizes=sizes)
-            slowdown = self.slowdown()
+            slowdown = self.slowdown() if lane.device == CPU else 1.0
             for unit, table in tables.items():
                 # Store uncontended times, like online observations.
                 self.latency.seed(unit, {b: {k: v / slowdown for k, v in row.items()}
                                          for b, row in table.items()})
             p = self.router.compute(self.router.deepest(name), 1)
             spreads.append(p.p95 / max(p.p50, 1e-6))
-            log.info("variant %s: re-measured on this host, p50 %.3f ms, p95 %.3f ms at batch 1",
-                     name, p.p50, p.p95)
+            log.info("lane %s: re-measured on %s, p50 %.3f ms, p95 %.3f ms at batch 1",
+                     name, lane.device, p.p50, p.p95)
         self.router.rerank()  # ties in accuracy: the cheaper one on this host first
         # The closed loop moves the margin from here: a typical timing spread on this host.
         self.router.reset_calibration(float(np.median(spreads)) if spreads else 1.0)
@@ -138,10 +194,10 @@ class Engine:
         if self.faults is not None:
             self.runners = self.faults.wrap(self.runners)
             self.faults.arm()
-        for name in self.family.variants:
-            self.batchers[name] = Batcher(name, self._executor_for(name), self.executor,
-                                          _VariantCosts(self, name), clock=self.clock,
-                                          settings=self.settings, listener=self)
+        for name, lane in self.lanes.items():
+            self.batchers[name] = Batcher(name, self._executor_for(name), lane.executor,
+                                          _LaneCosts(self, name), clock=self.clock,
+                                          settings=lane.settings, listener=self)
             self.batchers[name].start()
 
     async def stop(self) -> None:
@@ -149,6 +205,8 @@ class Engine:
         if self.faults is not None:
             self.faults.release()  # hung injected calls return, so worker threads can exit
         await asyncio.gather(*(b.stop() for b in self.batchers.values()))
+        if self.accelerator is not None:
+            self.accelerator.executor.shutdown(wait=False)
 
     @property
     def inflight(self) -> int:
@@ -162,10 +220,14 @@ class Engine:
 
     def load(self) -> Load:
         host = self.monitor.latest
+        lanes = self.lanes
+        accel = self.accelerator
         return Load(cores=host.cores, cpu_other=host.cpu_other,
-                    executing=sum(1 for b in self.batchers.values()
-                                  if b.running and not b.waiting),
-                    threads=self.threads, queues=self.batchers)
+                    executing=sum(1 for name, b in self.batchers.items()
+                                  if b.running and not b.waiting and lanes[name].device == CPU),
+                    threads=self.threads, queues=self.batchers,
+                    accel_threads=accel.threads if accel is not None else 1,
+                    accel_slowdown=self._accel_slowdown)
 
     def slowdown(self, starting: int = 1) -> float:
         """The CPU slowdown now of a batch, with ``starting`` more batches about to start."""
@@ -196,7 +258,7 @@ class Engine:
             batch = call.x.shape[0]
             decision = self.router.choose(deadline=deadline, batch=batch, load=self.load(),
                                           pin=call.pin, exclude=self.breaker.variants)
-            variant = decision.candidate.variant
+            variant = decision.candidate.lane
             try:
                 res = await self.batchers[variant].submit(call.x, deadline=deadline,
                                                           max_exit=decision.candidate.exit)
@@ -207,7 +269,7 @@ class Engine:
                 m.child(m.retries, variant).inc()
                 decision = self.router.choose(deadline=deadline, batch=batch, load=self.load(),
                                               exclude=self.breaker.variants | {variant})
-                variant = decision.candidate.variant
+                variant = decision.candidate.lane
                 log.debug("request %r: %s failed, retrying on %s", call.request_id, retried_from,
                           decision.candidate.name)
                 res = await self.batchers[variant].submit(call.x, deadline=deadline,
@@ -247,18 +309,18 @@ class Engine:
                             outside_ms=actual_ms - res.queue_ms - res.compute_ms)
         exit_index = int(res.exits.max()) if res.exits is not None else None
         _log_decision(call, decision, met)
-        return Outcome(res.logits, variant, cand.name, exit_index, res.exits, res.queue_ms,
-                       res.compute_ms, call.budget_ms, met, retried_from)
+        return Outcome(res.logits, cand.variant, cand.name, exit_index, res.exits, res.queue_ms,
+                       res.compute_ms, call.budget_ms, met, retried_from, cand.device)
 
     def rejected(self, exc: AdaptiveError) -> None:
         """Count a request refused before it reached `infer` (malformed, unknown model)."""
         m = self.metrics
         m.child(m.requests, self.family.name, "none", exc.code).inc()
 
-    async def _probe(self, variant: str) -> None:
-        """One zero image through a quarantined variant (the breaker's re-probe)."""
+    async def _probe(self, lane: str) -> None:
+        """One zero image through a quarantined lane (the breaker's re-probe)."""
         x = np.zeros((1, *self.family.input_shape), np.float32)
-        await self.batchers[variant].submit(x, deadline=None)
+        await self.batchers[lane].submit(x, deadline=None)
 
     # --- the variant table and gauges ----------------------------------------------------------
 
@@ -275,25 +337,40 @@ class Engine:
         r = self.router
         r.cpu.sample(now, cores=host.cores, cpu_process=host.cpu_process,
                      cpu_other=host.cpu_other)
+        self._accel_slowdown = self._gpu_slowdown(host.gpus)
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p95 in self.table(1)},
                              (r.calibration.factor, r.calibration.additive_ms,
                               r.calibration.miss_rate, r.overhead.ms, r.cpu.share_ms(now)))
 
+    def _gpu_slowdown(self, gpus: Sequence[GpuSample]) -> float:
+        """The GPU lanes' slowdown from other processes on the GPU: NVML's utilisation less the
+        share this server's own GPU lanes computed since the last update (the way CPU load
+        feeds the CPU lanes)."""
+        busy_ms, self._accel_busy_ms = self._accel_busy_ms, 0.0
+        accel = self.accelerator
+        if accel is None or accel.device == CPU or not gpus:
+            return 1.0
+        own = busy_ms / (self.monitor.interval_s * 1e3)
+        other = min(max(gpus[0].utilization - own, 0.0), 0.9)
+        return 1.0 / (1.0 - other)
+
     # --- batches: what runs, and what each one teaches the latency model -----------------------
 
     def _executor_for(self, name: str) -> Execute:
-        runner = self.runners[name]
-        if isinstance(runner, StageChain):
-            return stages_executor(self.family.variant(name), runner, self._stages_fit,
-                                   max_batch=self.settings.max_batch)
-        return graph_executor(name, runner, max_batch=self.settings.max_batch)
+        lane = self.lanes[name]
+        runner = self.runners[name]  # fault injection may have wrapped the lane's runner
+        if isinstance(runner, Stages):
+            return stages_executor(self.family.variant(lane.variant), runner, self._stages_fit,
+                                   lane=name, max_batch=lane.settings.max_batch)
+        return graph_executor(name, runner, max_batch=lane.settings.max_batch)
 
-    def _stages_fit(self, variant: str, stage: int, samples: int,
+    def _stages_fit(self, lane: str, stage: int, samples: int,
                     deadlines: Sequence[float | None]) -> list[bool]:
         """Early exit, between stages (worker thread): may each request run ``stage``?"""
-        slowdown = self.slowdown(starting=0)
-        return [self.router.next_stage_fits(variant, stage, deadline=d, batch=samples,
+        slowdown = (self.slowdown(starting=0) if self.lanes[lane].device == CPU
+                    else self._accel_slowdown)
+        return [self.router.next_stage_fits(lane, stage, deadline=d, batch=samples,
                                             slowdown=slowdown) for d in deadlines]
 
     def batch_done(self, variant: str, items: list[Item], started: float, out: BatchOutput
@@ -308,6 +385,11 @@ class Engine:
             if exits is not None:
                 for e, count in zip(*np.unique(exits, return_counts=True), strict=True):
                     m.child(m.early_exit, str(int(e))).inc(int(count))
+        if self.lanes[variant].device != CPU:  # the GPU's time, not the CPU's
+            for unit, batch, ms in out.timings:
+                self.latency.observe(unit, batch, ms, slowdown=self._accel_slowdown)
+                self._accel_busy_ms += ms
+            return
         slowdown = self.slowdown()  # this batch has left `executing`: count it as starting
         for unit, batch, ms in out.timings:
             self.latency.observe(unit, batch, ms, slowdown=slowdown)
@@ -318,20 +400,23 @@ class Engine:
         self.breaker.failed(exc)
 
 
-class _VariantCosts:
-    """A batcher's `Costs`: its variant's batches as the latency model predicts them now."""
+class _LaneCosts:
+    """A batcher's `Costs`: its lane's batches as the latency model predicts them now."""
 
-    def __init__(self, engine: Engine, variant: str) -> None:
+    def __init__(self, engine: Engine, lane: str) -> None:
         self._engine = engine
-        self._deepest = engine.router.deepest(variant)
+        self._deepest = engine.router.deepest(lane)
+        self._on_cpu = engine.lanes[lane].device == CPU
         s = engine.settings
         self._timeout_floor_ms = s.batch_timeout_ms
         # A batch on the event loop cannot be timed out: never inline a fault-injected variant.
-        self._may_inline = s.inline_below_ms > 0 and (engine.faults is None
-                                                      or variant not in engine.faults.faults)
+        self._may_inline = s.inline_below_ms > 0 and self._on_cpu and (
+            engine.faults is None or lane not in engine.faults.faults)
 
     def _predict(self, n: int) -> tuple[float, float]:
-        p = self._engine.router.compute(self._deepest, max(n, 1), self._engine.slowdown())
+        e = self._engine
+        p = e.router.compute(self._deepest, max(n, 1),
+                             e.slowdown() if self._on_cpu else e._accel_slowdown)
         return p.p50, p.p95
 
     def predict_ms(self, n: int) -> float:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from compression.core.exits import StageChain, walk
+from compression.core.exits import Stages, walk
 from compression.core.family import Variant
 from compression.core.ort import OUTPUT_NAME
 from server.batcher import BatchOutput, Execute, Item
@@ -29,7 +29,7 @@ from server.errors import InternalError
 from server.latency import unit_name
 from server.runtime import Runner
 
-# May the requests with these deadlines run ``stage`` of ``variant`` on ``samples`` samples?
+# May the requests with these deadlines run ``stage`` of the lane on ``samples`` samples?
 StageBudget = Callable[[str, int, int, Sequence[float | None]], Sequence[bool]]
 
 
@@ -51,12 +51,14 @@ def graph_executor(name: str, runner: Runner, *, max_batch: int | None = None) -
     return execute
 
 
-def stages_executor(v: Variant, chain: StageChain, fits: StageBudget, *,
+def stages_executor(v: Variant, chain: Stages, fits: StageBudget, *, lane: str | None = None,
                     max_batch: int | None = None) -> Execute:
     """The early-exit network: a sample leaves when confident, at its request's deepest allowed
     exit, or when ``fits`` says its request's remaining budget cannot pay for the next stage.
-    Walks ``max_batch`` samples at a time (None: the whole batch in one walk)."""
+    Walks ``max_batch`` samples at a time (None: the whole batch in one walk). ``lane``: the
+    queue it runs for, which names its latency-model units (default: the variant on the CPU)."""
     assert v.exits, f"variant {v.name!r} has no exits"
+    name = lane or v.name
     exits = sorted(v.exits, key=lambda e: e.index)
     thresholds = [e.threshold for e in exits]
     criterion = exits[0].criterion
@@ -78,7 +80,7 @@ def stages_executor(v: Variant, chain: StageChain, fits: StageBudget, *,
                            chunk_owner: np.ndarray = chunk_owner) -> np.ndarray:
                 mine = chunk_owner[samples]  # samples index the chunk
                 asked = np.unique(mine)
-                ok = fits(v.name, stage, len(samples), [deadlines[k] for k in asked])
+                ok = fits(name, stage, len(samples), [deadlines[k] for k in asked])
                 allowed = asked[np.asarray(ok, dtype=bool)]
                 return np.isin(mine, allowed)
 
@@ -86,7 +88,7 @@ def stages_executor(v: Variant, chain: StageChain, fits: StageBudget, *,
                        keep_going=keep_going)
             logits.append(out.logits)
             used.append(out.exits)
-            timings.extend((unit_name(v.name, s), n, ms) for s, n, ms in out.timings)
+            timings.extend((unit_name(name, s), n, ms) for s, n, ms in out.timings)
         all_logits = logits[0] if len(logits) == 1 else np.concatenate(logits)
         check_finite(v.name, all_logits)
         all_exits = used[0] if len(used) == 1 else np.concatenate(used)

@@ -69,20 +69,25 @@ class _Faulty:
         return getattr(self.runner, name)
 
 
-class _FaultySession:
-    """An ORT session (an early-exit stage) that trips its fault before each run."""
+class _FaultyStages:
+    """An early-exit network (`compression.core.exits.Stages`) that fails as a whole: its first
+    stage trips the fault before running."""
 
-    def __init__(self, session: Any, fault: Fault, injector: FaultInjector) -> None:
-        self.session = session
+    def __init__(self, chain: Any, fault: Fault, injector: FaultInjector) -> None:
+        self.chain = chain
         self.fault = fault
         self.injector = injector
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        self.injector.trip(self.fault)
-        return self.session.run(*args, **kwargs)
+    def __len__(self) -> int:
+        return len(self.chain)
 
-    def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, …
-        return getattr(self.session, name)
+    def stage(self, i: int, x: Any) -> tuple[np.ndarray, Any]:
+        if i == 0:
+            self.injector.trip(self.fault)
+        return self.chain.stage(i, x)
+
+    def __getattr__(self, name: str) -> Any:  # warm, backend, … of the wrapped chain
+        return getattr(self.chain, name)
 
 
 class FaultInjector:
@@ -98,7 +103,7 @@ class FaultInjector:
         self.trips = 0
 
     def wrap(self, runners: Mapping[str, Any]) -> dict[str, Any]:
-        from compression.core.exits import StageChain  # imports onnxruntime: keep this light
+        from compression.core.exits import Stages  # imports onnxruntime: keep this light
 
         unknown = sorted(set(self.faults) - set(runners))
         if unknown:
@@ -107,10 +112,8 @@ class FaultInjector:
         out = dict(runners)
         for name, fault in self.faults.items():
             r = runners[name]
-            # the early-exit network fails as a whole: its first stage trips
-            out[name] = (StageChain([_FaultySession(r.sessions[0], fault, self),
-                                     *r.sessions[1:]])
-                         if isinstance(r, StageChain) else _Faulty(r, fault, self))
+            out[name] = (_FaultyStages(r, fault, self) if isinstance(r, Stages)
+                         else _Faulty(r, fault, self))
             log.warning("fault injection on variant %s: %s at rate %g (testing only)", name,
                         fault.mode, fault.rate)
         return out

@@ -41,7 +41,9 @@ class Load:
     cpu_other: float = 0.0  # share of all cores busy with work outside this server, 0..1
     executing: int = 0  # batches computing on a worker thread right now
     threads: int = 1  # worker threads, shared by every variant's batches
-    queues: Mapping[str, QueueView] = field(default_factory=dict)  # per variant
+    queues: Mapping[str, QueueView] = field(default_factory=dict)  # per lane (variant, device)
+    accel_threads: int = 1  # worker threads of the GPU lanes (a CUDA stream each)
+    accel_slowdown: float = 1.0  # GPU lanes' slowdown from other processes' use of the GPU
 
 
 class QueueView(Protocol):

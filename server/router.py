@@ -31,6 +31,15 @@ Candidates of ``exclude``d variants (quarantined after failures) and of variants
 cannot take the request (``max_queue``) are skipped; when that leaves nothing the request is
 refused at once (`Unavailable`, `Overloaded`) instead of queueing.
 
+Placement is a routing dimension: with GPU lanes (`server.engine.Accelerator`) every candidate
+exists once per device (``full`` on the CPU, ``cuda:full`` on the GPU), each with its own queue
+(*lane*), latency-model units and closed loop. The layout above is per device: CPU lanes share the
+CPU worker threads and are slowed by CPU load; GPU lanes share the GPU's worker threads (one
+stream each) and are slowed by the GPU's load from other processes (`Load.accel_slowdown`). Their
+compute includes the host↔device copies (the runner times the whole call), and a GPU candidate
+costs the CPU share nothing. Equal accuracies rank the faster placement first, so a request goes to
+the GPU while its queue lets it fit and overflows to the CPU when it does not.
+
 For the early-exit network the chosen candidate fixes the *deepest* exit; while it runs, the
 runner asks `Router.next_stage_fits` before each further stage and stops early when an exit is
 confident enough (`compression.core.exits`). Every answer reports back through `Router.observe`.
@@ -41,16 +50,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from compression.core.family import Variant
-from protos.wire import candidate_name
+from protos.wire import CPU, DEVICE_SEPARATOR, candidate_name, placed_name
 from server.calibration import Calibration, CpuShare, Overhead
 from server.errors import InvalidArgument, NotFound, Overloaded, Shed, Unavailable, shown
 from server.latency import Clock, LatencyModel, Load, Prediction, unit_name
 from server.schedule import IDLE_PLAN, Backlog, Plan, chained, plan
 from server.settings import ON_MISS
+
+_CPU_PREFIX = CPU + DEVICE_SEPARATOR  # pins a variant's (or candidate's) CPU lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,12 @@ class Candidate:
     accuracy: float
     units: tuple[str, ...]  # latency-model units run in order; compute = their sum
     exit: int | None = None  # deepest exit, for the early-exit network
+    device: str = CPU  # where its lane runs: "cpu", or the accelerator's device ("cuda")
+    lane: str = ""  # the queue (batcher) it joins: the variant placed on the device
+
+    def __post_init__(self) -> None:
+        if not self.lane:
+            object.__setattr__(self, "lane", placed_name(self.variant, self.device))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,20 +101,27 @@ class Decision:
         return self.queue_ms + self.compute_ms + self.overhead_ms
 
 
-def candidates_for(variants: Iterable[Variant]) -> list[Candidate]:
-    """Candidates of a family: each plain variant, and each exit depth of early-exit variants,
-    with the accuracy they are ranked by (validation; test only for manifests without it)."""
+def candidates_for(variants: Iterable[Variant], device: str = CPU,
+                   accuracy: Mapping[str, float] | None = None) -> list[Candidate]:
+    """Candidates of a family on one device: each plain variant, and each exit depth of
+    early-exit variants, with the accuracy they are ranked by (validation; test only for
+    manifests without it; ``accuracy``: re-measured values by candidate name, e.g. fp16 on a
+    GPU)."""
     out: list[Candidate] = []
+    measured = accuracy or {}
     for v in variants:
+        lane = placed_name(v.name, device)
         if v.exits:
             for e in sorted(v.exits, key=lambda e: e.index):
-                units = tuple(unit_name(v.name, s) for s in range(e.index + 1))
-                accuracy = _first(e.policy_val_accuracy, e.accuracy)
-                out.append(Candidate(candidate_name(v.name, e.index), v.name, accuracy, units,
-                                     exit=e.index))
+                units = tuple(unit_name(lane, s) for s in range(e.index + 1))
+                name = placed_name(candidate_name(v.name, e.index), device)
+                acc = measured.get(name, _first(e.policy_val_accuracy, e.accuracy))
+                out.append(Candidate(name, v.name, acc, units, exit=e.index, device=device,
+                                     lane=lane))
         else:
-            out.append(Candidate(v.name, v.name, _first(v.val_accuracy, v.accuracy),
-                                 (unit_name(v.name),)))
+            acc = measured.get(lane, _first(v.val_accuracy, v.accuracy))
+            out.append(Candidate(lane, v.name, acc, (unit_name(lane),), device=device,
+                                 lane=lane))
     return out
 
 
@@ -111,7 +135,8 @@ class Router:
 
     def __init__(self, candidates: Sequence[Candidate], latency: LatencyModel, *,
                  max_batch: int = 32, on_miss: str = "shed", max_queue: int | None = None,
-                 target_miss_rate: float = 0.01, clock: Clock = time.monotonic) -> None:
+                 target_miss_rate: float = 0.01, clock: Clock = time.monotonic,
+                 lane_max_batch: Mapping[str, int] | None = None) -> None:
         if not candidates:
             raise ValueError("the router needs at least one candidate")
         if on_miss not in ON_MISS:
@@ -119,6 +144,9 @@ class Router:
         self.candidates = list(candidates)
         self.latency = latency
         self.max_batch = max(int(max_batch), 1)
+        # Samples per batch by lane where not ``max_batch`` (GPU lanes batch far more).
+        self._max_batch = {c.lane: max(int((lane_max_batch or {}).get(c.lane, self.max_batch)), 1)
+                           for c in self.candidates}
         self.on_miss = on_miss
         self.max_queue = max_queue  # samples per variant queue; None: unbounded
         self.clock = clock
@@ -132,11 +160,12 @@ class Router:
         self.overhead = Overhead()
         self.cpu = CpuShare()
         self._by_name = {c.name: c for c in self.candidates}
-        # The deepest candidate of each variant: what its queued batches cost at worst.
+        # The deepest candidate of each lane: what its queued batches cost at worst.
         self._deepest: dict[str, Candidate] = {}
         for c in self.candidates:
-            if c.variant not in self._deepest or len(c.units) > len(self._deepest[c.variant].units):
-                self._deepest[c.variant] = c
+            if c.lane not in self._deepest or len(c.units) > len(self._deepest[c.lane].units):
+                self._deepest[c.lane] = c
+        self.devices = sorted({c.device for c in self.candidates})
         self._ranked = self.candidates
         self.rerank()
 
@@ -161,9 +190,12 @@ class Router:
         for cal in (self.calibration, *self._calibrations.values()):
             cal.refresh(now)
 
-    def deepest(self, variant: str) -> Candidate:
-        """The variant's most expensive candidate: what its queued batches cost at worst."""
-        return self._deepest[variant]
+    def deepest(self, lane: str) -> Candidate:
+        """The lane's most expensive candidate: what its queued batches cost at worst."""
+        return self._deepest[lane]
+
+    def lane_max_batch(self, lane: str) -> int:
+        return self._max_batch.get(lane, self.max_batch)
 
     def remaining_ms(self, deadline: float | None) -> float | None:
         return None if deadline is None else (deadline - self.clock()) * 1e3
@@ -174,15 +206,16 @@ class Router:
                pin: str | None = None, exclude: Collection[str] = ()) -> Decision:
         """The candidate for a request of ``batch`` samples due at ``deadline`` (clock seconds).
 
-        ``pin``: a variant name (its only candidate, or the best exit depth of the early-exit
-        network) or an exact candidate name such as ``early-exit@1``. ``exclude``: variants not
-        to use (quarantined, or the one that just failed this request).
+        ``pin``: a variant name (its candidates on every device, e.g. the best exit depth of the
+        early-exit network), a lane (``cuda:full``: the variant on that device) or an exact
+        candidate name such as ``early-exit@1``. ``exclude``: lanes not to use (quarantined, or
+        the one that just failed this request).
         """
         if batch < 1:
             raise InvalidArgument(f"batch size {batch!r} must be at least 1")
         pool = self._pool(pin)
         if exclude:
-            pool = [c for c in pool if c.variant not in exclude]
+            pool = [c for c in pool if c.lane not in exclude]
             if not pool:
                 what = f"variant {pin!r} is" if pin else "every variant is"
                 raise Unavailable(f"{what} quarantined after failures (re-probed in the "
@@ -192,6 +225,7 @@ class Router:
         now = self.clock()
         remaining = None if deadline is None else (deadline - now) * 1e3
         slowdown = self.latency.slowdown(load)
+        accel = load.accel_slowdown
         overhead = self.overhead.ms
         if now - self._refreshed > 1.0:  # answers refresh the margins; time must too (expiry)
             self.refresh_calibration(now)
@@ -199,8 +233,8 @@ class Router:
         share = self.cpu.share_ms(now) if not pin else float("inf")
         # Shedding: a candidate whose own compute cannot fit is skipped before any layout.
         skip_above = remaining if remaining is not None and self.on_miss == "shed" else math.inf
-        layout: Plan | None = None  # laid out once the first candidate might fit
-        starts: dict[str, tuple[float, int]] = {}  # per variant, shared by its exit depths
+        layouts: dict[str, Plan] | None = None  # per device, once the first candidate might fit
+        starts: dict[str, tuple[float, int]] = {}  # per lane, shared by its exit depths
         # (total, candidate, wait, compute): the fastest that does not fit, and the cheapest in
         # CPU that fits but costs more than the share; a Decision is built only for the answer.
         fastest: tuple[float, Candidate, float, float] | None = None
@@ -208,18 +242,20 @@ class Router:
         sum_ms = self.latency.sum_ms
         for c in pool:  # most accurate first: the first that fits is the answer
             cost = sum_ms(c.units, batch)[0]  # its own compute, uncontended: a lower bound
-            if cost * slowdown + overhead > skip_above:
+            on_cpu = c.device == CPU
+            sd = slowdown if on_cpu else accel
+            if cost * sd + overhead > skip_above:
                 # Cannot make it even with no wait and no margin: the layout is not needed.
-                if fastest is None or cost * slowdown + overhead < fastest[0]:
-                    fastest = (cost * slowdown + overhead, c, 0.0, cost * slowdown)
+                if fastest is None or cost * sd + overhead < fastest[0]:
+                    fastest = (cost * sd + overhead, c, 0.0, cost * sd)
                 continue
-            if layout is None:
-                layout = self._plan(load, slowdown)
-            st = starts.get(c.variant)
+            if layouts is None:
+                layouts = self._plans(load, slowdown)
+            st = starts.get(c.lane)
             if st is None:
-                st = starts[c.variant] = self._start(c.variant, layout, load, batch)
+                st = starts[c.lane] = self._start(c, layouts, load, batch)
             wait, joins = st
-            compute = sum_ms(c.units, joins + batch)[0] * slowdown
+            compute = sum_ms(c.units, joins + batch)[0] * sd
             predicted = wait + compute + overhead
             cal = calibrations[c.name]
             if not cal.ready:
@@ -227,9 +263,9 @@ class Router:
             bound = (cal.factor - 1.0) * predicted  # inline `Calibration.margin_ms`: hot loop
             total = predicted + (cal.additive_ms if cal.additive_ms < bound else bound)
             if remaining is None or total <= remaining:
-                if cost <= share:
+                if cost <= share or not on_cpu:  # a GPU lane's compute is not the CPU's
                     return Decision(c, wait, compute, overhead, total - predicted, remaining, True,
-                                    slowdown, now)
+                                    sd, now)
                 if cheapest is None or cost < cheapest[0]:
                     cheapest = (cost, c, wait, compute)
             elif fastest is None or total < fastest[0]:
@@ -242,6 +278,7 @@ class Router:
         assert fastest is not None and remaining is not None
         total, c, wait, compute = fastest
         margin = total - wait - compute - overhead
+        slowdown = slowdown if c.device == CPU else accel
         # Nothing fits with its margin. The margin buys certainty when choosing among candidates;
         # refusing is another matter: the fastest still runs while it is more likely than not to
         # make it (predicted without margin), and only what would probably miss is shed.
@@ -261,14 +298,14 @@ class Router:
         if outside_ms is not None:
             self.overhead.observe(outside_ms)
 
-    def next_stage_fits(self, variant: str, stage: int, *, deadline: float | None, batch: int,
+    def next_stage_fits(self, lane: str, stage: int, *, deadline: float | None, batch: int,
                         slowdown: float) -> bool:
         """Early exit: is there time to run ``stage`` (and its exit) before ``deadline``?"""
         if deadline is None:
             return True
         remaining = self.remaining_ms(deadline)
         assert remaining is not None
-        cost = self.latency.predict(unit_name(variant, stage), batch, slowdown=slowdown)
+        cost = self.latency.predict(unit_name(lane, stage), batch, slowdown=slowdown)
         return cost.p95 <= remaining
 
     # --- predictions ---------------------------------------------------------------------------
@@ -282,15 +319,16 @@ class Router:
         """What each of ``candidates`` would cost for ``batch`` more samples now (the variant
         table), from one layout of the queues."""
         slowdown = self.latency.slowdown(load)
-        layout = self._plan(load, slowdown)
+        layouts = self._plans(load, slowdown)
         now = self.clock()
         out = []
         for c in candidates:
-            wait, joins = self._start(c.variant, layout, load, batch)
-            compute = self.latency.sum_ms(c.units, joins + batch)[0] * slowdown
+            wait, joins = self._start(c, layouts, load, batch)
+            sd = slowdown if c.device == CPU else load.accel_slowdown
+            compute = self.latency.sum_ms(c.units, joins + batch)[0] * sd
             predicted = wait + compute + self.overhead.ms
             out.append(Decision(c, wait, compute, self.overhead.ms,
-                                self.margin_ms(c, predicted, now), None, True, slowdown, now))
+                                self.margin_ms(c, predicted, now), None, True, sd, now))
         return out
 
     def margin_ms(self, c: Candidate, predicted_ms: float, now: float) -> float:
@@ -303,16 +341,28 @@ class Router:
     def compute(self, c: Candidate, batch: int, slowdown: float = 1.0) -> Prediction:
         return self.latency.predict_sum(c.units, batch, slowdown=slowdown)
 
-    def _plan(self, load: Load, slowdown: float) -> Plan:
-        """Every busy variant's backlog laid out on the worker threads."""
-        sum_ms, mb = self.latency.sum_ms, self.max_batch
+    def _plans(self, load: Load, slowdown: float) -> dict[str, Plan]:
+        """Per device, every busy lane's backlog laid out on that device's worker threads."""
+        if len(self.devices) == 1:
+            return {self.devices[0]: self._plan(load, slowdown, self.devices[0])}
+        return {d: self._plan(load, slowdown, d) for d in self.devices}
+
+    def _plan(self, load: Load, slowdown: float, device: str = CPU) -> Plan:
+        """Every busy lane of ``device``: its backlog laid out on the device's worker threads."""
+        sum_ms = self.latency.sum_ms
+        if device != CPU:
+            slowdown = load.accel_slowdown
+        threads = load.threads if device == CPU else load.accel_threads
         backlogs: dict[str, Backlog] = {}
         waits = False
         for name, q in load.queues.items():
             running, queued = q.running, q.queued
             if not running and not queued:
                 continue
-            units = self._deepest[name].units
+            deepest = self._deepest.get(name)
+            if deepest is None or deepest.device != device:
+                continue
+            units, mb = deepest.units, self._max_batch[name]
             run_ms = sum_ms(units, running)[0] * slowdown if running else 0.0
             waiting = running > 0 and q.waiting
             if running and not waiting:
@@ -325,25 +375,28 @@ class Router:
             waits = waits or waiting
         if not backlogs:
             return IDLE_PLAN
-        if not waits and len(backlogs) < load.threads:
-            return chained(backlogs, load.threads)
-        return plan(load.threads, backlogs)
+        if not waits and len(backlogs) < threads:
+            return chained(backlogs, threads)
+        return plan(threads, backlogs)
 
-    def _start(self, variant: str, layout: Plan, load: Load, batch: int) -> tuple[float, int]:
+    def _start(self, c: Candidate, layouts: Mapping[str, Plan], load: Load, batch: int
+               ) -> tuple[float, int]:
         """(ms until our batch starts, samples already in the batch we join)."""
+        layout = layouts[c.device]
         if layout is IDLE_PLAN:
             return 0.0, 0
-        q = load.queues.get(variant)
-        part = q.queued % self.max_batch if q is not None else 0
-        if part and part + batch <= self.max_batch:  # room in the last queued batch: join it
-            return layout.last_start_ms[variant], part
-        return layout.start_ms(variant), 0
+        q = load.queues.get(c.lane)
+        mb = self._max_batch[c.lane]
+        part = q.queued % mb if q is not None else 0
+        if part and part + batch <= mb:  # room in the last queued batch: join it
+            return layout.last_start_ms[c.lane], part
+        return layout.start_ms(c.lane), 0
 
     def _with_room(self, pool: list[Candidate], batch: int, load: Load) -> list[Candidate]:
         """The candidates whose variant queue can take ``batch`` more samples."""
         assert self.max_queue is not None
         room = [c for c in pool
-                if (q := load.queues.get(c.variant)) is None or q.queued + batch <= self.max_queue]
+                if (q := load.queues.get(c.lane)) is None or q.queued + batch <= self.max_queue]
         if not room:
             raise Overloaded(f"every queue that could serve this request is full (limit "
                              f"{self.max_queue} samples per variant, request {batch}); retry later")
@@ -352,9 +405,13 @@ class Router:
     def _pool(self, pin: str | None) -> list[Candidate]:
         if not pin:
             return self._ranked
-        if pin in self._by_name:
+        if pin.startswith(_CPU_PREFIX):  # "cpu:full": the variant's CPU lane only
+            bare = pin[len(_CPU_PREFIX):]
+            pool = [c for c in self._ranked if c.device == CPU and bare in (c.variant, c.name)]
+        else:
+            pool = [c for c in self._ranked if pin in (c.variant, c.lane)]
+        if not pool and pin in self._by_name:
             return [self._by_name[pin]]
-        pool = [c for c in self._ranked if c.variant == pin]
         if not pool:
             raise NotFound(f"model_version {shown(pin)}: no such variant; variants: "
                            f"{sorted({c.variant for c in self.candidates})}")

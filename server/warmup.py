@@ -9,18 +9,22 @@ the latency model learns online from every batch.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compression.core.exits import StageChain
-from compression.core.family import LatencyTable, Variant
-from compression.core.ort import time_ms
+from compression.core.exits import Stages, walk
+from compression.core.family import Family, LatencyTable, Variant
+from compression.core.ort import OUTPUT_NAME, time_ms
+from protos.wire import candidate_name, placed_name
 from server.latency import LatencyModel, unit_name
 
 if TYPE_CHECKING:
     from server.runtime import Runner
+
+log = logging.getLogger(__name__)
 
 Tables = dict[str, LatencyTable]  # latency-model unit → {batch: {"p50": ms, "p95": ms}}
 
@@ -39,7 +43,7 @@ def seed_from_manifest(latency: LatencyModel, v: Variant) -> None:
         prev = e.latency_ms
 
 
-def remeasure(name: str, runner: Runner | StageChain, input_shape: Sequence[int],
+def remeasure(name: str, runner: Runner | Stages, input_shape: Sequence[int],
               batch_sizes: Sequence[int] = (1, 8, 32), iters: int = 30) -> Tables:
     """Warm a runner up and time it on this host, per latency-model unit and batch size.
 
@@ -51,7 +55,7 @@ def remeasure(name: str, runner: Runner | StageChain, input_shape: Sequence[int]
     for b in batch_sizes:
         x = rng.random((b, *input_shape), dtype=np.float32)
         n = max(iters // max(b // 4, 1), 5)  # fewer calls at big batches: warm-up stays short
-        if isinstance(runner, StageChain):
+        if isinstance(runner, Stages):
             feed: np.ndarray | None = x
             for i in range(len(runner)):
                 assert feed is not None, f"stage {i} of {name!r} has no input features"
@@ -64,3 +68,37 @@ def remeasure(name: str, runner: Runner | StageChain, input_shape: Sequence[int]
             tables.setdefault(unit_name(name), {})[str(b)] = time_ms(
                 functools.partial(runner, x), warmup=1, iters=n, max_seconds=1.0, min_iters=3)
     return tables
+
+
+def remeasure_accuracy(family: Family, runners: Mapping[str, Runner | Stages], device: str,
+                       *, batch: int = 256) -> dict[str, float]:
+    """Validation accuracy of every candidate of ``runners`` as they compute on ``device`` (fp16
+    and bf16 change the numbers the build measured in fp32), by candidate name: what the router
+    ranks GPU candidates by. Empty, with a warning, for families built without a validation
+    sample: the build's fp32 accuracies are used then."""
+    sample = family.validation()
+    if sample is None:
+        log.warning("family %r has no validation sample (built before it was kept): GPU "
+                    "candidates are ranked by the build's fp32 accuracy", family.name)
+        return {}
+    x, y = sample
+    out: dict[str, float] = {}
+    for name, runner in runners.items():
+        v = family.variant(name)
+        if isinstance(runner, Stages):
+            exits = sorted(v.exits or (), key=lambda e: e.index)
+            thresholds = [e.threshold for e in exits]
+            for e in exits:
+                pred = np.concatenate([
+                    walk(runner, x[i:i + batch], thresholds, exits[0].criterion,
+                         max_exit=np.full(len(x[i:i + batch]), e.index)).logits.argmax(1)
+                    for i in range(0, len(x), batch)])
+                out[placed_name(candidate_name(name, e.index), device)] = float((pred == y).mean())
+        else:
+            pred = np.concatenate([runner(x[i:i + batch])[OUTPUT_NAME].argmax(1)
+                                   for i in range(0, len(x), batch)])
+            out[placed_name(name, device)] = float((pred == y).mean())
+    for cand, acc in out.items():
+        log.info("candidate %s: validation accuracy %.4f on %s (%d images)", cand, acc, device,
+                 len(y))
+    return out

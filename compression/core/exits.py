@@ -9,7 +9,9 @@ are found by name, never by position.
 A sample leaves at exit i when the exit's confidence passes its threshold (max softmax
 probability ≥ threshold, or softmax entropy ≤ threshold); the last exit always answers. The build
 calibrates the thresholds (`calibrate`) and measures the policy with `walk`; the server answers
-with the same `walk`, adding its deadline test between stages. numpy and ONNX Runtime only.
+with the same `walk`, adding its deadline test between stages. `walk` runs any `Stages`: the ORT
+`StageChain` here, or `server.torch_runner.TorchStageChain`, whose features are torch tensors on
+its device. numpy and ONNX Runtime only; torch is imported only to mask such tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -144,6 +146,17 @@ def calibrate(exit_logits: Sequence[np.ndarray], y: np.ndarray, criterion: str, 
 
 # --- running the chain ----------------------------------------------------------------------------
 
+@runtime_checkable
+class Stages(Protocol):
+    """An early-exit network, stage by stage: `StageChain` (ONNX Runtime) or
+    `server.torch_runner.TorchStageChain`. ``stage(i, x)`` returns stage i's exit logits (float32
+    numpy [N, classes]) and the features stage i+1 takes (None after the last stage; a torch
+    tensor on the device where the chain keeps them on a GPU), which `walk` masks by row."""
+
+    def __len__(self) -> int: ...
+    def stage(self, i: int, x: Any) -> tuple[np.ndarray, Any]: ...
+
+
 class StageChain:
     """One ORT session per stage graph, run in order; outputs found by name (`stage_io`)."""
 
@@ -206,7 +219,17 @@ class Walk:
     timings: list[tuple[int, int, float]] = field(default_factory=list)  # (stage, samples, ms)
 
 
-def walk(chain: StageChain, x: np.ndarray, thresholds: Sequence[float], criterion: str, *,
+def _take_rows(features: Any, keep: np.ndarray) -> Any:
+    """``features[keep]`` for a bool mask over its rows: numpy features directly, a torch tensor
+    with the mask moved to the tensor's device (torch imported only then)."""
+    if isinstance(features, np.ndarray):
+        return features[keep]
+    import torch
+
+    return features[torch.from_numpy(keep).to(features.device)]
+
+
+def walk(chain: Stages, x: np.ndarray, thresholds: Sequence[float], criterion: str, *,
          max_exit: np.ndarray | None = None, keep_going: KeepGoing | None = None) -> Walk:
     """Answer a batch with the exit policy, stage by stage on the samples still running.
 
@@ -220,7 +243,7 @@ def walk(chain: StageChain, x: np.ndarray, thresholds: Sequence[float], criterio
     out: np.ndarray | None = None
     used = np.full(n, -1, np.int64)
     active = np.arange(n)
-    feed: np.ndarray | None = x
+    feed: Any = x
     timings: list[tuple[int, int, float]] = []
     for s in range(len(chain)):
         assert feed is not None, f"stage {s} got no features"
@@ -243,6 +266,6 @@ def walk(chain: StageChain, x: np.ndarray, thresholds: Sequence[float], criterio
         if not len(active):
             break
         assert features is not None
-        feed = features[~done]
+        feed = _take_rows(features, ~done)
     assert out is not None
     return Walk(out, used, timings)

@@ -261,3 +261,62 @@ def test_the_margin_picks_among_candidates_but_only_a_probable_miss_is_shed(
     assert d.candidate.name == "fast" and not d.fits  # 1 ms + 0.5 margin > 1.2, 1 ms alone < 1.2
     with pytest.raises(Shed):
         r.choose(deadline=clock.deadline_in(0.9), batch=1, load=IDLE)
+
+
+# --- placement: the same variants on a GPU lane ---------------------------------------------------
+
+def _placed_router(clock: FakeClock, gpu_ms: float, **kw: object) -> Router:
+    """fast/mid/slow on the CPU as above, and each on a GPU lane (``cuda:…``) at ``gpu_ms`` per
+    batch-1 call, with GPU batches of up to 8."""
+    lat = LatencyModel()
+    for v in VARIANTS:
+        seed_from_manifest(lat, v)
+        lat.seed(f"cuda:{v.name}", _table(gpu_ms))
+    gpu = candidates_for(VARIANTS, "cuda")
+    return Router([*candidates_for(VARIANTS), *gpu], lat, clock=clock,
+                  lane_max_batch={c.lane: 8 for c in gpu}, **kw)  # type: ignore[arg-type]
+
+
+def test_a_variant_on_a_faster_device_is_ranked_first(clock: FakeClock) -> None:
+    r = _placed_router(clock, gpu_ms=0.5)
+    d = r.choose(deadline=None, batch=1, load=IDLE)
+    assert (d.candidate.name, d.candidate.variant, d.candidate.device) == ("cuda:slow", "slow",
+                                                                           "cuda")
+    # a tight budget that only a GPU lane meets goes there, to its most accurate variant
+    d = r.choose(deadline=clock.deadline_in(2.0), batch=1, load=IDLE)
+    assert d.candidate.name == "cuda:slow" and d.fits
+
+
+def test_when_the_gpu_queue_is_long_the_request_overflows_to_the_cpu(clock: FakeClock) -> None:
+    r = _placed_router(clock, gpu_ms=2.0)
+    deadline = clock.deadline_in(15.0)
+    busy_gpu = {f"cuda:{v.name}": QueueState(queued=64, running=8) for v in VARIANTS}
+    d = r.choose(deadline=deadline, batch=1, load=Load(cores=4, threads=4, accel_threads=1,
+                                                       queues=busy_gpu))
+    # slow on the CPU (10 ms) fits where every GPU lane's backlog does not
+    assert d.candidate.name == "slow" and d.candidate.device == "cpu" and d.queue_ms == 0.0
+    # the GPU backlog is laid out on the GPU's own threads, not the CPU's
+    gpu_wait = r.predict(r.candidate("cuda:slow"), 1, Load(cores=4, threads=4, accel_threads=1,
+                                                           queues=busy_gpu)).queue_ms
+    assert gpu_wait > 15.0
+
+
+def test_cpu_load_slows_only_cpu_lanes_and_gpu_load_only_gpu_lanes(clock: FakeClock) -> None:
+    r = _placed_router(clock, gpu_ms=1.0)
+    cpu_busy = Load(cores=4, threads=4, cpu_other=1.0, executing=4)
+    assert r.predict(r.candidate("cuda:slow"), 1, cpu_busy).compute_ms == pytest.approx(1.0)
+    assert r.predict(r.candidate("slow"), 1, cpu_busy).compute_ms > 10.0
+    gpu_busy = Load(cores=4, threads=4, accel_slowdown=3.0)
+    assert r.predict(r.candidate("cuda:slow"), 1, gpu_busy).compute_ms == pytest.approx(3.0)
+    assert r.predict(r.candidate("slow"), 1, gpu_busy).compute_ms == pytest.approx(10.0)
+
+
+def test_pins_name_a_variant_on_any_device_or_one_lane(clock: FakeClock) -> None:
+    r = _placed_router(clock, gpu_ms=0.5)
+    assert r.choose(deadline=None, batch=1, load=IDLE, pin="cuda:mid").candidate.name == "cuda:mid"
+    on_either = r.choose(deadline=None, batch=1, load=IDLE, pin="mid").candidate
+    assert on_either.variant == "mid" and on_either.device == "cuda"  # the faster placement
+    # the GPU lane quarantined: the variant pin falls back to the CPU lane
+    fallback = r.choose(deadline=None, batch=1, load=IDLE, pin="mid", exclude={"cuda:mid"})
+    assert fallback.candidate.name == "mid"
+    assert r.choose(deadline=None, batch=1, load=IDLE, pin="cpu:mid").candidate.name == "mid"
