@@ -428,6 +428,289 @@ def overhead_section(router: dict[str, Any] | None, overhead: dict[str, Any] | N
     return "\n".join(text)
 
 
+# --- GPU serving: bench/gpu.py's JSON (issue 13) -------------------------------------------------
+
+# The issue's targets, as `gpu_targets` evaluates them.
+GPU_THROUGHPUT_SHARE = 0.5  # served images/s at 256/request ≥ this share of the bare CUDA graph
+GPU_THROUGHPUT_FLOOR = 150_000.0  # images/s: the issue's figure, used when bare was not measured
+GPU_LATENCY_SLACK_MS = 0.5  # served batch-1 p50 ≤ echo p50 + CUDA-graph time + this
+PLACEMENT_AUTO_MIN = 0.98  # --device auto's in-budget share under the saturating load
+PLACEMENT_CPU_MAX = 0.80  # ... where --device cpu's falls below this (else: not saturated)
+
+
+def _at(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...``, or None where any level is missing (a phase that failed or was skipped
+    leaves its part of the JSON out)."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _lane_device(candidate: str | None) -> str:
+    """``cuda:full`` → ``cuda``; a name without a device prefix ran on the CPU."""
+    prefix, sep, _ = (candidate or "").partition(":")
+    return prefix if sep else "cpu"
+
+
+def gpu_measured_on_gpu(data: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the JSON's figures are a GPU's, and if not, why (the targets are then n/a)."""
+    if data.get("quick"):
+        return False, "a `--quick` run (seconds per phase, to test the script)"
+    if data.get("accelerator") != "cuda":
+        return False, (f"a run with the GPU lanes on `--accelerator {data.get('accelerator')}`, "
+                       "not a GPU")
+    if _at(data, "host", "torch", "cuda_available") is not True:
+        return False, "a run on a host where torch saw no CUDA device"
+    return True, ""
+
+
+def _target(target: str, wanted: str, measured: str, passed: bool | None) -> dict[str, Any]:
+    return {"target": target, "wanted": wanted, "measured": measured, "passed": passed}
+
+
+def gpu_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets against ``data`` (bench/gpu.py's JSON): one row each with what was
+    wanted, what was measured and whether it was met (None: not measured, or not a GPU run)."""
+    on_gpu, _ = gpu_measured_on_gpu(data)
+    dtype = data.get("served_dtype") or "fp32"
+    rows = []
+
+    # 1. Served throughput at 256 images per request against the bare CUDA graph.
+    bare = _at(data, "bare", dtype, "graph", "256", "images_per_s")
+    want = (GPU_THROUGHPUT_SHARE * bare) if bare else GPU_THROUGHPUT_FLOOR
+    wanted = (f"≥ {100 * GPU_THROUGHPUT_SHARE:.0f}% of bare {dtype} batch 256 ({bare:,.0f}) = "
+              f"{want:,.0f} images/s" if bare else f"≥ {want:,.0f} images/s (bare not measured)")
+    served = [r for r in _at(data, "served", "throughput") or []
+              if r.get("images") == 256 and r.get("images_per_s") is not None]
+    if served:
+        best = max(served, key=lambda r: r["images_per_s"])
+        share = f", {100 * best['images_per_s'] / bare:.0f}% of bare" if bare else ""
+        rows.append(_target(
+            "Served throughput of `full`, 256 images per request", wanted,
+            f"{best['images_per_s']:,.0f} images/s (`--workers {best['workers']}`{share})",
+            best["images_per_s"] >= want if on_gpu else None))
+    else:
+        rows.append(_target("Served throughput of `full`, 256 images per request", wanted,
+                            "not measured", None))
+
+    # 2. Batch-1 latency against the bare gRPC round trip plus the CUDA graph.
+    lat = _at(data, "served", "latency_b1") or {}
+    echo = lat.get("echo_paired_p50_ms") or _at(data, "echo", "p50_ms")
+    graph = _at(data, "bare", dtype, "graph", "1", "ms_p50")
+    p50 = lat.get("p50_ms")
+    title = "Served batch-1 latency p50, pinned to the GPU lane"
+    if echo is None or graph is None:
+        rows.append(_target(title, f"≤ echo p50 + CUDA-graph batch 1 + {GPU_LATENCY_SLACK_MS} ms",
+                            "not measured" if p50 is None else f"{p50:.3f} ms (no reference)",
+                            None))
+    else:
+        limit = echo + graph + GPU_LATENCY_SLACK_MS
+        wanted = (f"≤ echo {echo:.3f} + graph {graph:.3f} + {GPU_LATENCY_SLACK_MS} = "
+                  f"{limit:.3f} ms")
+        if p50 is None:
+            rows.append(_target(title, wanted, "not measured", None))
+        else:
+            by = lat.get("answered_by")
+            on_lane = _lane_device(by) != "cpu"
+            rows.append(_target(title, wanted, f"{p50:.3f} ms (answered by `{by}`)",
+                                (p50 <= limit and on_lane) if on_gpu else None))
+
+    # 3. Placement: the GPU takes the overflow of saturated CPU lanes.
+    cpu = _at(data, "placement", "runs", "cpu", "attainment")
+    auto = _at(data, "placement", "runs", "auto", "attainment")
+    rate = _at(data, "placement", "rate_rps")
+    title = "In budget under a load that saturates the CPU lanes"
+    wanted = (f"`--device auto` ≥ {100 * PLACEMENT_AUTO_MIN:.0f}% where `--device cpu` < "
+              f"{100 * PLACEMENT_CPU_MAX:.0f}%")
+    if cpu is None or auto is None:
+        rows.append(_target(title, wanted, "not measured", None))
+    else:
+        measured = (f"auto {100 * auto:.1f}%, cpu {100 * cpu:.1f}% at {rate or 0:,.0f} "
+                    "requests/s")
+        if cpu >= PLACEMENT_CPU_MAX:  # the premise failed: nothing to take over
+            measured += "; the CPU lanes were not saturated (cpu ≥ " \
+                        f"{100 * PLACEMENT_CPU_MAX:.0f}%), so this does not test the overflow"
+            rows.append(_target(title, wanted, measured, None))
+        else:
+            rows.append(_target(title, wanted, measured,
+                                auto >= PLACEMENT_AUTO_MIN if on_gpu else None))
+
+    # 4. The router uses both devices under that load.
+    share = _at(data, "placement", "runs", "auto", "devices", "share")
+    title = "`--device auto` answers on both devices under that load"
+    if share is None:
+        rows.append(_target(title, "some answers on each", "not measured", None))
+    else:
+        gpu_share = sum(v for d, v in share.items() if d != "cpu")
+        rows.append(_target(title, "some answers on each",
+                            f"GPU {100 * gpu_share:.1f}%, CPU {100 * share.get('cpu', 0.0):.1f}% "
+                            "of answers",
+                            (gpu_share > 0 and share.get("cpu", 0.0) > 0) if on_gpu else None))
+    return rows
+
+
+def _ms(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _per_s(v: Any) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.json") -> str:
+    """The "GPU serving" section of docs/results.md from bench/gpu.py's JSON (None: no run)."""
+    title = "## GPU serving\n\n"
+    if data is None:
+        return title + (
+            f"Not measured: no GPU in this run. `bench/gpu.py` (issue 13's device check) writes "
+            f"`{source}` on a machine with an NVIDIA GPU; this page was generated without one, "
+            "so it shows no GPU figure.\n")
+    on_gpu, why = gpu_measured_on_gpu(data)
+    host = data.get("host") or {}
+    torch_info = host.get("torch") or {}
+    gpus = _at(host, "nvidia_smi", "gpus") or []
+    gpu = (f"{gpus[0].get('name')} (driver {gpus[0].get('driver_version')}, "
+           f"{gpus[0].get('memory.total')})" if gpus else torch_info.get("device_name")
+           or "no GPU")
+    ort = host.get("onnxruntime") or {}
+    machine = (f"{gpu}; {host.get('cpus', '?')} cores ({host.get('machine', '?')}, "
+               f"{host.get('system', '?')}), Python {host.get('python', '?')}, torch "
+               f"{torch_info.get('version', '?')} (CUDA {torch_info.get('cuda') or '-'}), ONNX "
+               f"Runtime {ort.get('version', '?')} ({', '.join(ort.get('providers') or []) or '?'})"
+               f"; load average {(host.get('load_average') or ['?'])[0]} at the start")
+    status = ("Measured on a GPU." if on_gpu else
+              f"**Not measured on a GPU**: `{source}` is from {why}. The figures below show the "
+              "script ran end to end; they are not the GPU's, and no target is evaluated.")
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
+    targets = gpu_targets(data)
+    out = [title + f"{status} `bench/gpu.py` ({data.get('started', '?')}, "
+           f"{data.get('seconds_total', 0):.0f} s), family `{_at(data, 'family', 'name')}`:\n\n"
+           f"```bash\n{data.get('command', 'python3 bench/gpu.py')}\n```\n\n"
+           f"Machine: {machine}.\n",
+           "### Targets\n\n" + markdown_table(
+               ["target", "wanted", "measured", "met"],
+               [[r["target"], r["wanted"], r["measured"], verdict[r["passed"]]] for r in targets])
+           + "\n"]
+
+    bare = data.get("bare")
+    if bare:
+        rows = []
+        anchor = bare.get("anchor_ms") or {}
+        for dtype in ("fp32", "fp16", "bf16"):
+            per = bare.get(dtype)
+            if not isinstance(per, dict):
+                continue
+            batches = sorted({*(per.get("graph") or {}), *(per.get("runner") or {})} - {"error"},
+                             key=int)
+            for b in batches:
+                g = _at(per, "graph", b) or {}
+                r = _at(per, "runner", b) or {}
+                rows.append([dtype, b, _ms(g.get("ms_p50"), 4), _per_s(g.get("images_per_s")),
+                             _ms(anchor.get(b), 3) if dtype == "fp32" else "-",
+                             _ms(r.get("ms_p50"), 4), _per_s(r.get("images_per_s"))])
+            for key in ("model_error", "runner_error"):
+                if per.get(key):
+                    rows.append([dtype, "-", f"{key.split('_')[0]} failed: {per[key][:160]}",
+                                 "", "", "", ""])
+        eager = _at(bare, "eager_b1_fp32", "ms_p50")
+        out.append(
+            "### The model alone\n\n"
+            f"`full` ({(bare.get('macs') or 0) / 1e6:.1f} M MACs) in torch on "
+            f"`{bare.get('device')}`, {bare.get('mode')}: milliseconds per call, the median of "
+            "blocks of calls timed between two synchronisations. *Runner*: "
+            "`server.torch_runner.TorchGraphRunner`, NumPy in and out (the copies a served "
+            "batch pays). *Anchor*: the issue's figure (fp32), measured on an H200 machine like "
+            "the device one."
+            + (f" Eager batch 1 (fp32, synchronised per call): {_ms(eager, 3)} ms (anchor 0.43)."
+               if eager is not None else "") + "\n\n"
+            + markdown_table(["dtype", "batch", "graph ms", "graph images/s", "anchor ms",
+                              "runner ms", "runner images/s"], rows) + "\n")
+
+    served = data.get("served") or {}
+    lat = served.get("latency_b1") or {}
+    echo = data.get("echo") or {}
+    tput = served.get("throughput") or []
+    if lat or echo or tput:
+        prose = []
+        if lat.get("p50_ms") is not None:
+            prose.append(
+                f"Batch 1 pinned to `{lat.get('pinned')}` (answered by `{lat.get('answered_by')}`),"
+                f" {lat.get('requests')} sequential requests in blocks alternating with a bare "
+                f"`grpc.aio` echo server (bench/echo_server.py) of the same payload: p50 "
+                f"{_ms(lat['p50_ms'])} ms (p99 {_ms(lat.get('p99_ms'))}); echo alongside p50 "
+                f"{_ms(lat.get('echo_paired_p50_ms'))} ms.")
+        if echo.get("p50_ms") is not None:
+            prose.append(f"The echo alone: p50 {_ms(echo['p50_ms'])} ms (p99 "
+                         f"{_ms(echo.get('p99_ms'))}), {echo.get('requests')} sequential calls.")
+        table = ""
+        if tput:
+            rows = []
+            for r in tput:
+                gpu_use = r.get("gpu") or {}
+                procs = r.get("processes")
+                rows.append([r.get("workers"), r.get("images"),
+                             _per_s(r.get("images_per_s")) if "error" not in r else
+                             f"failed: {r['error'][:120]}",
+                             _per_s(r.get("requests_per_s")),
+                             f"{procs} x {r.get('in_flight', 0) // procs}" if procs else "-",
+                             ", ".join(f"{k} {v}" for k, v in (r.get("errors") or {}).items())
+                             or "none",
+                             f"{gpu_use['util_mean_pct']:.0f}% / {gpu_use['util_max_pct']:.0f}%"
+                             if gpu_use else "-"])
+            prose.append(f"Throughput pinned to `{served.get('lane')}`, closed loop from several "
+                         "client processes (each with its own connections), no budget; *GPU "
+                         "busy*: nvidia-smi's utilisation during the window.")
+            table = "\n\n" + markdown_table(
+                ["--workers", "images/request", "images/s", "requests/s",
+                 "clients x in flight", "errors", "GPU busy mean / max"], rows)
+        out.append("### Served: `--device cuda`\n\n" + " ".join(prose) + table + "\n")
+
+    place = data.get("placement") or {}
+    if place.get("runs") or place.get("ramp"):
+        rows = []
+        for label, r in (place.get("runs") or {}).items():
+            if "error" in r:
+                rows.append([f"`--device {label}`", "-", f"failed: {r['error'][:160]}",
+                             *[""] * 6])
+                continue
+            lat_ms = r.get("latency_ms") or {}
+            share = _at(r, "devices", "share") or {}
+            gpu_share = sum(v for d, v in share.items() if d != "cpu")
+            rows.append([f"`--device {label}`", f"{r.get('offered_rps', 0):,.0f}",
+                         percent(r.get("attainment")), f"{r.get('answered')}/{r.get('offered')}",
+                         percent(r.get("accuracy"), 2),
+                         f"{_ms(lat_ms.get('p50'), 2)} / {_ms(lat_ms.get('p99'), 2)}",
+                         percent(gpu_share), percent(share.get("cpu")),
+                         ", ".join(f"{k} {v}" for k, v in (r.get("errors_by_code") or {}).items())
+                         or "none"])
+        ref = _at(place, "reference_capacity", "requests_per_s")
+        ramp = place.get("ramp") or []
+        how = (f" The rate: {place.get('rate_rule')}; `--device cpu` without budgets answered "
+               f"{_per_s(ref)} requests/s; the ramp, in budget per rate: "
+               + ", ".join(f"{_per_s(s['rate_rps'])}/s {percent(s['attainment'])}" for s in ramp)
+               + "." if ramp else f" The rate: {place.get('rate_rule', '-')}.")
+        out.append(
+            "### Placement under load\n\n"
+            f"Two fresh servers with default flags but `--device`, the same Poisson open loop "
+            f"against each: {_per_s(place.get('rate_rps'))} requests/s, budgets "
+            f"`{place.get('budget')}` ms, {place.get('images')} test images per request, gRPC "
+            f"deadline = budget.{how} *In budget*: answers back within their budget, as a share "
+            "of the requests offered; *on GPU*: answers from a GPU lane (a `cuda:` "
+            "candidate).\n\n"
+            + markdown_table(["server", "offered/s", "in budget", "answered", "accuracy",
+                              "p50 / p99 ms", "on GPU", "on CPU", "errors"], rows) + "\n")
+
+    trouble = [f"`{name}` {p['status']}: {p.get('error') or p.get('reason') or ''}".strip()
+               for name, p in (data.get("phases") or {}).items() if p.get("status") != "ok"]
+    trouble += [f"`serve --device {label}` did not start: {err}"
+                for label, err in (place.get("errors") or {}).items()]
+    if trouble:
+        out.append("Phases that did not finish: " + "; ".join(t[:300] for t in trouble) + ".\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--family", default="families/mnist5k")
@@ -473,7 +756,8 @@ def main() -> None:
         "`requests.csv`, `latency_cdf.png` and `load.png`.\n")
     parts = [header, compression_section((ROOT / args.family).resolve()),
              policy_section(summary, results, docs),
-             overhead_section(read("router.json"), read("overhead.json"))]
+             overhead_section(read("router.json"), read("overhead.json")),
+             gpu_section(read("gpu.json"), f"{args.results}/gpu.json")]
     (docs / "results.md").write_text("\n".join(parts))
     log.info("wrote %s", docs / "results.md")
 
