@@ -50,23 +50,21 @@ _CAPTURE_LOCK = threading.Lock()
 def cuda_problem() -> str | None:
     """None when torch is importable and sees a CUDA GPU; else one line saying what is missing
     and what to install. Never raises."""
+    install = "pip install 'adaptive-inference[gpu]' (torch with CUDA) on a host with an NVIDIA driver"
     try:
         import torch
     except Exception as exc:  # not installed, or an install that fails to load
-        return (f"torch is not importable ({type(exc).__name__}: {exc}): pip install torch (a CUDA "
-                f"build, e.g. --index-url https://download.pytorch.org/whl/cu128) on a host with "
-                f"an NVIDIA driver")
+        return f"torch is not importable ({type(exc).__name__}: {exc}): {install}"
     try:
         if torch.cuda.is_available():
             return None
         cuda = torch.version.cuda
     except Exception as exc:  # a broken driver can make the probe itself fail
         return f"torch {torch.__version__}: probing CUDA failed ({type(exc).__name__}: {exc})"
-    hint = (f"it is built for CUDA {cuda}: check the NVIDIA driver (nvidia-smi) and "
-            f"CUDA_VISIBLE_DEVICES" if cuda else
-            "it is a CPU build: pip install torch (a CUDA build) on a host with an NVIDIA driver")
-    return (f"torch {torch.__version__}: this torch has no CUDA (a CPU build) or no GPU/driver is "
-            f"visible; {hint}")
+    if not cuda:
+        return f"torch {torch.__version__} is a CPU build (no CUDA): {install}"
+    return (f"torch {torch.__version__} (CUDA {cuda}) sees no GPU: check the NVIDIA driver "
+            f"(nvidia-smi) and CUDA_VISIBLE_DEVICES")
 
 
 def buckets(max_batch: int) -> list[int]:
