@@ -14,11 +14,18 @@ try. Variants built on another variant are judged against ``full`` too. The trac
 variant's ``details["search"]``; a variant that meets the target at no setting ships its most
 accurate try marked ``"within_max_drop": false`` there (a warning in the log, a line in the
 report), and the server leaves it out.
+
+The base is a built-in architecture (``[base.arch]``) or the user's own (``[base] model =
+"package.module:factory"``, called with ``[base] model_args``; `compression.models`, kind
+``user``). A method that cannot handle the base (`Unsupported`: a network torch.fx cannot trace,
+one torch-pruning cannot prune) leaves its variant out — and every variant built on it — and says
+why in the log, the manifest (``skipped``) and report.md; the other variants build as usual.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -41,7 +48,7 @@ from torch import nn
 from compression import data as datasets
 from compression import export, profile, registry, report
 from compression.core import encoding, stats
-from compression.core.errors import ConfigError
+from compression.core.errors import ConfigError, Unsupported
 from compression.core.family import (
     BATCH_SIZES,
     SCHEMA_VERSION,
@@ -51,9 +58,10 @@ from compression.core.family import (
     load_family,
     write_artifact,
     write_manifest,
+    write_validation,
 )
 from compression.core.ort import INPUT_NAME, OUTPUT_NAME, session
-from compression.models import DEFAULT_CNN, DEFAULT_MLP, Spec, build_model, validate
+from compression.models import DEFAULT_CNN, DEFAULT_MLP, Spec, build_model, load_factory, validate
 from compression.registry import BuildContext, Built, MethodOutput
 from compression.train import TrainConfig, accuracy, seed_everything, train
 
@@ -61,7 +69,7 @@ log = logging.getLogger(__name__)
 
 _TOP_KEYS = {"family", "seed", "max_drop", "data", "base", "variants"}
 _DATA_KEYS = {"spec", "val_fraction", "test_fraction"}
-_BASE_KEYS = {"arch", "train"}
+_BASE_KEYS = {"arch", "train", "model", "model_args"}
 _VARIANT_KEYS = {"name", "method", "base", "max_drop", "params"}
 
 DEFAULT_MAX_DROP = 1.0  # points of validation accuracy a variant may lose against full
@@ -113,9 +121,7 @@ def load_config(path: str | Path, *, data_spec: str | None = None,
     base = raw.get("base", {})
     _only(base, _BASE_KEYS, f"{path} [base]")
     train_cfg = _dataclass_from(TrainConfig, base.get("train", {}), f"{path} [base.train]")
-    arch_table = base.get("arch", {})
-    defaults = DEFAULT_MLP if arch_table.get("kind") == "mlp" else DEFAULT_CNN
-    arch = validate({**defaults, **arch_table})
+    arch = _base_arch(base, f"{path} [base]")
     max_drop = _max_drop(raw.get("max_drop", DEFAULT_MAX_DROP), f"{path}")
 
     variants: list[VariantConfig] = []
@@ -146,6 +152,26 @@ def load_config(path: str | Path, *, data_spec: str | None = None,
         arch=arch, train=train_cfg, variants=tuple(variants), max_drop=max_drop)
 
 
+def _base_arch(base: dict[str, Any], where: str) -> Spec:
+    """The ``[base]`` table's architecture: a built-in spec, or the user's model (its factory is
+    imported now; it is built and checked once the data's shape is known)."""
+    if "model" not in base:
+        if "model_args" in base:
+            raise ConfigError(f"{where}: model_args {base['model_args']!r} needs model = "
+                              "'package.module:factory'")
+        arch_table = base.get("arch", {})
+        defaults = DEFAULT_MLP if arch_table.get("kind") == "mlp" else DEFAULT_CNN
+        return validate({**defaults, **arch_table})
+    if "arch" in base:
+        raise ConfigError(f"{where}: model {base['model']!r} (your network) and [base.arch] (a "
+                          "built-in one) exclude each other; keep one")
+    load_factory(base["model"], f"{where} model")
+    args = base.get("model_args", {})
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where}: model_args must be a table, got {args!r}")
+    return {"kind": "user", "factory": base["model"], "args": args}
+
+
 def _max_drop(value: Any, where: str) -> float:
     """A ``max_drop`` value: accuracy points in [0, 100]; anything else names the bad value."""
     if (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
@@ -173,6 +199,7 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
     ctx = BuildContext(splits=splits, seed=cfg.seed, train=cfg.train, built={}, progress=progress)
     variants: list[Variant] = []
     sections: list[str] = []
+    skipped: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     # Eager torch beside ORT for the full model: the report's case for serving on ORT.
     full_out = MethodOutput(model=model, spec=arch, details={
@@ -182,11 +209,23 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
         log.info("variant %s: method %s on %s (max_drop %g pt)", vc.name, vc.method, vc.base,
                  vc.max_drop)
         t0 = time.perf_counter()
-        result, chosen, trace = _search(ctx, vc)
+        try:
+            if vc.base not in ctx.built:
+                raise Unsupported(f"its base {vc.base!r} was left out")
+            result, chosen, trace = _search(ctx, vc)
+        except Unsupported as exc:
+            log.warning("variant %s left out: method %s cannot build it: %s", vc.name, vc.method,
+                        exc)
+            skipped.append({"name": vc.name, "method": vc.method, "base": vc.base,
+                            "reason": str(exc)})
+            continue
         v = _finish(ctx, tmp, vc.name, vc.method, vc.base, asdict(chosen), result, t0)
         variants.append(replace(v, details={**v.details, "search": _judge(ctx, vc, v, trace)}))
         if result.report_md:
             sections.append(f"## {vc.name}\n\n{result.report_md.strip()}\n")
+    if skipped:
+        sections.append("## Left out\n\n" + "".join(
+            f"- `{s['name']}` ({s['method']} of `{s['base']}`): {s['reason']}\n" for s in skipped))
 
     # One paired latency profile of every variant as served: speed-ups are in-round ratios.
     variants, profiled = profile.profile_variants(tmp, variants, splits.input_shape)
@@ -198,13 +237,19 @@ def build(cfg: BuildConfig, out: str | Path, *, base_checkpoint: str | Path | No
                                "test": len(splits.y_test)}},
         "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": list(splits.input_shape),
                   "range": [0.0, 1.0],
-                  "normalization": {**splits.normalization(), "in_graph": True}},
+                  # a user's model preprocesses by its own code, inside the graph all the same
+                  "normalization": ({"in_graph": True, "by": "model"} if arch["kind"] == "user"
+                                    else {**splits.normalization(), "in_graph": True})},
         "output": {"name": OUTPUT_NAME, "datatype": "FP32",
                    # folder: datasets name their classes (sorted folder names); others count
                    "classes": list(ds.class_names or (str(i) for i in range(splits.num_classes)))},
         "build": {"seed": cfg.seed, "seconds": round(time.perf_counter() - t_start, 1),
-                  "host": _host(), "profile": profiled, "config": cfg.as_json()},
+                  "host": _host(), "profile": profiled, "config": cfg.as_json(),
+                  "base_checkpoint": _checkpoint_record(base_checkpoint)},
         "variants": variants,
+        "skipped": skipped,
+        # for a server to re-measure accuracy where it runs (`Family.validation`)
+        "validation": write_validation(tmp, splits.x_val, splits.y_val, seed=cfg.seed),
     }
     write_manifest(tmp, manifest)
     report.write(tmp, manifest, variants, sections)
@@ -308,9 +353,50 @@ def _judge(ctx: BuildContext, vc: VariantConfig, v: Variant,
 # --- base model ------------------------------------------------------------------------------
 
 def _arch_for(arch: Spec, splits: datasets.Splits) -> Spec:
-    """The config's architecture, fitted to the data's shape, class count and normalisation."""
-    return validate({**arch, "input": list(splits.input_shape), "num_classes": splits.num_classes,
-                     "normalize": splits.normalization()})
+    """The config's architecture, fitted to the data's shape, class count and normalisation (a
+    user's model normalises by its own code, if at all)."""
+    fitted = {**arch, "input": list(splits.input_shape), "num_classes": splits.num_classes}
+    if arch["kind"] != "user":
+        fitted["normalize"] = splits.normalization()
+    return validate(fitted)
+
+
+def _check_user_model(model: nn.Module, arch: Spec) -> None:
+    """A user's model must map [N, C, H, W] pixels to [N, classes] logits and export to ONNX;
+    `ConfigError` otherwise, before any training."""
+    where = f"[base] model {arch['factory']!r}"
+    x = torch.zeros((2, *arch["input"]))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+        export.to_onnx(model, arch["input"])
+    except Exception as exc:  # the user's forward, or the exporter on it
+        raise ConfigError(f"{where} fails on input {list(x.shape)}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, arch["num_classes"]):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{where} returns {got} for input {list(x.shape)}; expected logits "
+                          f"[2, {arch['num_classes']}] (the dataset's class count)")
+
+
+def _source_digest(arch: Spec, model: nn.Module) -> str | None:
+    """For a user's model: sha256 of its factory's source file and of the module tree, so an
+    edited network is retrained rather than served from the cache."""
+    if arch["kind"] != "user":
+        return None
+    h = hashlib.sha256(repr(model).encode())
+    path = inspect.getsourcefile(load_factory(arch["factory"]))
+    if path is not None:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def _checkpoint_record(path: str | Path | None) -> dict[str, str] | None:
+    """Which --base-checkpoint the family was built from (its file name and sha256)."""
+    if path is None:
+        return None
+    return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def _base_model(cfg: BuildConfig, arch: Spec, splits: datasets.Splits, fingerprint: str,
@@ -318,6 +404,8 @@ def _base_model(cfg: BuildConfig, arch: Spec, splits: datasets.Splits, fingerpri
                 progress: bool) -> nn.Module:
     seed_everything(cfg.seed)
     model = build_model(arch)
+    if arch["kind"] == "user":
+        _check_user_model(model, arch)
     if checkpoint is not None:
         _load_state(model, Path(checkpoint))
         log.info("base model: loaded %s (test accuracy %.4f)", checkpoint,
@@ -328,7 +416,8 @@ def _base_model(cfg: BuildConfig, arch: Spec, splits: datasets.Splits, fingerpri
         del train_key["min_steps_per_epoch"]  # no effect on this data: the same training
     key = hashlib.sha256(json.dumps(
         {"arch": arch, "train": train_key, "data": fingerprint, "seed": cfg.seed,
-         "split": [cfg.val_fraction, cfg.test_fraction], "torch": torch.__version__},
+         "split": [cfg.val_fraction, cfg.test_fraction], "torch": torch.__version__,
+         **({"source": digest} if (digest := _source_digest(arch, model)) else {})},
         sort_keys=True).encode()).hexdigest()[:24]
     cache = Path(cache_dir or os.environ.get("ADAPTIVE_CACHE",
                                              Path.home() / ".cache" / "adaptive-inference"))
@@ -421,10 +510,10 @@ def _write_graph(root: Path, name: str, graph: onnx.ModelProto,
                  result: MethodOutput) -> list[Artifact]:
     if result.weights_codec is None:
         return [write_artifact(root, f"{name}/model.onnx", graph.SerializeToString())]
-    # Encode the weight matrices and conv kernels; biases, BN and scalars stay dense in the graph.
-    tensors = {k: v for k, v in export.initializers(graph).items()
-               if v.dtype == np.float32 and v.ndim >= 2
-               and (result.codec_tensors is None or k in result.codec_tensors)}
+    # Encode the conv kernels and weight matrices; biases, BN, the normalisation constants and
+    # any other constant stay dense in the graph.
+    tensors = {k: v for k, v in export.layer_weights(graph).items()
+               if result.codec_tensors is None or k in result.codec_tensors}
     blob = encoding.encode(result.weights_codec, tensors, **result.codec_options)
     return [write_artifact(root, f"{name}/model.onnx",
                            export.skeleton(graph, tensors).SerializeToString()),

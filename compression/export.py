@@ -82,3 +82,16 @@ def skeleton(graph: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
 def initializers(graph: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializer name → array, for codecs to encode."""
     return {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+
+
+# The ops whose second input is a conv kernel or a linear layer's weight matrix.
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def layer_weights(graph: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The conv and linear weights among the float32 initializers, by name: what the weight codecs
+    store. Other ≥2-D constants (the input normalisation's mean and std [1, C, 1, 1], a user
+    model's own buffers) are not layer weights, and stay dense in the graph."""
+    names = {n.input[1] for n in graph.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1}
+    return {k: v for k, v in initializers(graph).items()
+            if k in names and v.dtype == np.float32 and v.ndim >= 2}

@@ -12,7 +12,10 @@ one place ``int8`` is registered (a config may use a method for many variants, e
     @register("int8", Int8Config)
     def apply(ctx: BuildContext, base: Built, config: Int8Config) -> MethodOutput: ...
 
-A new method adds its module to `METHOD_MODULES`; the builder never changes.
+A new method adds its module to `METHOD_MODULES`; the builder never changes. A method that cannot
+handle the base it is given (a user's network it cannot trace or prune) raises
+`compression.core.errors.Unsupported` with the reason: the builder leaves that variant out and
+says why, rather than failing the build.
 
 Accuracy-targeted compression: a config class may declare its strength knob as data, a class
 attribute ``strength`` holding a `Knob` (the field, and its settings from most to least compressed),
@@ -175,8 +178,9 @@ class MethodOutput:
     graph: onnx.ModelProto | None = None
     weights_codec: str | None = None
     codec_options: dict[str, Any] = field(default_factory=dict)
-    # the initializers the codec stores; None: every float32 weight tensor (ndim ≥ 2). Others
-    # stay dense in the graph (e.g. the full-precision layers of a partly binary network).
+    # the initializers the codec stores; None: every conv and linear weight
+    # (`export.layer_weights`). Others stay dense in the graph (e.g. the full-precision layers
+    # of a partly binary network).
     codec_tensors: list[str] | None = None
     params_count: int | None = None  # override, e.g. non-zero weights of a sparse model
     macs: int | None = None  # override when the torch model is not what runs

@@ -409,8 +409,10 @@ class _LaneCosts:
         self._on_cpu = engine.lanes[lane].device == CPU
         s = engine.settings
         self._timeout_floor_ms = s.batch_timeout_ms
-        # A batch on the event loop cannot be timed out: never inline a fault-injected variant.
-        self._may_inline = s.inline_below_ms > 0 and self._on_cpu and (
+        # A batch on the event loop cannot be timed out: never inline a fault-injected lane.
+        # GPU lanes may inline too: a small batch there is a graph replay and a wait on the
+        # device, shorter than the hand-off to a worker thread and back.
+        self._may_inline = s.inline_below_ms > 0 and (
             engine.faults is None or lane not in engine.faults.faults)
 
     def _predict(self, n: int) -> tuple[float, float]:

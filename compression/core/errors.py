@@ -20,3 +20,9 @@ class ConfigError(BuildError):
 
 class FamilyError(BuildError):
     """A family directory is unreadable, tampered with or of an unknown schema."""
+
+
+class Unsupported(BuildError):
+    """A compression method cannot handle this base model (a user's module it cannot trace, cut
+    or prune). The build leaves that variant out, says why in the log, the manifest
+    (``skipped``) and report.md, and goes on with the others."""

@@ -7,16 +7,25 @@ Layout::
       full/model.onnx          one folder per variant
       pruned-weights/model.onnx + weights.aiw   graph skeleton + encoded weights (see encoding.py)
       early-exit/stage_0.onnx …                 one graph per stage
+      data/val_x.npy, data/val_y.npy            a sample of the validation split
 
 Every artifact carries a sha256; `load_family` verifies all of them and the schema version before
 anything is served, and raises one `FamilyError` naming the offending file. Nothing is unpickled:
-artifacts are ONNX graphs, our own tensor container (JSON header + raw bytes) and JSON.
+artifacts are ONNX graphs, our own tensor container (JSON header + raw bytes), plain ``.npy``
+arrays (read with ``allow_pickle=False``) and JSON.
 This module needs numpy and onnx only, no torch, so the server can load a family cheaply.
+
+The validation sample (manifest ``validation``, `write_validation` / `Family.validation`) lets a
+server re-measure each variant's accuracy where it runs (another device, another dtype): up to
+`VALIDATION_SAMPLES` images of the build's validation split, uint8 when every pixel is exactly
+k/255 (lossless: the loaders divide by 255 in float32, as `Family.validation` does), else float32,
+and their int64 labels. A family built before it was recorded has none (None).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -24,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import onnx
 
 from compression.core import encoding
@@ -36,6 +46,10 @@ MANIFEST = "manifest.json"
 BATCH_SIZES = (1, 8, 32)
 
 LatencyTable = dict[str, dict[str, float]]  # batch size ("1", "8", "32") → {"p50": ms, "p95": ms}
+
+VALIDATION_SAMPLES = 2000  # at most this many validation images go into the family
+VALIDATION_ROLE = "validation"
+_PIXEL = np.float32(255)  # uint8 pixel k is k / 255 in float32, as every loader computes it
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,27 @@ class Family:
                         key=lambda a: a.stage or 0)
         return [onnx.load_from_string((self.root / a.path).read_bytes()) for a in stages]
 
+    def validation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The validation sample: images float32 [N, C, H, W] in [0, 1] and labels int64 [N], or
+        None for a family built without one. The files are verified again as they are read."""
+        rec = self.manifest.get("validation")
+        if rec is None:
+            return None
+        x_art, y_art = (_validation_artifact(self.root / MANIFEST, rec, k) for k in ("x", "y"))
+        x, y = (_read_array(self.root, a) for a in (x_art, y_art))
+        where = f"{self.root / x_art.path}"
+        if x.dtype == np.uint8:
+            x = np.divide(x, _PIXEL, dtype=np.float32)
+        elif x.dtype != np.float32:
+            raise FamilyError(f"{where}: dtype {x.dtype}, expected uint8 or float32 pixels")
+        if x.ndim != 4 or list(x.shape[1:]) != self.input_shape:
+            raise FamilyError(f"{where}: shape {list(x.shape)}, expected [N, "
+                              f"{', '.join(map(str, self.input_shape))}]")
+        if y.dtype != np.int64 or y.shape != (len(x),):
+            raise FamilyError(f"{self.root / y_art.path}: {y.dtype} {list(y.shape)}, expected "
+                              f"int64 [{len(x)}] labels")
+        return x, y
+
 
 # --- writing ---------------------------------------------------------------------------------
 
@@ -177,6 +212,30 @@ def write_artifact(root: Path, rel: str, data: bytes, *, role: str = "graph",
     path.write_bytes(data)
     return Artifact(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
                     role=role, codec=codec, stage=stage)
+
+
+def write_validation(root: Path, x: np.ndarray, y: np.ndarray, *, seed: int,
+                     limit: int = VALIDATION_SAMPLES) -> dict[str, Any]:
+    """Write the validation sample (module docstring) under ``root/data/``; its manifest record.
+
+    Past ``limit`` images, a seeded sample of them in their split order (the same on every
+    rebuild with the same seed).
+    """
+    total = len(y)
+    if total > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
+        x, y = x[keep], y[keep]
+    pixels = np.rint(x * 255).clip(0, 255).astype(np.uint8)
+    exact = bool(np.array_equal(np.divide(pixels, _PIXEL, dtype=np.float32), x))
+    stored = pixels if exact else np.ascontiguousarray(x, dtype=np.float32)
+    arts = {}
+    for key, rel, array in (("x", "data/val_x.npy", stored),
+                            ("y", "data/val_y.npy", np.ascontiguousarray(y, dtype=np.int64))):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        a = write_artifact(root, rel, buf.getvalue(), role=VALIDATION_ROLE)
+        arts[key] = {k: v for k, v in asdict(a).items() if v is not None}
+    return {**arts, "samples": len(y), "of": total, "pixels": str(stored.dtype)}
 
 
 # Optional fields written only when set, so a manifest without them reads back the same.
@@ -245,6 +304,9 @@ def load_family(root: str | Path) -> Family:
         variants[v.name] = v
     if not variants:
         raise FamilyError(f"{manifest_path}: the family has no variants")
+    if manifest.get("validation") is not None:
+        for key in ("x", "y"):
+            _verify(root, _validation_artifact(manifest_path, manifest["validation"], key))
     log.info("loaded family %r from %s: %d variants verified", manifest["family"], root, len(variants))
     return Family(root=root, name=str(manifest["family"]), manifest=manifest, variants=variants)
 
@@ -257,6 +319,30 @@ def _parse_variant(manifest_path: Path, i: int, raw: Any) -> Variant:
         return Variant(artifacts=artifacts, exits=exits, **fields)
     except (KeyError, TypeError) as exc:
         raise FamilyError(f"{manifest_path}: variants[{i}] is malformed ({exc})") from exc
+
+
+def _validation_artifact(manifest_path: Path, rec: Any, key: str) -> Artifact:
+    try:
+        return Artifact(**rec[key])
+    except (KeyError, TypeError) as exc:
+        raise FamilyError(f"{manifest_path}: validation.{key} is malformed ({exc})") from exc
+
+
+def _read_array(root: Path, a: Artifact) -> np.ndarray:
+    """One verified ``.npy`` artifact, read without unpickling."""
+    data = _verified_bytes(root, a)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FamilyError(f"{root / a.path}: not a plain .npy array ({exc})") from exc
+
+
+def _verified_bytes(root: Path, a: Artifact) -> bytes:
+    _verify(root, a)
+    data = (root / a.path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != a.sha256:  # changed between the check and the read
+        raise FamilyError(f"{root / a.path}: sha256 mismatch (tampered?)")
+    return data
 
 
 def _verify(root: Path, a: Artifact) -> None:

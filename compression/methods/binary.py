@@ -12,14 +12,20 @@ weight plus one float32 per output channel, and refuses any tensor that is not o
 
 The strength knob is ``full_precision``: ``"none"`` binarises every conv and linear layer,
 ``"ends"`` keeps the first layer and the classifier in float32 (as XNOR-Net and most binary
-networks do: they hold few weights and cost the most accuracy). Those stay dense in the graph;
-the codec stores the binary ones.
+networks do: they hold few weights and cost the most accuracy). First and last are the first and
+last layers a forward pass calls, so a user's network that declares its classifier first is
+treated right. Those stay dense in the graph; the codec stores the binary ones.
+
+The codec gets the conv and linear weights of the exported graph only (`export.layer_weights`),
+never the other ≥2-D constants: the normalisation's mean and std [1, C, 1, 1] hold C different
+values, which no binary tensor does once C > 1 (an RGB model).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +37,7 @@ from torch.nn.utils import parametrize
 from compression import export
 from compression.core import encoding
 from compression.core.errors import ConfigError
+from compression.models import layers_in_call_order
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import accuracy, train
 
@@ -93,22 +100,23 @@ class BinaryWeights(nn.Module):
         return _BinarizeSTE.apply(w, self.clip)
 
 
-def binarized_layers(model: nn.Module, full_precision: str = "none") -> list[nn.Module]:
-    """The Conv2d / Linear layers that get binary weights, in module order; ``"ends"`` leaves
-    out the first and the last (the input layer and the classifier)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+def binarized_layers(model: nn.Module, input_shape: Sequence[int],
+                     full_precision: str = "none") -> list[nn.Module]:
+    """The Conv2d / Linear layers that get binary weights, in the order a forward pass calls
+    them; ``"ends"`` leaves out the first and the last (the input layer and the classifier)."""
+    layers = layers_in_call_order(model, input_shape)
     return layers[1:-1] if full_precision == "ends" else layers
 
 
-def attach(model: nn.Module, clip: float = 1.0, full_precision: str = "none") -> None:
-    """Binarise the Conv2d / Linear weights of ``model`` (in place) for training."""
-    for m in binarized_layers(model, full_precision):
+def attach(layers: Sequence[nn.Module], clip: float = 1.0) -> None:
+    """Binarise the weights of ``layers`` (in place) for training."""
+    for m in layers:
         parametrize.register_parametrization(m, "weight", BinaryWeights(clip))
 
 
-def bake(model: nn.Module, full_precision: str = "none") -> None:
+def bake(layers: Sequence[nn.Module]) -> None:
     """Replace the real weights by their binarised values (exactly ±α per output channel)."""
-    for m in binarized_layers(model, full_precision):
+    for m in layers:
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
         with torch.no_grad():
@@ -127,25 +135,34 @@ def apply(ctx: BuildContext, base: Built, config: BinaryConfig) -> MethodOutput:
     if base.model is None:
         raise ConfigError(f"binary needs a torch base model; {base.name!r} is graph-only")
     model = copy.deepcopy(base.model)
-    attach(model, config.clip, config.full_precision)
+    every = layers_in_call_order(model, ctx.input_shape)
+    layers = binarized_layers(model, ctx.input_shape, config.full_precision)
+    attach(layers, config.clip)
     clip_weights(model, config.clip)
     acc_before = accuracy(model, ctx.splits.x_test, ctx.splits.y_test)
     if config.epochs:
         train(model, ctx.splits, ctx.train.scaled(epochs=config.epochs, lr=config.lr),
               seed=ctx.seed, after_step=lambda m: clip_weights(m, config.clip),
               desc="binaryconnect", progress=ctx.progress)
-    bake(model, config.full_precision)
+    bake(layers)
     model.eval()
-    weights = {k: v for k, v in export.initializers(export.to_onnx(model, ctx.input_shape)).items()
-               if v.dtype == np.float32 and v.ndim >= 2}
-    # the binary tensors: with "ends", the first and last layers' weights stay float32
-    tensors = {k: v for k, v in weights.items() if config.full_precision == "none" or _is_binary(v)}
+    weights = export.layer_weights(export.to_onnx(model, ctx.input_shape))
+    # The codec stores the weights the graph holds as ±α per output channel (BN folded in keeps
+    # that form): with "ends", the first and last layers' float32 weights are not, and nor is a
+    # binarised matrix the exporter stored transposed (a user's Linear run as a MatMul). Those
+    # stay dense in the graph, counted in the report.
+    tensors = {k: v for k, v in weights.items() if _is_binary(v)}
     n_weights = sum(v.size for v in tensors.values())
-    binarized = {id(m) for m in binarized_layers(model, config.full_precision)}
-    n_fp32 = sum(m.weight.numel() for m in binarized_layers(model) if id(m) not in binarized)
-    stored = len(encoding.encode("binary", tensors))  # fails loudly if anything is not ±a
+    binarized = {id(m) for m in layers}
+    n_fp32 = sum(m.weight.numel() for m in every if id(m) not in binarized)
+    n_dense_binary = sum(m.weight.numel() for m in layers) - n_weights
+    stored = len(encoding.encode("binary", tensors))
     scope = ("first conv and classifier included" if config.full_precision == "none" else
              f"first layer and classifier kept float32: {n_fp32:,} weights")
+    if n_dense_binary:
+        log.warning("binary: %d binarised weights are not stored ±α per output channel in the "
+                    "graph (transposed by the exporter); they stay dense float32", n_dense_binary)
+        scope += f"; {n_dense_binary:,} binarised weights stored dense (not per-row in ONNX)"
     report = (
         f"BinaryConnect fine-tune of `{base.name}` for {config.epochs} epoch(s): every conv and "
         f"linear weight is sign(W)·α with α = mean|W| per output channel ({scope}). Test "
@@ -159,11 +176,12 @@ def apply(ctx: BuildContext, base: Built, config: BinaryConfig) -> MethodOutput:
                         codec_tensors=sorted(tensors),
                         details={"weight_bytes": stored, "fp32_weight_bytes": 4 * n_weights,
                                  "full_precision": config.full_precision,
-                                 "float32_weights": n_fp32})
+                                 "float32_weights": n_fp32,
+                                 "dense_binary_weights": n_dense_binary})
 
 
 def _is_binary(a: np.ndarray) -> bool:
     """A binarised weight: every output channel holds several ±a of one magnitude a (a lone
-    value per channel, such as the normalisation constants, is trivially so, and is not)."""
+    value per channel, such as a 1×1 conv on one channel, is trivially so, and is not)."""
     mag = np.abs(a.reshape(a.shape[0], -1))
     return mag.shape[1] > 1 and bool((mag == mag.max(axis=1, keepdims=True)).all())

@@ -5,7 +5,9 @@ last two stages:
 
 1. Fold BatchNorm into the convs first. The exporter would fold it anyway, and BN rescales every
    output channel differently, which would turn one shared per-layer value into many. Folding in
-   torch means the weights we cluster are exactly the weights ONNX serves.
+   torch means the weights we cluster are exactly the weights ONNX serves. Which BN follows which
+   conv comes from the torch.fx graph (`models.fold_batchnorm`), so a user's residual blocks fold
+   too; a network with BatchNorm that fx cannot trace is left out of the family, with the reason.
 2. Per layer, k-means over the non-zero weights (2^bits centroids, linear init over [min, max] as
    the paper recommends); zeros stay zero, so the pruning mask survives.
 3. Fine-tune the centroids: each weight is ``codebook[index]``, so autograd sums the gradients of
@@ -136,9 +138,8 @@ def distinct_values(model: nn.Module) -> list[int]:
 
 
 def weight_tensors(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """The tensors the builder hands to the codec: float32 initializers with ndim ≥ 2."""
-    return {k: v for k, v in export.initializers(export.to_onnx(model, input_shape)).items()
-            if v.dtype == np.float32 and v.ndim >= 2}
+    """The tensors the builder hands to the codec: the graph's conv and linear weights."""
+    return export.layer_weights(export.to_onnx(model, input_shape))
 
 
 @register("clustered", ClusteredConfig)
@@ -168,8 +169,7 @@ def apply(ctx: BuildContext, base: Built, config: ClusteredConfig) -> MethodOutp
 
     # Deep Compression's stage table, on the very tensors the builder will encode
     tensors = weight_tensors(model, shape)
-    base_tensors = {k: v for k, v in export.initializers(base.graph).items()
-                    if v.dtype == np.float32 and v.ndim >= 2}
+    base_tensors = export.layer_weights(base.graph)
     n_weights = sum(v.size for v in tensors.values())
     opts = {"max_gap": config.max_gap}
     stages = [

@@ -9,6 +9,13 @@ channel, so it has nothing to separate and stays standard. The architecture is t
 PyTorch's init and learn from the base model's soft targets (Hinton et al. 2015), with the
 distillation loss of `compression.methods.distilled` (`kd_training_loss`).
 
+Any other network (a user's ``[base] model``): every standard k×k conv with more than one input
+channel, wherever it sits (`models.separable_convs`), is swapped for the same pair in place
+(`models.separable`); the variant's spec is the base's plus a ``separable`` edit listing them. The
+layers it keeps start from the base's weights, the new pairs from their init, and the whole network
+trains by the same distillation. A network with no such conv is `Unsupported` (left out, with the
+reason).
+
 The strength knob is the training length (``epochs``): the conversion is the compression, and
 what it costs in accuracy is mostly how long the new weights learn. The teacher's logits are
 memoised per batch across the search's tries (`distilled.teacher_memo`), so a longer retry pays
@@ -24,8 +31,9 @@ from typing import Any, ClassVar
 from torch import nn
 
 from compression import export, profile, report
+from compression.core.errors import ConfigError, Unsupported
 from compression.methods.distilled import Teachers, kd_training_loss, teacher_memo
-from compression.models import StagedCNN, build_model
+from compression.models import StagedCNN, build_model, separable_convs
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import train
 
@@ -61,9 +69,14 @@ def conv_records(before: StagedCNN, after: StagedCNN) -> list[dict[str, Any]]:
     Blocks pair up one to one because both models come from the same spec apart from ``conv``.
     BN parameters are listed apart: the 1/O + 1/k² law is about the convolutions.
     """
+    return _records([(name, old, new) for (name, old), (_, new)
+                     in zip(_blocks(before), _blocks(after), strict=True)])
+
+
+def _records(pairs: list[tuple[str, nn.Module, nn.Module]]) -> list[dict[str, Any]]:
+    """One record per (name, module before, module after): conv and BN parameters of each."""
     records = []
-    pairs = zip(_blocks(before), _blocks(after), strict=True)
-    for i, ((name, old), (_, new)) in enumerate(pairs):
+    for i, (name, old, new) in enumerate(pairs):
         old_convs = [m for m in old.modules() if isinstance(m, nn.Conv2d)]
         new_convs = [m for m in new.modules() if isinstance(m, nn.Conv2d)]
         c = old_convs[0]
@@ -94,13 +107,26 @@ def _bn_params(block: nn.Module) -> int:
 
 @register("depthwise", DepthwiseConfig)
 def apply(ctx: BuildContext, base: Built, config: DepthwiseConfig) -> MethodOutput:
-    if base.model is None or base.spec is None or base.spec.get("kind") != "cnn":
-        raise ValueError(f"depthwise needs a cnn base with a spec; {base.name!r} has "
-                         f"spec {None if base.spec is None else base.spec.get('kind')!r}")
-    spec = {**base.spec, "conv": "depthwise",
-            "stages": [{k: v for k, v in st.items() if k != "conv"} for st in base.spec["stages"]]}
-    model = build_model(spec)
-    records = conv_records(base.model, model)  # type: ignore[arg-type]
+    if base.model is None or base.spec is None:
+        raise ConfigError(f"depthwise needs a torch base model with a spec; {base.name!r} "
+                          "has none")
+    if base.spec["kind"] == "cnn":
+        spec = {**base.spec, "conv": "depthwise",
+                "stages": [{k: v for k, v in st.items() if k != "conv"}
+                           for st in base.spec["stages"]]}
+        model = build_model(spec)
+        records = conv_records(base.model, model)  # type: ignore[arg-type]
+    else:
+        convs = separable_convs(base.model)
+        if not convs:
+            raise Unsupported(f"{base.name!r} has no standard k×k conv with more than one "
+                              "input channel to separate")
+        spec = {**base.spec, "edits": [*base.spec.get("edits", []), {"separable": convs}]}
+        model = build_model(spec)
+        # the kept layers start from the base's weights (the swapped convs' names now hold pairs)
+        model.load_state_dict(base.model.state_dict(), strict=False)
+        records = _records([(name, base.model.get_submodule(name), model.get_submodule(name))
+                            for name in convs])
     teacher = Teachers([base.model], memo=teacher_memo(ctx, base.name))
     loss_fn = kd_training_loss(teacher, temperature=config.temperature, alpha=config.alpha)
     result = train(model, ctx.splits, ctx.train.scaled(epochs=config.epochs, lr=config.lr),

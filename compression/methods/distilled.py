@@ -17,8 +17,16 @@ small one (16 epochs) matches it on labels alone; the report's table says which,
 
 For the report the same student is also trained on labels alone, and at a few other temperatures.
 
-The strength knob is ``width``, a multiplier of the student's channels (its spec's ``width``):
-the search widens the student until it is within the accuracy target. Every try sees the same
+The student (``student``) is a table — a spec of the built-in ``cnn`` (stages) or ``mlp``
+(``kind = "mlp"``, hidden sizes) — or a name: ``"cnn"`` and ``"mlp"`` are the built-in students
+(`STUDENTS`), and ``"base"`` is the base's own architecture with ``width`` of its channels, a user's
+network included (the channels are cut by torch-pruning on a fresh copy, `pruned_neurons.narrower`,
+and the student trains from its own init). A built-in student of a user's network, which brings no
+normalisation of its own, normalises with the training split's statistics.
+
+The strength knob is ``width``, a multiplier of the student's channels (its spec's ``width``;
+for ``"base"``, the share of the base's channels kept, below 1): the search widens the student
+until it is within the accuracy target. Every try sees the same
 seeded batches, so the teachers' logits are memoised across tries (`BuildContext.memo`) and so
 are the extra ensemble members: a retry costs the student's training only.
 """
@@ -30,7 +38,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,7 +49,8 @@ from torch import nn
 from compression import profile
 from compression.core.errors import ConfigError
 from compression.core.ort import session
-from compression.models import Spec, build_model, validate
+from compression.methods.pruned_neurons import narrower
+from compression.models import DEFAULT_MLP, Spec, build_model, validate
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.report import markdown_table
 from compression.train import LossFn, accuracy, seed_everything, train
@@ -58,13 +67,21 @@ DEFAULT_STUDENT: dict[str, Any] = {"stages": [
 ]}
 
 
+# The built-in students a config may name; any table of a cnn or mlp spec works too.
+STUDENTS: dict[str, dict[str, Any]] = {"cnn": DEFAULT_STUDENT,
+                                       "mlp": {"kind": "mlp", "hidden": DEFAULT_MLP["hidden"]}}
+BASE = "base"  # the student named after its teacher's architecture, at `width` of its channels
+# the search backs off from the configured width toward wider students
+WIDTH_KNOB = Knob("width", (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), continuous=True)
+BASE_WIDTH_KNOB = Knob("width", (0.25, 0.35, 0.5, 0.7, 0.85), continuous=True)  # share kept
+
+
 @dataclass(frozen=True)
 class DistilledConfig:
-    # the search backs off from the configured width toward wider students
-    strength: ClassVar[Knob] = Knob("width", (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), continuous=True)
-
-    student: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_STUDENT))
-    width: float = 1.0  # multiplies the student's channels (stages given as one width each)
+    student: dict[str, Any] | str = field(default_factory=lambda: copy.deepcopy(DEFAULT_STUDENT))
+    # multiplies the student's channels (stages given as one width each) or hidden sizes;
+    # with student = "base", the share of the base's channels the student keeps
+    width: float = 1.0
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the soft (teacher) term
     epochs: int = 8
@@ -91,18 +108,40 @@ class DistilledConfig:
         if not isinstance(self.width, int | float) or isinstance(self.width, bool) \
                 or not 0 < self.width <= 8:
             raise ValueError(f"width must be a number in (0, 8], got {self.width!r}")
+        if isinstance(self.student, str) and self.student not in (BASE, *STUDENTS):
+            raise ValueError(f"student must be a table, {BASE!r} or one of {sorted(STUDENTS)}, "
+                             f"got {self.student!r}")
+        if self.student == BASE:
+            if self.width >= 1:
+                raise ValueError(f"width must be below 1 with student = {BASE!r} (the share of "
+                                 f"the base's channels the student keeps), got {self.width!r}")
+            return
         try:  # check the student's architecture now, not after the teacher has trained
             student_spec({"input": [1, 28, 28], "num_classes": 10}, self.student, self.width)
         except ConfigError as exc:
             raise ValueError(f"student: {exc}") from exc
 
+    @property
+    def strength(self) -> Knob:
+        return BASE_WIDTH_KNOB if self.student == BASE else WIDTH_KNOB
 
-def student_spec(base_spec: Spec, student: dict[str, Any], width: float = 1.0) -> Spec:
-    """The student's spec: its own layers (channels × ``width``), the base's input shape, classes
-    and normalisation."""
+
+def student_spec(base_spec: Spec, student: dict[str, Any] | str, width: float = 1.0,
+                 normalize: dict[str, list[float]] | None = None) -> Spec:
+    """The student's spec. ``"base"``: the base's architecture with ``width`` of its channels.
+    Otherwise its own layers (channels or hidden sizes × ``width``) with the base's input shape,
+    classes and normalisation (``normalize`` where the base's spec has none, a user's model)."""
+    if student == BASE:
+        c, h, w = base_spec["input"]
+        return narrower(base_spec, width, (c, h, w))
+    table = STUDENTS[student] if isinstance(student, str) else student
     inherited = {k: base_spec[k] for k in ("input", "num_classes", "normalize") if k in base_spec}
-    spec = validate({"kind": "cnn", **student, **inherited})
-    if width != 1.0:
+    if normalize is not None:
+        inherited.setdefault("normalize", normalize)
+    spec = validate({"kind": "cnn", **copy.deepcopy(table), **inherited})
+    if width != 1.0 and spec["kind"] == "mlp":
+        spec["hidden"] = [max(1, round(int(h) * width)) for h in spec["hidden"]]
+    elif width != 1.0:
         spec["width"] = float(spec.get("width", 1.0)) * width
     return spec
 
@@ -246,7 +285,7 @@ def teacher_memo(ctx: BuildContext, *names: str) -> dict[bytes, torch.Tensor]:
 def apply(ctx: BuildContext, base: Built, config: DistilledConfig) -> MethodOutput:
     if base.model is None or base.spec is None:
         raise ConfigError(f"distilled needs a torch teacher with a spec; {base.name!r} has none")
-    spec = student_spec(base.spec, config.student, config.width)
+    spec = student_spec(base.spec, config.student, config.width, ctx.splits.normalization())
     for name in config.teachers:  # fail before any training on a misspelt name
         ctx.variant(name)
     members = [f"{base.name}#{k}@{config.member_epochs}" for k in range(1, config.ensemble)]
@@ -281,10 +320,19 @@ def apply(ctx: BuildContext, base: Built, config: DistilledConfig) -> MethodOutp
     teacher_macs = profile.count_macs(base.model, shape)
     student_macs = profile.count_macs(student, shape)
     report = (
-        f"Student `{[s['channels'] for s in spec['stages']]}` "
+        f"Student {_describe(spec, config)} "
         f"({profile.count_params(student) / 1e3:.1f} k params, {student_macs / 1e6:.2f} M MACs, "
         f"{teacher_macs / max(student_macs, 1):.1f}x fewer than `{base.name}`), {config.epochs} "
         f"epochs from the same init in every run. Test accuracy; Δ vs `{base.name}`.\n\n"
         + markdown_table(["model", "accuracy", "Δ"], rows))
     return MethodOutput(model=student, spec=spec, report_md=report,
                         details={"student": spec, "accuracy": results})
+
+
+def _describe(spec: Spec, config: DistilledConfig) -> str:
+    """The student's layers in a few words, for the report."""
+    if config.student == BASE:
+        return f"`{BASE}` ({config.width:g} of the base's channels)"
+    if spec["kind"] == "mlp":
+        return f"MLP `{spec['hidden']}`"
+    return f"`{[s['channels'] for s in spec['stages']]}` × width {spec.get('width', 1.0):g}"

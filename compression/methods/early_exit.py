@@ -1,10 +1,19 @@
-"""``early-exit``: the base CNN with a small classifier after every stage, served stage by stage.
+"""``early-exit``: the base network with a small classifier after each stage, served stage by stage.
 
 The network (BranchyNet, Teerapittayanon et al. 2016)::
 
     input ─ normalize ─ stage 0 ─ stage 1 ─ … ─ stage S-1 ─ head  (exit S-1, the normal head)
                            │         │
                         exit 0    exit 1     (pool → flatten → linear)
+
+Where the stages end: a `StagedCNN`'s own stages; for any other network (a user's ``[base]
+model``), or where ``exit_after`` names them, at module boundaries cut by torch.fx
+(`compression.tracing`): ``exit_after = ["layer1", "layer2"]`` puts an early exit after each named
+module, which every path through the network must pass (the end of a residual stage, not the
+inside of a block). Without names, ``auto_exits`` exits go at the module boundaries whose
+cumulative MACs come nearest to 1/(n+1), 2/(n+1), … of the network's. The last stage ends with
+the network's own classifier. A network fx cannot trace, or with too few boundaries, is
+`Unsupported` (left out of the family, with the reason).
 
 Two trainings, both reported: heads alone on the frozen base backbone, and joint training (a
 weighted sum of every exit's cross-entropy, early exits also distilling from the last) that starts
@@ -35,9 +44,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 import onnx
@@ -45,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import export, profile, report
+from compression import export, profile, report, tracing
 from compression.core import ort as core_ort
-from compression.core.errors import ConfigError
+from compression.core.errors import ConfigError, Unsupported
 from compression.core.exits import (
     CRITERIA,
     StageChain,
@@ -82,6 +91,10 @@ class EarlyExitConfig:
     # the threshold target: a smaller allowed drop lets fewer samples leave early (milder)
     strength: ClassVar[Knob] = Knob("target_drop", (0.05, 0.02, 0.01, 0.005, 0.0))
 
+    # module names (fx boundaries) after which an early exit goes; empty: a staged CNN's stages,
+    # or `auto_exits` boundaries of any other network chosen by MACs
+    exit_after: tuple[str, ...] = ()
+    auto_exits: int = 2
     head_pool: int = 7  # exit head: max-pool the stage output to about pool×pool, then linear
     head_hidden: int = 0  # > 0: one hidden ReLU layer of this width in each early head
     frozen_epochs: int = 1  # heads alone on the frozen base backbone
@@ -98,6 +111,14 @@ class EarlyExitConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
+        object.__setattr__(self, "exit_after", tuple(self.exit_after))
+        names = self.exit_after
+        if len(names) == 1 or len(set(names)) != len(names) or not all(
+                isinstance(e, str) and e for e in names):
+            raise ValueError(f"exit_after must name ≥ 2 different modules (or none), got "
+                             f"{list(names)!r}")
+        if self.auto_exits < 2:
+            raise ValueError(f"auto_exits must be ≥ 2, got {self.auto_exits!r}")
         if self.head_pool < 1:
             raise ValueError(f"head_pool must be ≥ 1, got {self.head_pool!r}")
         if self.head_hidden < 0:
@@ -151,19 +172,30 @@ class ExitHead(nn.Module):
         return self.layers(x)
 
 
-class EarlyExitNet(nn.Module):
-    """A `StagedCNN`'s normalize and stages, plus ``heads[i]`` after stage i (the last head is the
-    base model's own). ``forward`` returns the logits of ``monitor`` (one exit, for the training
-    loop's validation); `exit_logits` returns every exit's."""
+class Backbone(NamedTuple):
+    """The base network in stages: ``pre`` (a `StagedCNN`'s normalisation, else identity), the
+    stages, the last stage's ``head`` (a `StagedCNN`'s own, else identity: the last stage already
+    ends in logits), and where each early exit sits (a module name)."""
 
-    def __init__(self, base: StagedCNN, feature_shapes: Sequence[Sequence[int]], num_classes: int,
-                 pool: int, hidden: int) -> None:
+    pre: nn.Module
+    stages: nn.ModuleList
+    head: nn.Module
+    places: list[str]
+
+
+class EarlyExitNet(nn.Module):
+    """A `Backbone` (copied), plus ``heads[i]`` after stage i (the last head is the base model's
+    own). ``forward`` returns the logits of ``monitor`` (one exit, for the training loop's
+    validation); `exit_logits` returns every exit's."""
+
+    def __init__(self, backbone: Backbone, feature_shapes: Sequence[Sequence[int]],
+                 num_classes: int, pool: int, hidden: int) -> None:
         super().__init__()
-        self.normalize = copy.deepcopy(base.normalize)
-        self.stages = copy.deepcopy(base.stages)
+        self.normalize = copy.deepcopy(backbone.pre)
+        self.stages = copy.deepcopy(backbone.stages)
         heads: list[nn.Module] = [ExitHead(c, (h, w), num_classes, pool, hidden)
                                   for c, h, w in feature_shapes[:-1]]
-        self.heads = nn.ModuleList([*heads, copy.deepcopy(base.head)])
+        self.heads = nn.ModuleList([*heads, copy.deepcopy(backbone.head)])
         self.monitor = len(self.heads) - 1
         self.frozen_backbone = False
 
@@ -206,21 +238,80 @@ class StageSegment(nn.Module):
         return logits if self.last else (features, logits)
 
 
-def feature_shapes(base: StagedCNN, input_shape: Sequence[int]) -> list[list[int]]:
-    """[C, H, W] after each stage, from a dry run."""
+def feature_shapes(pre: nn.Module, stages: Iterable[nn.Module],
+                   input_shape: Sequence[int]) -> list[list[int]]:
+    """[C, H, W] after each stage, from a dry run (eval mode: BatchNorm statistics stay)."""
     shapes = []
+    stages = list(stages)
+    modes = {m: m.training for s in (pre, *stages) for m in s.modules()}
     with torch.no_grad():
-        x = base.normalize(torch.zeros((1, *input_shape)))
-        for stage in base.stages:
-            x = stage(x)
+        x = pre.eval()(torch.zeros((1, *input_shape)))
+        for stage in stages:
+            x = stage.eval()(x)
             shapes.append(list(x.shape[1:]))
+    for m, mode in modes.items():
+        m.training = mode
     return shapes
+
+
+def backbone(model: nn.Module, input_shape: tuple[int, int, int],
+             config: EarlyExitConfig) -> Backbone:
+    """``model`` in stages: a `StagedCNN`'s own (unless ``exit_after`` names others), else cut by
+    torch.fx at the named module boundaries, or at ``auto_exits`` chosen by MACs."""
+    if isinstance(model, StagedCNN) and not config.exit_after:
+        return Backbone(model.normalize, model.stages, model.head,
+                        [f"stages.{i}" for i in range(len(model.stages) - 1)])
+    try:
+        gm = tracing.trace(copy.deepcopy(model))
+    except Unsupported as exc:
+        raise Unsupported(f"exits go at module boundaries found by torch.fx: {exc}") from exc
+    cuts = [c for c in tracing.cuts(gm, input_shape) if len(c.shape) == 3]  # [C, H, W] features
+    if config.exit_after:
+        chosen = _named_cuts(cuts, config.exit_after)
+    else:
+        chosen = _cuts_by_macs(cuts, config.auto_exits, profile.count_macs(model, input_shape))
+    stages = tracing.split(gm, [c.node for c in chosen])
+    return Backbone(nn.Identity(), nn.ModuleList(stages), nn.Identity(),
+                    [c.modules[0] for c in chosen])
+
+
+def _named_cuts(cuts: Sequence[tracing.Cut], names: Sequence[str]) -> list[tracing.Cut]:
+    """The cut at each named module's boundary, in forward order; a name that is no such
+    boundary is a config error listing those that are."""
+    chosen = []
+    for name in names:
+        found = [c for c in cuts if name in c.modules]
+        if len(found) != 1:
+            why = ("it is called more than once" if found else "no such module, a skip "
+                   "connection crosses its end, or its output is not [N, C, H, W]")
+            raise ConfigError(f"early-exit exit_after: {name!r} is not a module boundary every path "
+                              f"through the network passes once ({why}); boundaries: "
+                              f"{[c.modules[0] for c in cuts]}")
+        chosen.append(found[0])
+    return sorted(chosen, key=lambda c: cuts.index(c))
+
+
+def _cuts_by_macs(cuts: Sequence[tracing.Cut], n: int, total: int) -> list[tracing.Cut]:
+    """``n`` cuts whose cumulative MACs come nearest to k/(n+1) of ``total``, k = 1…n, in
+    order (of equally near cuts the latest: the end of a block rather than its first layer)."""
+    chosen: list[tracing.Cut] = []
+    for k in range(1, n + 1):
+        after = [c for c in cuts if c.macs > (chosen[-1].macs if chosen else 0)]
+        if not after:
+            raise Unsupported(f"{len(chosen)} module boundaries with [N, C, H, W] features "
+                              f"and growing MACs for {n} early exits (boundaries: "
+                              f"{[c.modules[0] for c in cuts]}); lower auto_exits, or name "
+                              "them with exit_after")
+        target = total * k / (n + 1)
+        best = min(abs(c.macs - target) for c in after)
+        chosen.append([c for c in after if abs(c.macs - target) == best][-1])
+    return chosen
 
 
 def export_stages(net: EarlyExitNet, input_shape: Sequence[int]) -> list[onnx.ModelProto]:
     """One ONNX graph per stage, named per `stage_io`, dynamic batch axis."""
     net = net.eval()
-    shapes = feature_shapes(net, input_shape)  # type: ignore[arg-type]
+    shapes = feature_shapes(net.normalize, net.stages, input_shape)
     graphs = []
     for i in range(len(net.stages)):
         inp, outs = stage_io(i, len(net.stages))
@@ -348,19 +439,18 @@ def measured_policy_latency(chain: StageChain, full: ort.InferenceSession, x: np
 
 @register("early-exit", EarlyExitConfig)
 def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutput:
-    if not isinstance(base.model, StagedCNN):
-        raise ConfigError(f"early-exit needs a staged cnn base; {base.name!r} is "
-                          f"{type(base.model).__name__}")
-    n_exits = len(base.model.stages)
+    if base.model is None:
+        raise ConfigError(f"early-exit needs a torch base model; {base.name!r} is graph-only")
+    shape, splits = ctx.input_shape, ctx.splits
+    parts = backbone(base.model, shape, config)
+    n_exits = len(parts.stages)
     if n_exits < 3:
         raise ConfigError(f"early-exit needs ≥ 3 stages for ≥ 3 exits; {base.name!r} has {n_exits}")
     if config.exit_weights and len(config.exit_weights) != n_exits:
         raise ConfigError(f"early-exit exit_weights has {len(config.exit_weights)} entries; "
                           f"the network has {n_exits} exits")
-    shape, splits = ctx.input_shape, ctx.splits
-    shapes = feature_shapes(base.model, shape)
-    frozen = EarlyExitNet(base.model, shapes, splits.num_classes, config.head_pool,
-                          config.head_hidden)
+    shapes = feature_shapes(parts.pre, parts.stages, shape)
+    frozen = EarlyExitNet(parts, shapes, splits.num_classes, config.head_pool, config.head_hidden)
     train_frozen(ctx, frozen, config)
     joint = None
     if config.joint_epochs > 0:
@@ -406,6 +496,7 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
             for i in range(n_exits)]
     details = {
         "stages": [{"index": i, "input": stage_io(i, n_exits)[0],
+                    "exit_after": parts.places[i] if i < n_exits - 1 else None,
                     "input_shape": list(shape) if i == 0 else shapes[i - 1],
                     "outputs": list(stage_io(i, n_exits)[1]),
                     "features_shape": shapes[i] if i < n_exits - 1 else None,

@@ -8,6 +8,8 @@ padding) followed by a 1×1 conv back to O channels (B, with the original bias) 
 threshold (share of Σσ²), and a layer is factorised only where K·(M+N) < M·N.
 
 Batch-norm stays after the pair, so ONNX export folds it into the 1×1 conv as it did before.
+Layers are found and replaced by module name, so any network whose convs and linear layers are
+modules works (a user's ResNet included); grouped convs stay as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from torch import nn
 
 from compression import export, profile, report
+from compression.core.errors import ConfigError
 from compression.core.ort import session
+from compression.models import set_module
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import train
 
@@ -157,15 +161,9 @@ def factorize_model(model: nn.Module,
             s2 = torch.linalg.svdvals(w.double()) ** 2
             rec.update(rank=rank, params_after=layer_params(m, n, rank, bias),
                        energy_kept=round(float(s2[:rank].sum() / s2.sum()), 4))
-            _set_module(out, name, factorize(layer, rank))
+            set_module(out, name, factorize(layer, rank))
         records.append(rec)
     return out, records
-
-
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 # --- the method -------------------------------------------------------------------------------
@@ -173,7 +171,7 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
 @register("low-rank", LowRankConfig)
 def apply(ctx: BuildContext, base: Built, config: LowRankConfig) -> MethodOutput:
     if base.model is None:
-        raise ValueError(f"low-rank needs a torch base model; {base.name!r} is graph-only")
+        raise ConfigError(f"low-rank needs a torch base model; {base.name!r} is graph-only")
     model, records = factorize_model(base.model, config)
     factored = [r for r in records if r["rank"] is not None]
     if not factored:

@@ -44,6 +44,35 @@ def test_config_errors_list_the_valid_choices(tmp_path: Path, extra: str, fragme
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("base, fragment", [
+    ('model = "tests.fixtures_models:resnet"\n[base.arch]\nkind = "cnn"\n',
+     "[base]: model 'tests.fixtures_models:resnet' (your network) and [base.arch] (a built-in "
+     "one) exclude each other"),
+    ('model_args = { width = 4 }\n', "[base]: model_args {'width': 4} needs model ="),
+    ('model = "resnet"\n', "[base] model must be 'package.module:factory', got 'resnet'"),
+    ('model = "tests.fixtures_models:nope"\n', "has no attribute 'nope'"),
+    ('model = "tests.fixtures_models:resnet"\nmodel_args = 3\n',
+     "[base]: model_args must be a table, got 3"),
+])
+def test_base_model_errors_name_the_key_and_value(tmp_path: Path, base: str,
+                                                  fragment: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[base]\n{base}")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert fragment in str(err.value)
+
+
+def test_base_model_config_names_the_factory(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[base]\nmodel = "tests.fixtures_models:resnet"\n'
+                    'model_args = { num_classes = 3 }\n')
+    cfg = load_config(path)
+    assert cfg.arch == {"kind": "user", "factory": "tests.fixtures_models:resnet",
+                        "args": {"num_classes": 3}}
+    assert cfg.as_json()["arch"]["factory"] == "tests.fixtures_models:resnet"
+
+
 def test_unknown_training_key(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(QUICK.read_text().replace("patience = 2", "patience = 2\nmomentum = 0.9"))

@@ -362,14 +362,15 @@ def test_fold_batchnorm_matches_and_clustered_graph_stores_shared_values(
 def test_binarised_layers_hold_exactly_two_values_per_output_channel() -> None:
     ctx = _ctx(_splits())
     model = _tiny()
-    binary.attach(model)
+    layers = binary.binarized_layers(model, (1, 28, 28))
+    binary.attach(layers)
     real = copy.deepcopy(model.stages[1][1][0].parametrizations.weight.original)
     train(model, ctx.splits, ctx.train, seed=0, progress=False,
           after_step=lambda m: binary.clip_weights(m, 1.0))
     # straight-through gradients reached the real-valued weights
     assert not torch.equal(real, model.stages[1][1][0].parametrizations.weight.original)
-    binary.bake(model)
-    for m in binary.binarized_layers(model):
+    binary.bake(layers)
+    for m in layers:
         for row in m.weight.detach().reshape(m.weight.shape[0], -1):
             a = row.abs().max()
             assert set(row.unique().tolist()) <= {a.item(), -a.item()}
@@ -407,6 +408,32 @@ def test_binary_ends_keeps_first_and_last_layers_float_and_the_served_graph_roun
     served = _read_back(tmp_path, artifacts)
     x = ctx.splits.x_val
     np.testing.assert_array_equal(export.run(session(served), x), export.run(session(graph), x))
+
+
+def test_binary_on_rgb_stores_only_layer_weights_not_the_normalisation(tmp_path: Path) -> None:
+    """A 3-channel model's normalisation mean and std ([1, 3, 1, 1], three values each) are
+    ≥2-D constants but no layer's weights: binary must leave them dense (it used to hand them to
+    the binary codec, which refused them, failing every RGB build)."""
+    from compression.build import _read_back, _write_graph
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 64)
+    x = (rng.random((64, 3, 16, 16), dtype=np.float32) * 0.5
+         + 0.2 * y[:, None, None, None]).astype(np.float32)
+    splits = Splits(x[16:], y[16:], x[:8], y[:8], x[8:16], y[8:16], num_classes=3)
+    spec = {**TINY, "input": [3, 16, 16], "num_classes": 3, "normalize": splits.normalization()}
+    seed_everything(0)
+    model = build_model(spec)
+    ctx = _ctx(splits)
+    base = Built("full", model, spec, export.to_onnx(model, (3, 16, 16)), accuracy=0.0)
+    for full_precision in binary.FULL_PRECISION:
+        out = binary.apply(ctx, base, binary.BinaryConfig(epochs=1, full_precision=full_precision))
+        graph = export.to_onnx(out.model, (3, 16, 16))
+        assert out.codec_tensors and not any("normalize" in k for k in out.codec_tensors)
+        served = _read_back(tmp_path, _write_graph(tmp_path, "binary", graph, out))
+        dense = {k for k, v in export.initializers(served).items() if v.size > 0}
+        assert {"normalize.mean", "normalize.std"} <= dense  # in the graph, as they were
+        np.testing.assert_array_equal(export.run(session(served), x), export.run(session(graph), x))
 
 
 def test_binary_codec_refuses_a_real_valued_tensor() -> None:

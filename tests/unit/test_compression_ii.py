@@ -28,7 +28,9 @@ from compression.core.exits import (
 from compression.core.family import BATCH_SIZES, load_family
 from compression.methods.depthwise import conv_records
 from compression.methods.early_exit import (
+    EarlyExitConfig,
     EarlyExitNet,
+    backbone,
     capped_policy_accuracies,
     export_stages,
     feature_shapes,
@@ -179,7 +181,9 @@ def _tiny_exit_net() -> EarlyExitNet:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    return EarlyExitNet(base, feature_shapes(base, (1, 28, 28)), 10, pool=4, hidden=0).eval()
+    parts = backbone(base, (1, 28, 28), EarlyExitConfig())
+    return EarlyExitNet(parts, feature_shapes(parts.pre, parts.stages, (1, 28, 28)), 10, pool=4,
+                        hidden=0).eval()
 
 
 def test_stage_graphs_chained_in_ort_match_torch_at_every_exit() -> None:

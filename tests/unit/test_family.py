@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from compression.core.family import (
     variant_to_json,
     write_artifact,
     write_manifest,
+    write_validation,
 )
 from compression.core.ort import session
 
@@ -173,3 +176,94 @@ def test_validation_fields_round_trip_exactly(tmp_path: Path) -> None:
     assert raw["val_accuracy"] == 0.937512
     assert [e["policy_val_accuracy"] for e in raw["exits"]] == [e.policy_val_accuracy for e in exits]
     assert load_family(tmp_path).variant("v") == v
+
+
+# --- the validation sample ------------------------------------------------------------------
+
+def _family_with_validation(root: Path, x: np.ndarray, y: np.ndarray, **kw: int) -> Path:
+    art = write_artifact(root, "v/model.onnx", b"not parsed by load_family")
+    manifest = {**_manifest([_old_variant(art.path, art.sha256, art.bytes, exits=False)]),
+                "input": {"shape": list(x.shape[1:])},
+                "validation": write_validation(root, x, y, seed=0, **kw)}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.mark.parametrize("pixels", ["uint8", "float32"])
+def test_the_validation_sample_round_trips_exactly(tmp_path: Path, pixels: str) -> None:
+    rng = np.random.default_rng(0)
+    if pixels == "uint8":  # k/255 pixels, as every loader makes them from 8-bit images
+        x = np.divide(rng.integers(0, 256, (6, 3, 4, 4)), np.float32(255), dtype=np.float32)
+    else:  # 16-bit or float sources: not k/255, kept as float32
+        x = rng.random((6, 3, 4, 4), dtype=np.float32)
+    y = rng.integers(0, 3, 6)
+    fam = load_family(_family_with_validation(tmp_path, x, y))
+    assert fam.manifest["validation"]["pixels"] == pixels
+    assert np.load(tmp_path / "data" / "val_x.npy", allow_pickle=False).dtype == pixels
+    got = fam.validation()
+    assert got is not None
+    np.testing.assert_array_equal(got[0], x)
+    np.testing.assert_array_equal(got[1], y)
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64
+
+
+def test_the_validation_sample_is_a_seeded_subset_past_the_limit(tmp_path: Path) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1) / 255
+    y = np.arange(12)
+    a = load_family(_family_with_validation(tmp_path / "a", x, y, limit=5)).validation()
+    b = load_family(_family_with_validation(tmp_path / "b", x, y, limit=5)).validation()
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(a[1], b[1])  # the same sample on a rebuild
+    assert len(a[1]) == 5 and list(a[1]) == sorted(a[1])  # in split order
+    np.testing.assert_array_equal(a[0].reshape(-1), x.reshape(-1)[a[1]])
+    rec = json.loads((tmp_path / "a" / "manifest.json").read_text())["validation"]
+    assert rec["samples"] == 5 and rec["of"] == 12
+
+
+def test_a_tampered_validation_file_is_refused(tmp_path: Path) -> None:
+    x = np.zeros((4, 1, 2, 2), np.float32)
+    root = _family_with_validation(tmp_path, x, np.zeros(4, np.int64))
+    fam = load_family(root)
+    path = root / "data" / "val_y.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # a label changed, same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(FamilyError, match=r"val_y\.npy: sha256 mismatch"):
+        load_family(root)
+    with pytest.raises(FamilyError, match=r"val_y\.npy: sha256 mismatch"):
+        fam.validation()  # a family loaded earlier checks again as it reads
+
+
+def test_a_validation_file_that_needs_pickle_is_refused(tmp_path: Path) -> None:
+    """Even with a matching sha256 (a family written by someone else), an object array is never
+    unpickled."""
+    x = np.zeros((2, 1, 2, 2), np.float32)
+    root = _family_with_validation(tmp_path, x, np.zeros(2, np.int64))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    manifest = json.loads((root / "manifest.json").read_text())
+    art = write_artifact(root, "data/val_y.npy", buf.getvalue(), role="validation")
+    manifest["validation"]["y"] = {k: v for k, v in asdict(art).items() if v is not None}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FamilyError, match=r"val_y\.npy: not a plain \.npy array"):
+        load_family(root).validation()
+
+
+def test_a_family_built_before_the_sample_has_none(tmp_path: Path) -> None:
+    art = write_artifact(tmp_path, "v/model.onnx", b"graph")
+    old = _old_variant(art.path, art.sha256, art.bytes, exits=False)
+    (tmp_path / "manifest.json").write_text(json.dumps(_manifest([old])))
+    assert load_family(tmp_path).validation() is None
+
+
+def test_a_built_family_carries_its_validation_split(quick_family: Path) -> None:
+    from compression import data as datasets
+
+    fam = load_family(quick_family)
+    cfg = fam.manifest["build"]["config"]
+    splits = datasets.split(datasets.load(cfg["data_spec"]), seed=cfg["seed"],
+                            val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"])
+    got = fam.validation()
+    assert got is not None and fam.manifest["validation"]["pixels"] == "uint8"  # MNIST bytes
+    np.testing.assert_array_equal(got[0], splits.x_val)
+    np.testing.assert_array_equal(got[1], splits.y_val)

@@ -350,7 +350,7 @@ def test_cuda_problem_is_one_line_naming_cuda_and_never_raises(
     else:
         assert problem is not None and "CUDA" in problem and "\n" not in problem
         assert torch.__version__ in problem
-        with pytest.raises(RuntimeError, match="CPU build|sees no GPU"):
+        with pytest.raises(RuntimeError, match=r"CPU build|sees no GPU"):
             TorchGraphRunner(graph, device="cuda")
 
     def broken() -> bool:

@@ -1,0 +1,98 @@
+"""Goodput as the offered load passes saturation, one server process against ``--workers N``
+(issue 12): the routed server with default flags (CPU lanes only), budgets uniform 5-20 ms,
+8 test images per request, open-loop Poisson arrivals from several client processes, the rate
+doubling per step. Per step: in-budget share and goodput (answers inside their budget per second).
+Per server: the peak goodput, the rate it came at, and the goodput at twice that rate as a share of
+the peak (the target: ≥ 90 %: past saturation the router sheds what cannot make it instead of
+letting every request miss).
+
+    python3 bench/scaleout.py --family families/mnist5k --workers-list 1,8 --json OUT.json
+
+About 2 minutes with the defaults on 16 cores; nothing but 127.0.0.1. Shares `bench/gpu.py`'s
+spawned client pool, server start-up and JSON-per-phase plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import Any
+
+# Siblings under bench/ (a script's own folder is on sys.path), not a package.
+from gpu import Clients, Run, open_figures, placement_images, start_server
+
+from client.loadgen import BudgetSpec, RunConfig
+from compression.core.family import load_family
+
+BUDGET = "uniform:5:20"
+IMAGES = 8
+
+
+def ramp(run: Run, clients: Clients, family: Path, workers: int, rates: list[float],
+         seconds: float, logs: Path) -> dict[str, Any]:
+    """One server, one open loop per rate; the figures and the goodput summary."""
+    fam = load_family(family)
+    data = placement_images(family, fam.input_shape)
+    out: dict[str, Any] = {"workers": workers, "steps": []}
+    with contextlib.ExitStack() as stack:
+        server = start_server(stack, run, family, ["--device", "cpu"], label=f"w{workers}",
+                              workers=workers, logs=logs, timeout=240.0)
+        for i, rate in enumerate(rates):
+            cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET),
+                            images=IMAGES, seed=10 + i, deadline_is_budget=True)
+            fig = open_figures(clients, server, fam.name, data, cfg, sample_gpu=False)
+            step = {"offered_rps": rate, "attainment": fig["attainment"],
+                    "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
+                    "answered": fig["answered"], "errors": fig["errors"],
+                    "accuracy": fig.get("accuracy"), "send_lag_p99_ms": fig["send_lag_ms"]["p99"]}
+            out["steps"].append(step)
+            run.say(f"  workers {workers} at {rate:.0f}/s: in budget "
+                    f"{100 * (fig['attainment'] or 0):.1f}%, goodput {step['goodput_rps']:.0f}/s")
+            run.write()
+    steps = out["steps"]
+    peak = max(steps, key=lambda s: s["goodput_rps"])
+    out["peak_goodput_rps"] = peak["goodput_rps"]
+    out["peak_at_rps"] = peak["offered_rps"]
+    past = [s for s in steps if s["offered_rps"] >= 2 * peak["offered_rps"]]
+    if past:
+        out["goodput_at_2x_peak_rate_rps"] = past[0]["goodput_rps"]
+        out["goodput_at_2x_share_of_peak"] = round(past[0]["goodput_rps"]
+                                                   / max(peak["goodput_rps"], 1e-9), 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", type=Path, default=Path("families/mnist5k"))
+    ap.add_argument("--workers-list", default="1,8")
+    ap.add_argument("--rates", default="400,800,1600,3200,6400,12800",
+                    help="offered requests/s, one open loop each (default doubling 400-12800)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per rate (default 4)")
+    ap.add_argument("--clients", type=int, default=8, help="client processes (default 8)")
+    ap.add_argument("--json", type=Path, default=Path("results/bench/scaleout.json"))
+    ap.add_argument("--logs", type=Path, help="servers' logs (default: beside --json)")
+    ap.add_argument("--max-seconds", type=float, default=300.0)
+    args = ap.parse_args()
+    args.quick, args.accelerator, args.gpu_dtype = False, "cpu", "fp32"  # what `Run` records
+    run = Run(args.json, args)
+    run.data["tool"] = "bench/scaleout.py"
+    rates = [float(r) for r in args.rates.split(",")]
+    workers = [int(w) for w in args.workers_list.split(",")]
+    logs = args.logs or args.json.parent
+    results: dict[str, Any] = run.data.setdefault("servers_ramp", {})
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, args.clients)
+        for w in workers:
+            def phase(w: int = w) -> None:
+                results[str(w)] = ramp(run, clients, args.family, w, rates, args.seconds, logs)
+            run.phase(f"workers-{w}", len(rates) * (args.seconds + 3) + 20, phase)
+    for w, r in results.items():
+        run.say(f"workers {w}: peak goodput {r.get('peak_goodput_rps')}/s at "
+                f"{r.get('peak_at_rps')}/s offered; at 2x: "
+                f"{r.get('goodput_at_2x_share_of_peak', 'not reached')}")
+    run.write()
+
+
+if __name__ == "__main__":
+    main()
