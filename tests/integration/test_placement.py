@@ -73,3 +73,26 @@ def test_requests_spread_over_both_devices_when_one_is_busy(quick_family: Path) 
         devices = list(pool.map(send, range(300)))
     counts = {d: devices.count(d) for d in set(devices)}
     assert counts.get("cpu", 0) > 0 and counts.get(TORCH_CPU, 0) > 0, counts
+
+
+def test_fp16_lanes_are_ranked_by_their_accuracy_remeasured_on_the_validation_sample(
+        quick_family: Path) -> None:
+    """``--gpu-dtype fp16``: the GPU lanes' candidates carry the accuracy they have in fp16 on the
+    family's validation sample (measured at start-up), not the build's fp32 figure."""
+    from dataclasses import replace
+
+    from compression.core.family import load_family
+    from server.torch_runner import TorchGraphRunner
+
+    family = load_family(quick_family)
+    sample = family.validation()
+    assert sample is not None, "the build keeps a validation sample"
+    x, y = sample
+    runner = TorchGraphRunner(family.graph("full"), dtype="fp16", max_batch=256)
+    expected = float((np.concatenate([runner(x[i:i + 256])["logits"].argmax(1)
+                                      for i in range(0, len(x), 256)]) == y).mean())
+    with serve_in_thread(quick_family, options=replace(OPTIONS, gpu_dtype="fp16")) as running, \
+            AdaptiveClient(running.target) as client:
+        table = {c.name: c.accuracy for c in client.variants()}
+    assert table[f"{TORCH_CPU}:full"] == pytest.approx(expected, abs=1e-9)
+    assert table["full"] == pytest.approx(family.variant("full").val_accuracy, abs=1e-6)
