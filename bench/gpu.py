@@ -57,7 +57,6 @@ import math
 import multiprocessing
 import multiprocessing.pool
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -85,6 +84,9 @@ from client.loadgen import (
     run_open_loop,
 )
 from client.process import LISTENING, SERVING, WORKERS, ServerProcess
+
+# A sibling under bench/ (a script's own folder is on sys.path), not a package.
+from overhead import start_echo  # isort: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = 1
@@ -484,18 +486,6 @@ def start_server(stack: contextlib.ExitStack, run: Run, family_dir: Path, flags:
     run.say(f"  serve {label}: SERVING on {target} after {info['ready_s']} s "
             f"({shlex.join(args[1:])})")
     return Served(proc, target, label)
-
-
-def start_echo(response_bytes: int) -> tuple[subprocess.Popen[str], int]:
-    """bench/echo_server.py on a free loopback port, answering ``response_bytes`` bytes."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"),
-                             str(response_bytes)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    m = re.match(r"port (\d+)", proc.stdout.readline())
-    if m is None:
-        proc.kill()
-        raise RuntimeError("echo server did not print its port")
-    return proc, int(m.group(1))
 
 
 def stop_process(proc: subprocess.Popen[str]) -> None:
