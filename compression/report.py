@@ -6,6 +6,10 @@ before it was recorded). Every test accuracy carries its 95 % Wilson interval an
 ``full`` the exact McNemar p-value on the same test images (`compression.core.stats`, from the
 per-image bits the build keeps; ``-`` where a manifest predates them). Speed-ups are the paired
 profile's (`compression.profile.paired_latency`), ratios within one round.
+
+The methods' own sections (``MethodOutput.report_md``) print their accuracies with the same cells:
+`rate_cell` (an accuracy with its interval over the images it was measured on) and
+`paired_cells` (test accuracy, Δ and McNemar p against a reference on the same test images).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from compression.core import stats
 from compression.core.family import BATCH_SIZES, Variant
@@ -35,14 +41,33 @@ def _human(n: float, unit: str = "") -> str:
 
 def accuracy_cell(accuracy: float, correct: dict[str, Any] | None,
                   test_images: int | None = None) -> str:
-    """``98.80% [98.00, 99.31]``: a test accuracy with its 95 % Wilson interval, counted from the
-    per-image bits, else from ``test_images``; the bare percentage when neither is known."""
+    """``98.80% [97.91, 99.31]``: a test accuracy with its 95 % Wilson interval, counted from the
+    per-image bits, else from ``test_images``; the bare percentage when neither gives a count
+    (a manifest is shown, never refused, over a figure that does not fit its split)."""
     if correct is not None:
-        bits = stats.decode_bits(correct)
-        return stats.format_accuracy(int(bits.sum()), bits.size)
+        return stats.format_bits(stats.decode_bits(correct))
     if test_images:
-        return stats.format_accuracy(round(accuracy * test_images), test_images)
+        try:
+            return stats.format_rate(accuracy, test_images)
+        except ValueError:  # measured on other images than the test split: no interval over it
+            pass
     return f"{100 * accuracy:.2f}%"
+
+
+def rate_cell(accuracy: float | None, n: int) -> str:
+    """An accuracy measured on ``n`` images with its 95 % Wilson interval (``-`` when None)."""
+    return "-" if accuracy is None else stats.format_rate(accuracy, n)
+
+
+def paired_columns(reference: str) -> list[str]:
+    """The header of `paired_cells` in a method's section, against ``reference`` (a variant)."""
+    return ["test accuracy [95% Wilson]", f"Δ vs `{reference}`", "McNemar"]
+
+
+def paired_cells(reference: np.ndarray, correct: np.ndarray) -> list[str]:
+    """A model's test accuracy with its interval, its Δ against a reference on the same test
+    images and that Δ's exact McNemar p-value, from both per-image correctness vectors."""
+    return [stats.format_bits(correct), *stats.format_delta(reference, correct)]
 
 
 def mcnemar_cell(reference: dict[str, Any] | None, correct: dict[str, Any] | None) -> str:

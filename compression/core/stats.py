@@ -111,7 +111,7 @@ def decode_bits(record: Mapping[str, Any]) -> np.ndarray:
 # --- formatting, one style for report.md, inspect and docs/results.md ----------------------------
 
 def format_accuracy(correct: int, n: int, *, digits: int = 2) -> str:
-    """``98.80% [98.00, 99.31]``: the accuracy and its 95 % Wilson interval, in percent."""
+    """``98.80% [97.91, 99.31]``: the accuracy and its 95 % Wilson interval, in percent."""
     lo, hi = wilson(correct, n)
     return f"{100 * correct / n:.{digits}f}% [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
 
@@ -119,3 +119,39 @@ def format_accuracy(correct: int, n: int, *, digits: int = 2) -> str:
 def format_p(p: float) -> str:
     """A p-value at a readable precision (``p=0.029``, ``p<0.001``)."""
     return "p<0.001" if p < 0.001 else f"p={p:.2g}" if p < 0.1 else f"p={p:.2f}"
+
+
+def correct_count(accuracy: float, n: int) -> int:
+    """How many of ``n`` images an accuracy measured on them got right.
+
+    Accuracies are recorded rounded to 6 decimals, which still pins the count for any split
+    under 10⁶ images. An accuracy no count over ``n`` gives (measured on another split, or a
+    bare guess) raises ValueError instead of becoming an interval over the wrong images.
+    """
+    if n <= 0:
+        raise ValueError(f"correct_count: n must be ≥ 1, got n={n!r}")
+    k = round(accuracy * n)
+    if not 0 <= k <= n or abs(accuracy * n - k) > 1e-6 * n:
+        raise ValueError(f"correct_count: accuracy {accuracy!r} is no count of right answers "
+                         f"over n={n} images (measured on another number of images?)")
+    return k
+
+
+def format_rate(accuracy: float, n: int, *, digits: int = 2) -> str:
+    """`format_accuracy` of an accuracy (a fraction) measured on ``n`` images: ``0.988`` on
+    1,000 → ``98.80% [97.91, 99.31]``."""
+    return format_accuracy(correct_count(accuracy, n), n, digits=digits)
+
+
+def format_bits(correct: np.ndarray, *, digits: int = 2) -> str:
+    """`format_accuracy` of a per-image correctness vector (1 = image answered right)."""
+    arr = np.asarray(correct, dtype=bool)
+    return format_accuracy(int(arr.sum()), arr.size, digits=digits)
+
+
+def format_delta(reference: np.ndarray, variant: np.ndarray) -> tuple[str, str]:
+    """``("-0.30 pt", "p=0.45")``: a variant's accuracy minus a reference's on the same images,
+    and the exact McNemar p-value of that difference."""
+    test = paired(reference, variant)
+    n = max(np.asarray(reference).size, 1)
+    return f"{100 * test.delta / n:+.2f} pt", format_p(test.p_value)

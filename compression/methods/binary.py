@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from compression import export
 from compression.core import encoding
 from compression.core.errors import ConfigError
+from compression.core.stats import format_rate
 from compression.models import layers_in_call_order
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import accuracy, train
@@ -163,11 +164,13 @@ def apply(ctx: BuildContext, base: Built, config: BinaryConfig) -> MethodOutput:
         log.warning("binary: %d binarised weights are not stored ±α per output channel in the "
                     "graph (transposed by the exporter); they stay dense float32", n_dense_binary)
         scope += f"; {n_dense_binary:,} binarised weights stored dense (not per-row in ONNX)"
+    n_test = len(ctx.splits.y_test)
+    acc_after = accuracy(model, ctx.splits.x_test, ctx.splits.y_test)
     report = (
         f"BinaryConnect fine-tune of `{base.name}` for {config.epochs} epoch(s): every conv and "
         f"linear weight is sign(W)·α with α = mean|W| per output channel ({scope}). Test "
-        f"accuracy right after binarising {100 * acc_before:.2f}%, after fine-tuning "
-        f"{100 * accuracy(model, ctx.splits.x_test, ctx.splits.y_test):.2f}%. "
+        f"accuracy [95% Wilson] right after binarising {format_rate(acc_before, n_test)}, after "
+        f"fine-tuning {format_rate(acc_after, n_test)}. "
         f"Binary weights: {n_weights:,} × 1 bit + one float32 per output channel = "
         f"{stored / 1e3:.1f} kB against {4 * n_weights / 1e3:.1f} kB as fp32 "
         f"({4 * n_weights / stored:.1f}x smaller). "

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from compression import export, profile
 from compression.core import encoding
 from compression.core.errors import ConfigError
+from compression.core.stats import format_rate
 from compression.models import fold_batchnorm
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.report import markdown_table
@@ -184,11 +185,14 @@ def apply(ctx: BuildContext, base: Built, config: ClusteredConfig) -> MethodOutp
     nnz = sum(int((v != 0).sum()) for v in tensors.values())
     rows = [[label, f"{size / 1e3:.1f} kB", f"{8 * size / max(nnz, 1):.2f}",
              f"{stages[0][1] / size:.1f}x"] for label, size in stages]
+    n_test = len(ctx.splits.y_test)
+    acc_after = accuracy(model, ctx.splits.x_test, ctx.splits.y_test)
     report = (
         f"BN folded into the convs, then per-layer k-means ({2 ** config.bits} centroids over the "
         f"non-zero weights of `{base.name}`), centroids + biases fine-tuned {config.epochs} "
-        f"epoch(s). Test accuracy right after sharing {100 * acc_shared:.2f}%, after fine-tuning "
-        f"{100 * accuracy(model, ctx.splits.x_test, ctx.splits.y_test):.2f}%.\n\n"
+        f"epoch(s). Test accuracy [95% Wilson] right after sharing "
+        f"{format_rate(acc_shared, n_test)}, after fine-tuning "
+        f"{format_rate(acc_after, n_test)}.\n\n"
         f"Weight storage by stage ({n_weights:,} conv + linear weights, {nnz:,} non-zero; "
         "the graph skeleton with biases comes on top, see the size column above):\n\n"
         + markdown_table(["stage", "weights", "bits / non-zero", "vs dense fp32"], rows))

@@ -49,11 +49,12 @@ from torch import nn
 from compression import profile
 from compression.core.errors import ConfigError
 from compression.core.ort import session
+from compression.core.stats import format_bits
 from compression.methods.pruned_neurons import narrower
 from compression.models import DEFAULT_MLP, Spec, build_model, validate
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
-from compression.report import markdown_table
-from compression.train import LossFn, accuracy, seed_everything, train
+from compression.report import markdown_table, paired_cells, paired_columns
+from compression.train import LossFn, logits, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +229,17 @@ class Teachers:
         return self._memo[key]
 
     @torch.no_grad()
-    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
-        """Top-1 of the averaged probabilities (what the soft targets encode at T = 1)."""
+    def correct(self, x: np.ndarray, y: np.ndarray, batch: int = 500) -> np.ndarray:
+        """Per image: is the top-1 of the averaged probabilities (what the soft targets encode
+        at T = 1) right?"""
         preds = [F.softmax(torch.stack([m(torch.from_numpy(x[i:i + batch]))
                                         for m in self.models]), -1).mean(0).argmax(1)
                  for i in range(0, len(x), batch)]
-        return float((torch.cat(preds).numpy() == y).mean())
+        correct: np.ndarray = torch.cat(preds).numpy() == y
+        return correct
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+        return float(self.correct(x, y, batch).mean())
 
 
 def _train_student(ctx: BuildContext, spec: Spec, teachers: Teachers | None,
@@ -294,28 +300,29 @@ def apply(ctx: BuildContext, base: Built, config: DistilledConfig) -> MethodOutp
     x, y = ctx.splits.x_test, ctx.splits.y_test
     student = _train_student(ctx, spec, teachers, config, config.temperature,
                              f"distill T={config.temperature:g}")
-    rows: list[list[str]] = []
-    results: dict[str, float] = {}
+    # the base as served: which test images it gets right, for the paired tests (its accuracy)
+    base_correct = profile.correctness(base.graph, None, None, x, y)[0]
+    rows: list[list[str]] = [[f"teacher: `{base.name}`", format_bits(base_correct), "—", "—"]]
+    results: dict[str, float] = {"teacher": round(base.accuracy, 6)}
 
-    def record(label: str, acc: float, key: str) -> None:
-        results[key] = round(acc, 6)
-        rows.append([label, f"{100 * acc:.2f}%", f"{100 * (acc - base.accuracy):+.2f} pt"])
+    def record(label: str, correct: np.ndarray, key: str) -> None:
+        results[key] = round(float(correct.mean()), 6)
+        rows.append([label, *paired_cells(base_correct, correct)])
 
-    record(f"teacher: `{base.name}`", base.accuracy, "teacher")
     if len(teachers.models) > 1:
         members = [f"`{n}`" for n in [base.name, *config.teachers]]
         members += [f"{config.ensemble - 1} trained here"] if config.ensemble > 1 else []
-        record(f"teacher: ensemble of {', '.join(members)} (used)", teachers.accuracy(x, y),
+        record(f"teacher: ensemble of {', '.join(members)} (used)", teachers.correct(x, y),
                "teacher_ensemble")
     record(f"student, distilled at T={config.temperature:g}, α={config.alpha:g} (served)",
-           accuracy(student, x, y), f"T={config.temperature:g}")
+           _correct(student, x, y), f"T={config.temperature:g}")
     for t in config.sweep:
         if t != config.temperature:
             other = _train_student(ctx, spec, teachers, config, t, f"distill T={t:g}")
-            record(f"student, distilled at T={t:g}", accuracy(other, x, y), f"T={t:g}")
+            record(f"student, distilled at T={t:g}", _correct(other, x, y), f"T={t:g}")
     if config.compare_labels:
         alone = _train_student(ctx, spec, None, config, config.temperature, "student labels")
-        record("student, labels only", accuracy(alone, x, y), "labels_only")
+        record("student, labels only", _correct(alone, x, y), "labels_only")
     shape = ctx.input_shape
     teacher_macs = profile.count_macs(base.model, shape)
     student_macs = profile.count_macs(student, shape)
@@ -323,10 +330,17 @@ def apply(ctx: BuildContext, base: Built, config: DistilledConfig) -> MethodOutp
         f"Student {_describe(spec, config)} "
         f"({profile.count_params(student) / 1e3:.1f} k params, {student_macs / 1e6:.2f} M MACs, "
         f"{teacher_macs / max(student_macs, 1):.1f}x fewer than `{base.name}`), {config.epochs} "
-        f"epochs from the same init in every run. Test accuracy; Δ vs `{base.name}`.\n\n"
-        + markdown_table(["model", "accuracy", "Δ"], rows))
+        f"epochs from the same init in every run. Test split; Δ vs `{base.name}` on the same "
+        "images, with its exact McNemar p-value.\n\n"
+        + markdown_table(["model", *paired_columns(base.name)], rows))
     return MethodOutput(model=student, spec=spec, report_md=report,
                         details={"student": spec, "accuracy": results})
+
+
+def _correct(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per image: is the model's top-1 right? (its mean is `compression.train.accuracy`)"""
+    correct: np.ndarray = logits(model, x).argmax(1) == y
+    return correct
 
 
 def _describe(spec: Spec, config: DistilledConfig) -> str:

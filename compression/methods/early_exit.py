@@ -56,6 +56,7 @@ from torch import nn
 
 from compression import export, profile, report, tracing
 from compression.core import ort as core_ort
+from compression.core import stats
 from compression.core.errors import ConfigError, Unsupported
 from compression.core.exits import (
     CRITERIA,
@@ -467,7 +468,8 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
     val_where = assign_exits(val, thresholds, config.criterion)
     test_where = assign_exits(test, thresholds, config.criterion)
     val_shares, test_shares = exit_shares(val_where, n_exits), exit_shares(test_where, n_exits)
-    test_acc = float((policy_predictions(test, test_where) == splits.y_test).mean())
+    test_correct = policy_predictions(test, test_where) == splits.y_test
+    test_acc = float(test_correct.mean())
     val_acc = float((policy_predictions(val, val_where) == splits.y_val).mean())
     exit_acc = [float((lg.argmax(1) == splits.y_test).mean()) for lg in test]
     exit_val_acc = [float((lg.argmax(1) == splits.y_val).mean()) for lg in val]
@@ -491,7 +493,8 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
         trainings["joint"] = _exit_accuracies(joint, splits.x_test, splits.y_test)
     other = {name: _policy_summary(m, ctx, config) for name, m in
              (("frozen", frozen), ("joint", joint)) if m is not None}
-    curve = _curve(test, splits.y_test, latencies, config.criterion, full.accuracy, full_p50)
+    curve, curve_correct = _curve(test, splits.y_test, latencies, config.criterion, full.accuracy,
+                                  full_p50)
     macs = [profile.count_macs(StageSegment(net, i), shape if i == 0 else shapes[i - 1])
             for i in range(n_exits)]
     details = {
@@ -526,9 +529,13 @@ def apply(ctx: BuildContext, base: Built, config: EarlyExitConfig) -> MethodOutp
     log.info("early-exit: policy test accuracy %.4f (full %.4f), shares %s, measured mean "
              "%.3f ms vs full %.3f ms (%.2fx)", test_acc, full.accuracy, _r(test_shares),
              measured["policy_mean_ms"], measured["full_mean_ms"], measured["speedup"])
+    # which test images `full` (as served) gets right: the paired tests of the report
+    full_correct = profile.correctness(full.graph, None, None, splits.x_test, splits.y_test)[0]
+    evidence = _Evidence(full=full_correct, policy=test_correct, curve=curve_correct,
+                         n_val=len(splits.y_val))
     return MethodOutput(model=net.eval(), stages=graphs, exits=exits, accuracy=test_acc,
                         val_accuracy=val_acc, latency_ms=latencies[-1], macs=sum(macs), details=details,
-                        report_md=_report(details, exits, full.accuracy))
+                        report_md=_report(details, exits, evidence))
 
 
 def capped_policy_accuracies(exit_logits: Sequence[np.ndarray], y: np.ndarray,
@@ -546,10 +553,6 @@ def capped_policy_accuracies(exit_logits: Sequence[np.ndarray], y: np.ndarray,
         where = assign_exits(logits, [*thresholds[:k], last], criterion)
         out.append(float((policy_predictions(logits, where) == y).mean()))
     return out
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _r(xs: Sequence[float], nd: int = 4) -> list[float]:
@@ -574,58 +577,76 @@ def _policy_summary(net: EarlyExitNet, ctx: BuildContext,
 
 
 def _curve(test: Sequence[np.ndarray], y: np.ndarray, latencies: Sequence[LatencyTable],
-           criterion: str, full_acc: float, full_p50: float) -> list[dict[str, Any]]:
-    """Accuracy and expected batch-1 latency with one common threshold on every early exit."""
-    rows = []
+           criterion: str, full_acc: float, full_p50: float,
+           ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Accuracy and expected batch-1 latency with one common threshold on every early exit;
+    and per threshold, which test images the policy gets right."""
+    rows, correct = [], []
     for t in CURVE[criterion]:
         th = [t] * (len(test) - 1) + [last_threshold(criterion, test[0].shape[1])]
         where = assign_exits(test, th, criterion)
         shares = exit_shares(where, len(test))
         mean = sum(s * lat["1"]["p50"] for s, lat in zip(shares, latencies, strict=True))
-        acc = float((policy_predictions(test, where) == y).mean())
+        correct.append(policy_predictions(test, where) == y)
+        acc = float(correct[-1].mean())
         rows.append({"threshold": t, "test_accuracy": round(acc, 6),
                      "drop_pt": round(100 * (full_acc - acc), 3), "test_exit_shares": _r(shares),
                      "expected_mean_ms_b1": round(mean, 4),
                      "speedup_vs_full": round(full_p50 / mean, 3)})
-    return rows
+    return rows, correct
 
 
-def _report(details: dict[str, Any], exits: Sequence[Exit], full_acc: float) -> str:
+class _Evidence(NamedTuple):
+    """Per-image correctness on the test split, for the report's intervals and paired tests."""
+
+    full: np.ndarray  # `full` as served
+    policy: np.ndarray  # the served calibrated policy
+    curve: list[np.ndarray]  # the policy at each common threshold of the curve
+    n_val: int  # validation images (the routing accuracies' denominator)
+
+
+def _report(details: dict[str, Any], exits: Sequence[Exit], evidence: _Evidence) -> str:
     pol, tr = details["policy"], details["trainings"]
     names = list(tr)
+    n_test, n_val = evidence.full.size, evidence.n_val
     acc_rows = [[f"exit {e}" + (" (last)" if e == len(exits) - 1 else ""),
-                 *[f"{100 * tr[n][e]:.2f}%" for n in names]] for e in range(len(exits))]
+                 *[report.rate_cell(tr[n][e], n_test) for n in names]] for e in range(len(exits))]
     by_training = details["calibrated_policy_by_training"]
     acc_rows.append(["calibrated policy",
-                     *[f"{100 * by_training[n]['test_accuracy']:.2f}% (shares "
+                     *[f"{report.rate_cell(by_training[n]['test_accuracy'], n_test)} (shares "
                        f"{by_training[n]['test_exit_shares']})" for n in names]])
-    exit_rows = [[e.index, f"{100 * e.accuracy:.2f}%", _pct(e.policy_accuracy),
-                  _pct(e.policy_val_accuracy), f"{e.threshold:.6g}", f"{e.exit_share:.3f}",
+    exit_rows = [[e.index, report.rate_cell(e.accuracy, n_test),
+                  report.rate_cell(e.policy_accuracy, n_test),
+                  report.rate_cell(e.policy_val_accuracy, n_val), f"{e.threshold:.6g}",
+                  f"{e.exit_share:.3f}",
                   *[f"{e.latency_ms[str(b)]['p50']:.3f} / {e.latency_ms[str(b)]['p95']:.3f}"
                     for b in BATCH_SIZES]] for e in exits]
-    curve_rows = [[r["threshold"], f"{100 * r['test_accuracy']:.2f}%", f"{-r['drop_pt']:+.2f}",
+    curve_rows = [[r["threshold"], *report.paired_cells(evidence.full, correct),
                    " / ".join(f"{s:.3f}" for s in r["test_exit_shares"]),
                    f"{r['expected_mean_ms_b1']:.3f}", f"{r['speedup_vs_full']:.2f}x"]
-                  for r in details["threshold_curve"]]
+                  for r, correct in zip(details["threshold_curve"], evidence.curve, strict=True)]
+    delta, p_value = stats.format_delta(evidence.full, evidence.policy)
     m = pol["measured"]
     return "\n".join([
         f"Served: the **{details['served_training']}** training. Calibrated policy "
         f"({pol['criterion']}, target: {pol['target']}): test accuracy "
-        f"{100 * pol['test_accuracy']:.2f}% vs full {100 * full_acc:.2f}% "
-        f"({100 * (pol['test_accuracy'] - full_acc):+.2f} pt); test exit shares "
-        f"{pol['test_exit_shares']}. Mean batch-1 latency measured request by request on the "
-        f"test split: {m['policy_mean_ms']:.3f} ms vs full {m['full_mean_ms']:.3f} ms "
+        f"{stats.format_bits(evidence.policy)} vs full {stats.format_bits(evidence.full)} on "
+        f"the same {n_test} test images (95% Wilson intervals; {delta}, exact McNemar "
+        f"{p_value}); test exit shares {pol['test_exit_shares']}. Mean batch-1 latency measured "
+        f"request by request on the test split: {m['policy_mean_ms']:.3f} ms vs full "
+        f"{m['full_mean_ms']:.3f} ms "
         f"(**{m['speedup']:.2f}x**); expected from shares × cumulative p50: "
         f"{pol['expected_mean_latency_ms_b1']:.3f} ms ({pol['expected_speedup_vs_full']:.2f}x).\n",
-        "### Joint vs frozen-backbone training (test accuracy per exit)\n",
+        "### Joint vs frozen-backbone training (test accuracy per exit [95% Wilson])\n",
         report.markdown_table(["exit", *names], acc_rows),
         "\n### Exits as served (threshold calibrated on validation; latency cumulative, ms)\n",
-        "accuracy: every sample leaves at this exit (test); policy to here: the calibrated policy "
-        "with this exit as the deepest, what `early-exit@k` serves (test, and validation).\n",
-        report.markdown_table(["exit", "accuracy", "policy to here", "policy to here (val)",
-                               "threshold", "val share",
+        "accuracy: every sample leaves at this exit; policy to here: the calibrated policy with "
+        "this exit as the deepest, what `early-exit@k` serves. Accuracies [95% Wilson] on the "
+        f"test split ({n_test} images) unless marked val (validation split, {n_val} images).\n",
+        report.markdown_table(["exit", "test accuracy", "policy to here (test)",
+                               "policy to here (val)", "threshold", "val share",
                                *[f"p50/p95 b{b}" for b in BATCH_SIZES]], exit_rows),
         f"\n### Accuracy/latency over a common {pol['criterion']} threshold (test split)\n",
-        report.markdown_table(["threshold", "accuracy", "Δ vs full pt", "exit shares",
+        report.markdown_table(["threshold", *report.paired_columns("full"), "exit shares",
                                "expected mean ms b1", "speed-up"], curve_rows),
     ])

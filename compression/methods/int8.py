@@ -32,6 +32,7 @@ from onnxruntime.quantization import (
 
 from compression import export, profile
 from compression.core.ort import INPUT_NAME, session
+from compression.core.stats import format_bits
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ def apply(ctx: BuildContext, base: Built, config: Int8Config) -> MethodOutput:
         f"calibration images, {config.calibrate_method} ranges, per-channel weights = "
         f"{config.per_channel}. {ops.get('QuantizeLinear', 0)} QuantizeLinear / "
         f"{ops.get('DequantizeLinear', 0)} DequantizeLinear nodes; top-1 agreement with "
-        f"`{base.name}` on the calibration images {100 * agree:.1f}%.")
+        f"`{base.name}` on the {len(images)} calibration images (a sample of the training split) "
+        f"{format_bits(fp32 == int8)} (95% Wilson).")
     return MethodOutput(graph=q, model=None, params_count=params, macs=macs, report_md=report,
                         details={"qdq_nodes": ops.get("QuantizeLinear", 0)
                                  + ops.get("DequantizeLinear", 0),

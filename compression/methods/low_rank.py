@@ -26,6 +26,7 @@ from torch import nn
 from compression import export, profile, report
 from compression.core.errors import ConfigError
 from compression.core.ort import session
+from compression.core.stats import format_rate
 from compression.models import set_module
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
 from compression.train import train
@@ -190,7 +191,8 @@ def apply(ctx: BuildContext, base: Built, config: LowRankConfig) -> MethodOutput
         "macs_before": profile.count_macs(base.model, ctx.input_shape),
         "macs_after": profile.count_macs(model, ctx.input_shape),
     }
-    return MethodOutput(model=model.eval(), details=details, report_md=_report(records, details))
+    return MethodOutput(model=model.eval(), details=details,
+                        report_md=_report(records, details, len(ctx.splits.y_test)))
 
 
 def _onnx_accuracy(ctx: BuildContext, model: nn.Module) -> float:
@@ -198,14 +200,14 @@ def _onnx_accuracy(ctx: BuildContext, model: nn.Module) -> float:
     return float((logits.argmax(1) == ctx.splits.y_test).mean())
 
 
-def _report(records: list[dict[str, Any]], details: dict[str, Any]) -> str:
+def _report(records: list[dict[str, Any]], details: dict[str, Any], n_test: int) -> str:
     rows = [[r["layer"], r["kind"], f"{r['shape'][0]}×{r['shape'][1]}", r["full_rank"],
              r["rank"] if r["rank"] is not None else f"dense ({r['kept']})",
              r["params_before"], r["params_after"],
              f"{r['energy_kept']:.3f}" if "energy_kept" in r else "–"] for r in records]
     return (
-        f"Truncated SVD per layer, then fine-tuned. Test accuracy right after factorising: "
-        f"{100 * details['test_accuracy_before_fine_tune']:.2f}%. MACs "
+        f"Truncated SVD per layer, then fine-tuned. Test accuracy [95% Wilson] right after "
+        f"factorising: {format_rate(details['test_accuracy_before_fine_tune'], n_test)}. MACs "
         f"{details['macs_before'] / 1e6:.2f} M → {details['macs_after'] / 1e6:.2f} M, params "
         f"{details['params_before']} → {details['params_after']} (BN included).\n\n"
         + report.markdown_table(["layer", "kind", "M×N", "full rank", "K", "params before",

@@ -26,10 +26,11 @@ from torch import nn
 
 from compression import profile
 from compression.core.errors import ConfigError
+from compression.core.stats import format_bits
 from compression.models import Spec, build_model
 from compression.registry import BuildContext, Built, Knob, MethodOutput, register
-from compression.report import markdown_table
-from compression.train import accuracy, seed_everything, train
+from compression.report import markdown_table, paired_cells, paired_columns
+from compression.train import accuracy, logits, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -189,25 +190,28 @@ def apply(ctx: BuildContext, base: Built, config: PrunedWeightsConfig) -> Method
         models["random"] = retrain_ticket(ctx, initial_weights(base.spec, ctx.seed + 1_000_003),
                                           masks, config.rewind_epochs, "ticket-random")
     x, y = ctx.splits.x_test, ctx.splits.y_test
-    results = {k: {"accuracy": round(accuracy(m, x, y), 6), "sparsity": round(sparsity(m), 6)}
-               for k, m in models.items()}
+    # which test images each model gets right: the accuracies, and the paired tests against base
+    correct = {k: logits(m, x).argmax(1) == y for k, m in models.items()}
+    results = {k: {"accuracy": round(float(correct[k].mean()), 6),
+                   "sparsity": round(sparsity(m), 6)} for k, m in models.items()}
     served = models[config.rewind]
-    base_acc = accuracy(base.model, x, y)
+    base_correct = logits(base.model, x).argmax(1) == y
     labels = {"none": "fine-tuned (iterative prune + fine-tune)",
               "init": f"rewound to init, retrained {config.rewind_epochs} epochs",
               "random": f"random re-init, retrained {config.rewind_epochs} epochs"}
     rows = [[labels[k] + (" (served)" if k == config.rewind else ""),
-             f"{100 * r['sparsity']:.1f}%", f"{100 * r['accuracy']:.2f}%",
-             f"{100 * (r['accuracy'] - base_acc):+.2f} pt"] for k, r in results.items()]
+             f"{100 * r['sparsity']:.1f}%", *paired_cells(base_correct, correct[k])]
+            for k, r in results.items()]
     report = (
         f"Iterative magnitude pruning ({config.scope}-wise) in {config.steps} rounds to "
         f"{100 * config.sparsity:.0f}% of the conv + linear weights, fine-tuning "
         f"{config.epochs_per_step} epoch(s) per round (+{config.final_epochs} at the end). "
         "The ONNX graph stays dense (ORT runs it as fast as the base, no speed-up expected); the "
         "artifact stores a bitmap + non-zero values, so only the size shrinks.\n\n"
-        "Lottery ticket: the same final mask, three starting points (test accuracy; Δ vs "
-        f"`{base.name}` at {100 * base_acc:.2f}%).\n\n"
-        + markdown_table(["model", "sparsity", "accuracy", "Δ"], rows))
+        "Lottery ticket: the same final mask, three starting points (test split, Δ vs "
+        f"`{base.name}` at {format_bits(base_correct)} on the same images, exact McNemar "
+        "p-value).\n\n"
+        + markdown_table(["model", "sparsity", *paired_columns(base.name)], rows))
     return MethodOutput(
         model=served, spec=base.spec, weights_codec="sparse",
         params_count=profile.count_nonzero_params(served),

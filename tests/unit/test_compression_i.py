@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import export
+from compression import export, report
 from compression.build import _base_model, build, load_config
-from compression.core import encoding
+from compression.core import encoding, stats
 from compression.core.family import load_family
 from compression.core.ort import session
 from compression.data import Splits, load, split
@@ -35,7 +37,7 @@ from compression.methods import (
 )
 from compression.models import DEFAULT_CNN, build_model, fold_batchnorm
 from compression.registry import BuildContext, Built
-from compression.train import TrainConfig, TrainResult, accuracy, seed_everything, train
+from compression.train import TrainConfig, TrainResult, accuracy, logits, seed_everything, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {**DEFAULT_CNN, "stages": [{"channels": 8, "depth": 1, "pool": False},
@@ -440,6 +442,96 @@ def test_binary_codec_refuses_a_real_valued_tensor() -> None:
     w = np.array([[0.5, -0.5, 0.5], [0.2, -0.3, 0.2]], dtype=np.float32)
     with pytest.raises(ValueError, match="output channel 1 holds 2 distinct magnitudes"):
         encoding.encode("binary", {"w": w})
+
+
+# --- the methods' report sections: intervals and paired tests ----------------------------------
+
+# an accuracy as the sections print it ("91.80%") that no 95 % interval follows
+BARE_ACCURACY = re.compile(r"\d+\.\d\d%(?! \[\d)")
+
+
+def _full(model: nn.Module, splits: Splits) -> Built:
+    graph = export.to_onnx(model, (1, 28, 28))
+    acc = float((export.run(session(graph), splits.x_test).argmax(1) == splits.y_test).mean())
+    return Built(name="full", model=model, spec={**TINY, "num_classes": 4}, graph=graph,
+                 accuracy=acc)
+
+
+def _section_rows(md: str) -> list[list[str]]:
+    """The cells of every body row of the markdown tables in a section."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| model |")]
+
+
+@pytest.mark.parametrize("method, config", [(binary, binary.BinaryConfig(epochs=0)),
+                                            (clustered, clustered.ClusteredConfig(epochs=0))],
+                         ids=["binary", "clustered"])
+def test_test_accuracy_in_a_section_carries_its_wilson_interval(
+        trained: tuple[nn.Module, Splits], method: Any, config: Any) -> None:
+    model, splits = trained
+    out = method.apply(_ctx(splits), _full(model, splits), config)
+    served = accuracy(out.model, splits.x_test, splits.y_test)
+    n = len(splits.y_test)
+    assert f"after fine-tuning {stats.format_rate(served, n)}" in out.report_md
+    assert "Test accuracy [95% Wilson]" in out.report_md
+    assert not BARE_ACCURACY.findall(out.report_md), out.report_md
+
+
+def test_int8_agreement_carries_its_interval_over_the_calibration_images(
+        trained: tuple[nn.Module, Splits]) -> None:
+    model, splits = trained
+    ctx, base = _ctx(splits), _full(model, splits)
+    config = int8.Int8Config(calibration_images=64)
+    out = int8.apply(ctx, base, config)
+    images = ctx.calibration_images(64)
+    assert out.graph is not None
+    agree = (export.run(session(base.graph), images).argmax(1)
+             == export.run(session(out.graph), images).argmax(1))
+    assert (f"on the 64 calibration images (a sample of the training split) "
+            f"{stats.format_bits(agree)} (95% Wilson)") in out.report_md
+
+
+def test_lottery_ticket_rows_pair_each_model_with_the_base_on_the_test_images(
+        trained: tuple[nn.Module, Splits]) -> None:
+    model, splits = trained
+    config = pruned_weights.PrunedWeightsConfig(sparsity=0.5, steps=1, epochs_per_step=0,
+                                                rewind_epochs=1, min_layer_weights=0)
+    out = pruned_weights.apply(_ctx(splits), _full(model, splits), config)
+    x, y = splits.x_test, splits.y_test
+    base = logits(model, x).argmax(1) == y
+    served = logits(out.model, x).argmax(1) == y
+    md = out.report_md
+    assert "| model | sparsity | test accuracy [95% Wilson] | Δ vs `full` | McNemar |" in md
+    assert f"Δ vs `full` at {stats.format_bits(base)}" in md
+    rows = _section_rows(md)
+    assert [r[0] for r in rows] == ["fine-tuned (iterative prune + fine-tune) (served)",
+                                    "rewound to init, retrained 1 epochs",
+                                    "random re-init, retrained 1 epochs"]
+    assert rows[0][2:] == report.paired_cells(base, served)
+    for row in rows:  # every model: its interval, its Δ and the McNemar p of that Δ
+        assert re.fullmatch(r"\d+\.\d\d% \[\d+\.\d\d, \d+\.\d\d\]", row[2]), row
+        assert row[3].endswith(" pt") and re.fullmatch(r"p[=<][\d.]+", row[4]), row
+    assert not BARE_ACCURACY.findall(md), md
+
+
+def test_distilled_table_pairs_every_student_with_the_served_teacher(
+        trained: tuple[nn.Module, Splits]) -> None:
+    model, splits = trained
+    config = distilled.DistilledConfig(epochs=1, compare_labels=True,
+                                       student={"stages": [{"channels": 4, "depth": 1}]})
+    base = _full(model, splits)
+    out = distilled.apply(_ctx(splits), base, config)
+    x, y = splits.x_test, splits.y_test
+    teacher = export.run(session(base.graph), x).argmax(1) == y
+    student = logits(out.model, x).argmax(1) == y
+    rows = _section_rows(out.report_md)
+    assert rows[0] == ["teacher: `full`", stats.format_bits(teacher), "—", "—"]
+    assert rows[1][0].endswith("(served)")
+    assert rows[1][1:] == report.paired_cells(teacher, student)
+    assert rows[2][0] == "student, labels only" and re.fullmatch(r"p[=<][\d.]+", rows[2][3])
+    # the recorded accuracies are the ones the rows show
+    assert out.details["accuracy"]["T=4"] == round(float(student.mean()), 6)
+    assert not BARE_ACCURACY.findall(out.report_md), out.report_md
 
 
 # --- configs -----------------------------------------------------------------------------------

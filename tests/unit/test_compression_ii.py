@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import data as datasets
-from compression import registry
+from compression import export, profile, registry
+from compression.core import stats
 from compression.core.errors import ConfigError
 from compression.core.exits import (
     StageChain,
@@ -26,6 +28,9 @@ from compression.core.exits import (
     walk,
 )
 from compression.core.family import BATCH_SIZES, load_family
+from compression.core.ort import session
+from compression.data import Splits
+from compression.methods import low_rank
 from compression.methods.depthwise import conv_records
 from compression.methods.early_exit import (
     EarlyExitConfig,
@@ -36,6 +41,7 @@ from compression.methods.early_exit import (
     feature_shapes,
     joint_loss,
 )
+from compression.methods.early_exit import apply as apply_early_exit
 from compression.methods.low_rank import (
     LowRankConfig,
     choose_rank,
@@ -44,6 +50,7 @@ from compression.methods.low_rank import (
     layer_params,
 )
 from compression.models import StagedCNN, build_model
+from compression.train import TrainConfig
 
 TINY = {"kind": "cnn", "input": [1, 28, 28], "num_classes": 10,
         "stages": [{"channels": 4, "depth": 1}, {"channels": 8, "depth": 2, "pool": True},
@@ -296,6 +303,77 @@ def test_capped_policy_accuracy_is_what_the_server_returns_at_that_depth(criteri
     assert capped[0] == float((logits[0].argmax(1) == y).mean())  # exit 0 alone
     where = assign_exits(logits, th, criterion)  # the last entry is the uncapped policy
     assert capped[-1] == float((policy_predictions(logits, where) == y).mean())
+
+
+# --- the report sections: intervals on the right split, McNemar against full -----------------
+
+# an accuracy as the sections print it ("91.80%") that no 95 % interval follows
+BARE_ACCURACY = re.compile(r"\d+\.\d\d%(?! \[\d)")
+N_VAL, N_TEST = 40, 60  # unequal, so an interval over the wrong split cannot pass
+
+
+def _noise_splits(seed: int = 0) -> Splits:
+    """Ten brightness levels of noise: 160 training, 40 validation and 60 test images."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, 260)
+    x = (rng.random((260, 1, 28, 28), dtype=np.float32) * 0.1 + 0.09 * y[:, None, None, None])
+    x = x.astype(np.float32)
+    return Splits(x[:160], y[:160], x[160:200], y[160:200], x[200:], y[200:], num_classes=10)
+
+
+def _tiny_full(splits: Splits) -> tuple[registry.BuildContext, registry.Built, np.ndarray]:
+    """A context, an untrained TINY as `full`, and which test images its graph gets right."""
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    graph = export.to_onnx(model, (1, 28, 28))
+    right = export.run(session(graph), splits.x_test).argmax(1) == splits.y_test
+    ctx = registry.BuildContext(splits=splits, seed=0, built={}, progress=False,
+                                train=TrainConfig(epochs=1, lr=3e-3, batch_size=32,
+                                                  augment_shift=0))
+    return ctx, registry.Built(name="full", model=model, spec=TINY, graph=graph,
+                               accuracy=float(right.mean())), right
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_low_rank_section_gives_the_accuracy_before_fine_tuning_with_its_interval() -> None:
+    ctx, full, _ = _tiny_full(_noise_splits())
+    out = low_rank.apply(ctx, full, LowRankConfig(min_weights=0, fine_tune_epochs=0))
+    acc = out.details["test_accuracy_before_fine_tune"]
+    assert (f"Test accuracy [95% Wilson] right after factorising: "
+            f"{stats.format_rate(acc, N_TEST)}.") in out.report_md
+    assert not BARE_ACCURACY.findall(out.report_md), out.report_md
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_early_exit_section_gives_intervals_on_their_split_and_mcnemar_against_full() -> None:
+    splits = _noise_splits()
+    ctx, full, full_right = _tiny_full(splits)
+    out = apply_early_exit(ctx, full, EarlyExitConfig(head_pool=4, joint_epochs=1))
+    assert out.stages is not None and out.exits is not None
+    md = out.report_md
+    # the served policy against full on the same test images: both intervals, Δ and its p
+    policy = profile.policy_correct(out.stages, out.exits, splits.x_test, splits.y_test)[-1]
+    assert float(policy.mean()) == out.accuracy
+    delta, p_value = stats.format_delta(full_right, policy)
+    assert (f"test accuracy {stats.format_bits(policy)} vs full {stats.format_bits(full_right)} "
+            f"on the same {N_TEST} test images (95% Wilson intervals; {delta}, exact McNemar "
+            f"{p_value})") in md
+    # per exit: test columns over the test images, the routing column over the validation ones
+    for e in out.exits:
+        assert e.policy_accuracy is not None and e.policy_val_accuracy is not None
+        assert (f"| {e.index} | {stats.format_rate(e.accuracy, N_TEST)} | "
+                f"{stats.format_rate(e.policy_accuracy, N_TEST)} | "
+                f"{stats.format_rate(e.policy_val_accuracy, N_VAL)} | ") in md
+    # the threshold curve: every row pairs the policy with full (Δ and McNemar)
+    curve = [line.strip("|").split(" | ") for line in
+             md.split("common max_prob threshold (test split)")[1].splitlines()
+             if line.startswith("| 0.")]
+    assert len(curve) == len(out.details["threshold_curve"]) > 0
+    for row, recorded in zip(curve, out.details["threshold_curve"], strict=True):
+        assert row[1] == stats.format_rate(recorded["test_accuracy"], N_TEST)
+        assert float(row[2].removesuffix(" pt")) == pytest.approx(-recorded["drop_pt"], abs=0.005)
+        assert re.fullmatch(r"p[=<][\d.]+", row[3]), row
+    assert not BARE_ACCURACY.findall(md), md
 
 
 # --- a tiny family with all three methods -----------------------------------------------------

@@ -13,10 +13,14 @@ import pytest
 
 from compression.core.stats import (
     Z95,
+    correct_count,
     decode_bits,
     encode_bits,
     format_accuracy,
+    format_bits,
+    format_delta,
     format_p,
+    format_rate,
     mcnemar_exact,
     paired,
     wilson,
@@ -98,6 +102,40 @@ def test_formatting() -> None:
     assert format_accuracy(980, 1000) == "98.00% [96.93, 98.70]"
     assert format_p(0.04138946533203125) == "p=0.041"
     assert format_p(0.5) == "p=0.50" and format_p(1e-5) == "p<0.001"
+
+
+@pytest.mark.parametrize("k, n", [(980, 1000), (2, 3), (1, 7), (0, 5), (5, 5), (99_999, 100_000)])
+def test_an_accuracy_recorded_to_6_decimals_formats_as_its_count(k: int, n: int) -> None:
+    """The methods' sections hold accuracies (rounded as the manifest rounds them), not counts:
+    the interval must be the one of the exact count over the images they were measured on."""
+    assert correct_count(round(k / n, 6), n) == k
+    assert format_rate(round(k / n, 6), n) == format_accuracy(k, n)
+    assert format_rate(0.979, 1000, digits=1) == "97.9% [96.8, 98.6]"
+
+
+@pytest.mark.parametrize("accuracy, n", [(0.9805, 1000), (0.5, 3), (1.2, 10), (-0.1, 10),
+                                         (0.98, 0)])
+def test_an_accuracy_no_count_over_n_gives_is_refused(accuracy: float, n: int) -> None:
+    # 0.9805 is 1961/2000: measured on other images than the 1,000 it would be shown over
+    with pytest.raises(ValueError, match="n="):
+        format_rate(accuracy, n)
+
+
+def test_bits_format_as_their_count_and_pair_into_delta_and_mcnemar() -> None:
+    ref = np.array([True] * 90 + [False] * 10)
+    assert format_bits(ref) == format_accuracy(90, 100) == "90.00% [82.56, 94.48]"
+    # b = 2 images full got right and the variant lost, c = 1 gained: −1 image of 100
+    var = ref.copy()
+    var[[0, 1, 95]] = [False, False, True]
+    assert format_delta(ref, var) == ("-1.00 pt", format_p(mcnemar_exact(2, 1)))
+    assert format_delta(ref, var) == ("-1.00 pt", "p=1.00")
+    # twelve images lost, none gained: a real difference
+    worse = ref.copy()
+    worse[:12] = False
+    assert format_delta(ref, worse) == ("-12.00 pt", "p<0.001")
+    assert format_delta(ref, ref) == ("+0.00 pt", "p=1.00")
+    with pytest.raises(ValueError, match="shapes"):
+        format_delta(ref, ref[:50])
 
 
 # --- the paired latency profile: speed-ups are ratios within a round ----------------------------
