@@ -428,6 +428,61 @@ def overhead_section(router: dict[str, Any] | None, overhead: dict[str, Any] | N
     return "\n".join(text)
 
 
+# --- throughput and scale-out: bench/ceiling.py and bench/scaleout.py (issue 12) ----------------
+
+def _machine(host: dict[str, Any] | None) -> str:
+    if not host:
+        return "machine not recorded"
+    load = host.get("load_average")
+    return (f"{host.get('cpus')} cores ({host.get('machine')}, {host.get('system')})"
+            + (f", load average {load[0]:.1f} at the start" if load else ""))
+
+
+def throughput_section(ceiling: dict[str, Any] | None, scaleout: dict[str, Any] | None) -> str:
+    """Echo vs server saturation and CPU per answer, 1 vs N workers, goodput past saturation."""
+    text = ["## Throughput and scale-out\n"]
+    if ceiling is None and scaleout is None:
+        text.append("Not measured in this run (`bench/ceiling.py`, `bench/scaleout.py`).\n")
+        return "\n".join(text)
+    if ceiling is not None:
+        cfg = ceiling.get("config", {})
+        rows = []
+        for r in ceiling.get("rows", []):
+            rows.append([r["server"], str(r["images"]), str(r["clients"]),
+                         f"{r['answers_per_s']:,.0f}", f"{r['server_cpu_ms']:.3f}",
+                         f"{r['server_cores']:.2f}",
+                         "" if r.get("vs_echo") is None else f"{r['vs_echo']:.0%}",
+                         "" if r.get("vs_one_worker") is None else f"{r['vs_one_worker']:.2f}x"])
+        text.append(
+            f"**Per-process ceiling** (`bench/ceiling.py`, {_machine(ceiling.get('host_start'))}): "
+            f"the bare `grpc.aio` echo server and `serve` (default flags but `--workers`) driven "
+            f"closed-loop to saturation by {cfg.get('clients')} client processes × "
+            f"{cfg.get('concurrency')} calls in flight, pinned to `{ceiling.get('variant')}`, no "
+            f"budget; CPU per answer = the server's process tree's CPU seconds ÷ answers; median "
+            f"of {cfg.get('repeats')} rounds. Clients and servers share the machine.\n\n"
+            + markdown_table(["server", "images", "client procs", "answers/s",
+                              "server CPU ms/answer", "server cores", "vs echo", "vs 1 worker"],
+                             rows) + "\n")
+    if scaleout is not None:
+        ramps = scaleout.get("servers_ramp", {})
+        rows = []
+        for w, r in sorted(ramps.items(), key=lambda kv: int(kv[0])):
+            steps = " · ".join(f"{s['offered_rps']:g}/s → {100 * (s['attainment'] or 0):.0f}% "
+                               f"({s['goodput_rps']:.0f}/s)" for s in r.get("steps", []))
+            share = r.get("goodput_at_2x_share_of_peak")
+            rows.append([w, f"{r.get('peak_goodput_rps', 0):,.0f}/s at {r.get('peak_at_rps', 0):g}/s",
+                         "not reached" if share is None else f"{share:.0%}", steps])
+        text.append(
+            f"**Goodput past saturation** (`bench/scaleout.py`, {_machine(scaleout.get('host'))}): "
+            "`serve --device cpu --workers N`, routed, budgets uniform 5–20 ms, 8 test images per "
+            "request, open-loop Poisson arrivals from several client processes, the rate doubling "
+            "per step; goodput = answers inside their budget per second. Target: goodput at twice "
+            "the rate of the peak ≥ 90 % of the peak.\n\n"
+            + markdown_table(["workers", "peak goodput", "goodput at 2x ÷ peak",
+                              "offered → in budget (goodput)"], rows) + "\n")
+    return "\n".join(text)
+
+
 # --- GPU serving: bench/gpu.py's JSON (issue 13) -------------------------------------------------
 
 # The issue's targets, as `gpu_targets` evaluates them.
@@ -757,6 +812,7 @@ def main() -> None:
     parts = [header, compression_section((ROOT / args.family).resolve()),
              policy_section(summary, results, docs),
              overhead_section(read("router.json"), read("overhead.json")),
+             throughput_section(read("ceiling.json"), read("scaleout.json")),
              gpu_section(read("gpu.json"), f"{args.results}/gpu.json")]
     (docs / "results.md").write_text("\n".join(parts))
     log.info("wrote %s", docs / "results.md")

@@ -23,6 +23,7 @@ from typing import Any
 from gpu import Clients, Run, open_figures, placement_images, start_server
 
 from client.loadgen import BudgetSpec, RunConfig
+from client.results import host_info
 from compression.core.family import load_family
 
 BUDGET = "uniform:5:20"
@@ -77,6 +78,7 @@ def main() -> None:
     args.quick, args.accelerator, args.gpu_dtype = False, "cpu", "fp32"  # what `Run` records
     run = Run(args.json, args)
     run.data["tool"] = "bench/scaleout.py"
+    run.data["host"] = host_info()
     rates = [float(r) for r in args.rates.split(",")]
     workers = [int(w) for w in args.workers_list.split(",")]
     logs = args.logs or args.json.parent
