@@ -414,7 +414,7 @@ def overhead_section(router: dict[str, Any] | None, overhead: dict[str, Any] | N
         rows = [[label, f"{o[k]['p50_ms']:.3f}", f"{o[k]['p99_ms']:.3f}",
                  f"{o[k]['overhead_ms']:.3f}", f"{o[k]['ratio']:.2f}x",
                  "✔" if o[k]["ratio"] <= 1.5 else "✘"]
-                for k, label in (("pool", "server, thread pool (default)"),
+                for k, label in (("pool", "server, thread pool (`--inline-below-ms 0`)"),
                                  ("inline", "server, `--inline-below-ms 0.2`"))]
         text.append(
             f"**Serving overhead** (`bench/overhead.py`): family `{o['family']}`, variant "

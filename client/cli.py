@@ -291,10 +291,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
     s.add_argument("--intra-op-threads", type=int, default=1,
                    help="ORT threads per batch (default 1)")
-    s.add_argument("--inline-below-ms", type=float, default=0.0,
-                   help="run a batch on the event loop instead of the thread pool when its "
-                        "variant is idle and it is predicted under this many ms (default 0: "
-                        "never; ~0.2 saves the thread hand-off on tiny models)")
+    s.add_argument("--inline-below-ms", type=float, default=0.1,
+                   help="run a batch on the event loop instead of the thread pool when it is "
+                        "predicted under this many ms: the hand-off to a thread and back costs "
+                        "more than a tiny model (default 0.1; 0: always the pool)")
     s.add_argument("--deadline-margin-ms", type=float, default=0.5,
                    help="kept back from the gRPC deadline for the reply (default 0.5)")
     s.add_argument("--grace-s", type=float, default=10.0,

@@ -378,7 +378,9 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
         from server.workers import serve_workers
 
         return serve_workers(family, options, serve)
-    asyncio.run(serve(family, options, reuse_port=False, metrics=True))  # ends the process
+    from server.loop import run
+
+    run(serve(family, options, reuse_port=False, metrics=True))  # ends the process
 
 
 def check_faults(family: Family, faults: tuple[str, ...]) -> None:

@@ -5,7 +5,9 @@ by themselves. ``max_queue_delay_ms`` > 0 additionally holds the first request u
 company, but never past the moment its deadline requires it to start: the batch is dispatched by
 ``min(first arrival + delay, earliest deadline − predicted compute of the batch)``. A batch never
 exceeds ``max_batch`` samples (a single larger request runs alone). The batch runs in the worker
-thread pool; the event loop only queues and wakes.
+thread pool; the event loop only queues and wakes — except a batch that `Costs.inline` finds
+cheaper than the hand-off to a thread and back (a tiny model): it runs on the loop itself, still
+batched with whatever queued meanwhile.
 
 Failures: a batch whose runner raises, or runs past `Costs.timeout_s`, fails its requests and
 every request queued behind it with `VariantFailed` (the engine retries them on another variant)
@@ -14,7 +16,7 @@ the variant stays *wedged*, refusing new requests at once, until that call retur
 at most one worker thread per variant.
 
 Cancellation: a request cancelled while it waits stops counting against ``max_queue`` at once
-(its future's done-callback), not when the loop reaches it, so a burst of cancelled requests
+(in `submit`, where its wait is cancelled), not when the loop reaches it, so a burst of cancelled requests
 cannot make later ones look like a full queue; its item is dropped from the queue when the
 cancelled ones outnumber the live ones, so they cannot pile up (holding their arrays) either.
 """
@@ -127,6 +129,7 @@ class Batcher:
         # Shedding: a request whose deadline passed in the queue is failed, not computed.
         self._drop_expired = settings.on_miss == "shed"
         self._wedged: asyncio.Future[BatchOutput] | None = None  # a timed-out call still running
+        self._watch: asyncio.TimerHandle | None = None  # the running batch's timeout
         self._queue: collections.deque[Item] = collections.deque()
         self._queued = 0  # samples of the live (not cancelled) items in _queue
         self._dead = 0  # cancelled items still in _queue, no longer counted
@@ -199,16 +202,24 @@ class Batcher:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         item = Item(x, deadline, max_exit, self._clock(), future)
         if not self._running and not self._queue and self._costs.inline(item.n):
-            return self._run_inline(item)
+            # Idle, and tiny enough for the loop: answered here and now, without the trips
+            # through the queue and the batching task (under load gRPC hands the loop one
+            # request at a time, so there is rarely company to wait for).
+            self._run_inline([item], item.n)
+            return future.result()  # the answer, or the batch's failure
         self._queue.append(item)
         self._queued += item.n
         item.counted = True
-        future.add_done_callback(lambda _f: self._cancelled(item))
         self._arrived.set()
-        return await future  # cancellation marks the future cancelled; the loop skips it
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller was cancelled (and with it the future)
+            self._cancelled(item)
+            raise
 
     def _cancelled(self, item: Item) -> None:
-        """Done-callback: a request cancelled while still queued gives its room back now."""
+        """A request cancelled while still queued gives its room back now (not when the loop
+        reaches it); the loop skips its item."""
         if not item.counted or not item.future.cancelled():
             return  # taken, failed or answered: already uncounted
         item.counted = False
@@ -233,63 +244,72 @@ class Batcher:
             items = self._take()
             if not items:
                 continue
-            t0 = self._clock()
             n = sum(i.n for i in items)
-            self._running, self._started_at = n, None
-            call = loop.run_in_executor(self._executor, self._run, items)
-            timeout = self._costs.timeout_s(n)
-            try:
-                out = await self._within(call, timeout)
-            except TimeoutError:
-                log.error("variant %s: batch of %d still running after %.3f s; wedged until it "
-                          "returns", self.name, n, timeout)
-                self._wedged = call
-                self._fail(items, VariantFailed(self.name, f"batch of {n} timed out after "
-                                                           f"{timeout:.3f} s"))
-                self._running = 0
-                await self._unwedge(call)
-                continue
-            except Exception as exc:  # a runner failure fails this batch, not the server
+            if self._costs.inline(n):
+                self._run_inline(items, n)
+                if self._queue:  # more than one batch was waiting: let the loop serve others first
+                    await asyncio.sleep(0)
+            else:
+                await self._dispatch(loop, items, n)
+
+    async def _dispatch(self, loop: asyncio.AbstractEventLoop, items: list[Item], n: int) -> None:
+        """Run a batch in the worker thread pool and answer its requests."""
+        t0 = self._clock()
+        self._running, self._started_at = n, None
+        call = loop.run_in_executor(self._executor, self._run, items)
+        timeout = self._costs.timeout_s(n)
+        if timeout is not None:
+            # A timer rather than wait_for(shield(call)): no extra future, task and callbacks per
+            # batch; it acts only on a batch that overruns (`_overran`).
+            self._watch = loop.call_later(timeout, self._overran, call, items, timeout)
+        out: BatchOutput | None = None
+        try:
+            out = await call
+        except Exception as exc:  # a runner failure fails this batch, not the server
+            if self._wedged is not call:
                 log.error("variant %s: batch of %d failed: %s: %s", self.name, n,
                           type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 self._fail(items, VariantFailed(self.name, f"{type(exc).__name__}: {exc}"))
-                continue
-            finally:
-                self._running = 0
-            compute_ms = (self._clock() - t0) * 1e3
-            batch = sum(i.n for i in items)
-            for item, logits, exits in zip(items, out.logits, out.exits, strict=True):
-                if not item.future.done():
-                    item.future.set_result(Result(logits, exits, (t0 - item.enqueued) * 1e3,
-                                                  compute_ms, batch))
-            if self._listener is not None:
-                self._listener.batch_done(self.name, items, t0, out)
+        finally:
+            self._running = 0
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
+        if self._wedged is call:  # it timed out: its requests were failed then; drop its result
+            self._wedged = None
+            log.info("variant %s: the timed-out batch returned", self.name)
+        elif out is not None:
+            self._answer(items, out, t0, n)
 
     def _run(self, items: list[Item]) -> BatchOutput:
         """In the worker thread: mark the start (the router's view of the pool), then run."""
         self._started_at = self._clock()
         return self._execute(items)
 
-    async def _within(self, call: asyncio.Future[BatchOutput], timeout: float | None
-                      ) -> BatchOutput:
-        """``call``'s result; TimeoutError once it has *run* for ``timeout`` seconds. Time spent
-        waiting for a free worker thread (behind other variants' batches) is not a hang, so
-        the clock starts at `_run`; the fast path is one `wait_for`, as without this rule."""
-        if timeout is None:
-            return await asyncio.shield(call)
-        wait = timeout
-        while True:
-            try:
-                # shield: a timeout must not cancel the future the wedge is tracked by
-                return await asyncio.wait_for(asyncio.shield(call), wait)
-            except TimeoutError:
-                started = self._started_at
-                if started is None:  # still waiting for a thread: give it the whole timeout
-                    wait = timeout
-                    continue
-                wait = started + timeout - self._clock()
-                if wait <= 0:
-                    raise
+    def _overran(self, call: asyncio.Future[BatchOutput], items: list[Item], timeout: float
+                 ) -> None:
+        """Timer: the batch was dispatched ``timeout`` seconds ago. Time spent waiting for a free
+        worker thread (behind other variants' batches) is not a hang, so the batch times out
+        once it has *run* that long (`_run` marks the start); until then the timer is re-armed.
+        A timed-out batch fails its requests (and those queued behind it) at once; its thread
+        cannot be stopped, so the variant stays wedged, refusing requests, until it returns."""
+        if call.done():  # it returned just now; the loop has yet to take its result
+            self._watch = None
+            return
+        started = self._started_at
+        left = timeout if started is None else started + timeout - self._clock()
+        if left > 0:
+            self._watch = asyncio.get_running_loop().call_later(left, self._overran, call, items,
+                                                                timeout)
+            return
+        self._watch = None
+        n = sum(i.n for i in items)
+        log.error("variant %s: batch of %d still running after %.3f s; wedged until it returns",
+                  self.name, n, timeout)
+        self._wedged = call
+        self._running = 0
+        self._fail(items, VariantFailed(self.name, f"batch of {n} timed out after "
+                                                   f"{timeout:.3f} s"))
 
     def _fail(self, items: list[Item], exc: VariantFailed) -> None:
         """Fail a batch and everything queued behind it (retried elsewhere at once, rather than
@@ -305,24 +325,29 @@ class Batcher:
         if self._listener is not None:
             self._listener.batch_failed(exc)
 
-    async def _unwedge(self, call: asyncio.Future[BatchOutput]) -> None:
-        """Wait out a hung call (its result is dropped); new requests are refused meanwhile."""
-        with contextlib.suppress(Exception):  # its requests were failed and reported already
-            await call
-        self._wedged = None
-        log.info("variant %s: the timed-out batch returned", self.name)
-
-    def _run_inline(self, item: Item) -> Result:
-        """Opt-in (`Costs.inline`): an idle variant whose batch is predicted to take less than a
-        thread hand-off runs on the event loop thread itself, blocking the loop about that long
-        and saving the two thread wake-ups of the pool."""
+    def _run_inline(self, items: list[Item], n: int) -> None:
+        """`Costs.inline`: a batch predicted to take less than a thread hand-off runs on the event
+        loop thread itself, blocking the loop about that long and saving the pool's two thread
+        wake-ups. It cannot be timed out (the engine never inlines a variant that may hang)."""
         t0 = self._clock()
-        out = self._execute([item])
+        try:
+            out = self._execute(items)
+        except Exception as exc:  # as in the pool: the batch fails, its requests are retried
+            log.error("variant %s: batch of %d failed: %s: %s", self.name, n, type(exc).__name__,
+                      exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._fail(items, VariantFailed(self.name, f"{type(exc).__name__}: {exc}"))
+            return
+        self._answer(items, out, t0, n)
+
+    def _answer(self, items: list[Item], out: BatchOutput, t0: float, n: int) -> None:
+        """Give each request its share of a batch that started at ``t0``; tell the listener."""
         compute_ms = (self._clock() - t0) * 1e3
+        for item, logits, exits in zip(items, out.logits, out.exits, strict=True):
+            if not item.future.done():
+                item.future.set_result(Result(logits, exits, (t0 - item.enqueued) * 1e3,
+                                              compute_ms, n))
         if self._listener is not None:
-            self._listener.batch_done(self.name, [item], t0, out)
-        return Result(out.logits[0], out.exits[0], (t0 - item.enqueued) * 1e3, compute_ms,
-                      item.n)
+            self._listener.batch_done(self.name, items, t0, out)
 
     async def _hold(self) -> None:
         """Wait for more requests until the batch is full, the delay is up, or a deadline needs

@@ -131,6 +131,12 @@ class CpuShare:
     take change slowly, and are learned per sampling interval (`update`); the arrival rate can
     jump within a second (a burst), so it is an exponentially decaying count of arrivals with a
     time constant of ``tau_s`` (`arrived`), read at every decision (`share_ms`).
+
+    With ``--workers N`` each worker sees only its own arrivals, and its sibling workers are the
+    same server, not other load: the cores the host leaves to the server are split among the
+    workers in proportion to the CPU each uses (``part``). Balanced, that is 1/N of them for 1/N
+    of the arrivals, the very share one process would compute for all of them; a worker whose
+    siblings idle (one client connection) has the host to itself, as one process would.
     """
 
     headroom: float = 0.7
@@ -138,7 +144,8 @@ class CpuShare:
     tau_s: float = 0.1  # how fast the arrival rate follows a change
     alpha: float = 0.5  # EWMA weight of each sampling interval
     outside_ms: float = 0.0  # CPU ms per request outside the model (the request path)
-    other_cores: float = 0.0  # cores busy with other processes
+    other_cores: float = 0.0  # cores busy with other processes (not this server's)
+    part: float = 1.0  # this worker's part of the server's CPU (1 without --workers)
     cores: int = 1
     _rate: float = 0.0  # arrivals per second, decayed to `_at`
     _at: float = float("-inf")
@@ -157,13 +164,15 @@ class CpuShare:
         since, arrivals, compute_ms = self._interval
         self._interval = (since, arrivals, compute_ms + ms)
 
-    def sample(self, now: float, *, cores: int, cpu_process: float, cpu_other: float) -> None:
+    def sample(self, now: float, *, cores: int, cpu_process: float, cpu_other: float,
+               cpu_siblings: float = 0.0) -> None:
         """End the sampling interval at ``now`` with the host's CPU shares over it (`update`),
         and start the next."""
         since, arrivals, compute_ms = self._interval
         if since is not None:
             self.update(seconds=now - since, arrivals=arrivals, compute_ms=compute_ms,
-                        cores=cores, cpu_process=cpu_process, cpu_other=cpu_other)
+                        cores=cores, cpu_process=cpu_process, cpu_other=cpu_other,
+                        cpu_siblings=cpu_siblings)
         self._interval = (now, 0, 0.0)
 
     def rate(self, now: float) -> float:
@@ -177,15 +186,19 @@ class CpuShare:
         rate = self.rate(now)
         if rate <= 0.0:
             return math.inf
-        free = self.cores - self.other_cores - rate * self.outside_ms / 1e3
+        free = (self.cores - self.other_cores) * self.part - rate * self.outside_ms / 1e3
         return max(free, 0.0) * self.headroom * 1e3 / rate
 
     def update(self, *, seconds: float, arrivals: int, compute_ms: float, cores: int,
-               cpu_process: float, cpu_other: float) -> None:
+               cpu_process: float, cpu_other: float, cpu_siblings: float = 0.0) -> None:
         """Fold in one sampling interval: its length, the requests that arrived, the compute time
-        of the batches that ran, and the host's CPU shares (0..1 of all cores) over it."""
+        of the batches that ran, and the CPU shares (0..1 of all cores) over it of this process,
+        of other processes (``cpu_other``) and of this server's sibling workers."""
         self.cores = cores
         self.other_cores += self.alpha * (cpu_other * cores - self.other_cores)
+        if cpu_process + cpu_siblings > 0.0:  # an idle server keeps the split it had
+            part = cpu_process / (cpu_process + cpu_siblings)
+            self.part += self.alpha * (part - self.part)
         if seconds <= 0 or arrivals < self.min_arrivals:
             # With a few requests per interval the process's CPU is mostly something else (its
             # threads' housekeeping, or whatever else the process hosts): no per-request figure.

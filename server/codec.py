@@ -21,6 +21,7 @@ very values the build scaled its 8-bit images to. ModelMetadata still advertises
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ DEFAULT_INPUT_RANGE = (0.0, 1.0)  # pixels; the graphs normalize inside
 # The input's datatypes: bytes per value in raw_input_contents, and the typed contents field.
 DATATYPES = {"FP32": (4, "fp32_contents"), "UINT8": (1, "uint_contents")}
 _UINT8_SCALE = np.float32(255.0)
+# Little-endian, as KServe's raw contents are; the unsigned view of FP32 is for the range check.
+_F4, _U4, _U1 = np.dtype("<f4"), np.dtype("<u4"), np.dtype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class ModelSpec:
     output_name: str
     num_classes: int
     input_range: tuple[float, float] = DEFAULT_INPUT_RANGE  # inclusive bounds of every value
+
+    @property
+    def expected_shape(self) -> str:
+        """The input shape as error messages show it: ``[N, 1, 28, 28]``."""
+        return f"[N, {', '.join(map(str, self.input_shape))}]"
 
     @classmethod
     def for_family(cls, manifest: Mapping[str, Any], name: str) -> ModelSpec:
@@ -91,8 +99,9 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
         raise InvalidArgument(f"parameters: {len(req.parameters)} entries, at most "
                               f"{MAX_PARAMETERS} are accepted (this server reads "
                               f"{BUDGET_PARAM!r} and {TIMEOUT_PARAM!r})")
-    if len(req.outputs) > MAX_OUTPUTS:
-        raise InvalidArgument(f"outputs: {len(req.outputs)} entries, at most {MAX_OUTPUTS} are "
+    outputs = req.outputs
+    if len(outputs) > MAX_OUTPUTS:
+        raise InvalidArgument(f"outputs: {len(outputs)} entries, at most {MAX_OUTPUTS} are "
                               f"accepted (the model's only output is {spec.output_name!r})")
     if len(req.inputs) != 1:
         raise InvalidArgument(f"inputs: expected exactly 1 input tensor {spec.input_name!r}, "
@@ -101,17 +110,18 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
     if t.name != spec.input_name:
         raise InvalidArgument(f"inputs[0].name {shown(t.name)}: the model's input is "
                               f"{spec.input_name!r}")
-    if t.datatype not in DATATYPES:
-        raise InvalidArgument(f"inputs[0].datatype {shown(t.datatype)}: expected 'FP32' "
+    datatype = t.datatype
+    if datatype not in DATATYPES:
+        raise InvalidArgument(f"inputs[0].datatype {shown(datatype)}: expected 'FP32' "
                               f"(pixels in [0, 1]) or 'UINT8' (pixels 0..255)")
-    expected = f"[N, {', '.join(map(str, spec.input_shape))}]"
     # The rank before anything else: a 60 MB request can carry 63 million dims.
-    if len(t.shape) != 1 + len(spec.input_shape):
-        raise InvalidArgument(f"inputs[0].shape {dims(t.shape)}: expected {expected} "
+    dims_in = t.shape
+    if len(dims_in) != 1 + len(spec.input_shape):
+        raise InvalidArgument(f"inputs[0].shape {dims(dims_in)}: expected {spec.expected_shape} "
                               f"({1 + len(spec.input_shape)} dims)")
-    shape = tuple(t.shape)  # int64s already; short now
+    shape = tuple(dims_in)  # int64s already; short now
     if shape[1:] != spec.input_shape:
-        raise InvalidArgument(f"inputs[0].shape {dims(shape)}: expected {expected}")
+        raise InvalidArgument(f"inputs[0].shape {dims(shape)}: expected {spec.expected_shape}")
     if not 1 <= shape[0] <= MAX_REQUEST_BATCH:
         raise InvalidArgument(f"inputs[0].shape[0] {shape[0]!r}: batch must lie in "
                               f"[1, {MAX_REQUEST_BATCH}]")
@@ -119,7 +129,7 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
         raise InvalidArgument(f"inputs[0].shape[0] {shape[0]!r}: larger than this server ever "
                               f"queues for a variant (--max-queue {max_queue} samples), so it "
                               f"can never run; send at most {max_queue} samples per request")
-    for i, o in enumerate(req.outputs):
+    for i, o in enumerate(outputs):
         if o.name != spec.output_name:
             raise InvalidArgument(f"outputs[{i}].name {shown(o.name)}: the model's only output "
                                   f"is {spec.output_name!r}")
@@ -128,39 +138,43 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
             raise InvalidArgument(f"outputs[{i}].parameters[{shown(key)}]: unknown output "
                                   f"parameter ({len(o.parameters)} given); this server supports "
                                   f"none: the output is always the FP32 logits")
-    x = _tensor(req, shape)
+    x = _tensor(req, t, datatype, shape)
     _in_range(x, spec.input_range)
     return Call(x=x, budget_ms=_budget(req, time_remaining_s, margin_ms),
                 pin=req.model_version or None, request_id=req.id, received=received)
 
 
-def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:
-    """The input as float32 (UINT8 scaled to [0, 1]); payload sizes checked against ``shape``."""
+def _tensor(req: pb.ModelInferRequest, t: pb.ModelInferRequest.InferInputTensor,
+            datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The input ``t`` of ``req`` as float32 (UINT8 scaled to [0, 1]); payload sizes checked
+    against ``shape``."""
     count = math.prod(shape)
-    datatype = req.inputs[0].datatype
     size, typed = DATATYPES[datatype]
-    contents = req.inputs[0].contents
-    # Typed contents of another type than the datatype's would be ignored: say so instead.
-    other = sorted(f.name for f, _v in contents.ListFields() if f.name != typed)
-    if other:
-        raise InvalidArgument(f"inputs[0].contents.{other[0]} is set: datatype {datatype} takes "
-                              f"inputs[0].contents.{typed} or raw_input_contents")
-    values = getattr(contents, typed)
-    if req.raw_input_contents and len(values):
+    if t.HasField("contents"):  # typed contents (the usual raw payload skips all of this)
+        contents = t.contents
+        # Typed contents of another type than the datatype's would be ignored: say so instead.
+        other = sorted(f.name for f, _v in contents.ListFields() if f.name != typed)
+        if other:
+            raise InvalidArgument(f"inputs[0].contents.{other[0]} is set: datatype {datatype} "
+                                  f"takes inputs[0].contents.{typed} or raw_input_contents")
+        values = getattr(contents, typed)
+    else:
+        values = ()
+    raws = req.raw_input_contents
+    if raws and len(values):
         raise InvalidArgument(f"both raw_input_contents and inputs[0].contents.{typed} "
-                              f"are set ({len(req.raw_input_contents[0])} bytes, "
-                              f"{len(values)} values): send one")
-    if req.raw_input_contents:
-        if len(req.raw_input_contents) != 1:
-            raise InvalidArgument(f"raw_input_contents: expected 1 entry, got "
-                                  f"{len(req.raw_input_contents)}")
-        raw = req.raw_input_contents[0]
+                              f"are set ({len(raws[0])} bytes, {len(values)} values): send one")
+    if raws:
+        if len(raws) != 1:
+            raise InvalidArgument(f"raw_input_contents: expected 1 entry, got {len(raws)}")
+        raw = raws[0]
         if len(raw) != count * size:
             raise InvalidArgument(f"raw_input_contents[0]: {len(raw)} bytes, shape "
                                   f"{dims(shape)} {datatype} needs {count * size}")
+        # An array over the payload's bytes, shaped in the same call (no copy, no reshape).
         if datatype == "FP32":
-            return np.frombuffer(raw, dtype="<f4").reshape(shape)
-        return _from_uint8(np.frombuffer(raw, dtype=np.uint8).reshape(shape))
+            return np.ndarray(shape, _F4, raw)
+        return _from_uint8(np.ndarray(shape, _U1, raw))
     if len(values) != count:
         raise InvalidArgument(f"inputs[0].contents.{typed}: {len(values)} values, shape "
                               f"{dims(shape)} needs {count}")
@@ -174,6 +188,15 @@ def _tensor(req: pb.ModelInferRequest, shape: tuple[int, ...]) -> np.ndarray:
     return _from_uint8(ints.reshape(shape))
 
 
+@functools.cache
+def _pattern_at_most(hi: float) -> int:
+    """The bit pattern, as an unsigned integer, of the largest float32 not above ``hi`` (≥ 0)."""
+    top = np.float32(hi)
+    if float(top) > hi:  # rounded up to the next float32: take the one below
+        top = np.nextafter(top, np.float32(0.0))
+    return int(top.view(_U4))
+
+
 def _from_uint8(pixels: np.ndarray) -> np.ndarray:
     """0..255 → float32 [0, 1] in one pass: the division rather than a multiply by 1/255, so the
     values equal the build's ``uint8 / 255`` (and a client's own FP32 scaling) bit for bit."""
@@ -184,8 +207,15 @@ def _in_range(x: np.ndarray, bounds: tuple[float, float]) -> None:
     """NaN and ±Inf poison softmax confidences and the early-exit test, and a finite value far
     outside the pixel range (3.4e38) overflows the graph into NaN logits: refuse them all."""
     lo, hi = bounds
-    if x.size and lo <= float(x.min()) and float(x.max()) <= hi:  # the common case: two passes
-        return  # (a NaN makes min/max NaN, which fails the comparison)
+    if x.size:  # the common case passes without a boolean array
+        if lo == 0.0 <= hi and x.dtype == _F4:
+            # One pass: non-negative float32s order as their bit patterns do, and every negative
+            # (sign bit), infinite or NaN value has a larger pattern than any value in [0, hi]
+            # (-0.0 too, which the exact checks below then let through).
+            if int(np.maximum.reduce(x.view(_U4), axis=None)) <= _pattern_at_most(hi):
+                return
+        elif lo <= float(x.min()) and float(x.max()) <= hi:  # a NaN fails both comparisons
+            return
     flat = x.ravel()
     bad = ~np.isfinite(flat)
     if bad.any():

@@ -340,7 +340,7 @@ class Engine:
         now = self.clock()
         r = self.router
         r.cpu.sample(now, cores=host.cores, cpu_process=host.cpu_process,
-                     cpu_other=host.cpu_other)
+                     cpu_other=host.cpu_other, cpu_siblings=host.cpu_siblings)
         self._accel_slowdown = self._gpu_slowdown(host.gpus)
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p95 in self.table(1)},
@@ -433,8 +433,11 @@ class _LaneCosts:
         return max(self._timeout_floor_ms, 10.0 * self.predict_ms(n)) / 1e3
 
     def inline(self, n: int) -> bool:
-        """Typical (p50) cost under the lane's inline threshold: run it on the event loop."""
-        return self._may_inline and self._predict(n)[0] <= self._inline_ms
+        """Typical (p50) cost under the lane's inline threshold: run it on the event loop.
+        Uncontended: contention slows the hand-off to a thread this saves as much as the batch
+        (and the batcher asks per request, so this reads no load)."""
+        return self._may_inline and (
+            self._engine.latency.sum_ms(self._deepest.units, max(n, 1))[0] <= self._inline_ms)
 
 
 def _log_decision(call: Call, d: Decision, met: bool) -> None:

@@ -16,6 +16,7 @@ instead of being answered as if valid.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -106,8 +107,9 @@ def check_finite(variant: str, logits: np.ndarray) -> None:
     """Inputs are checked finite and in range when decoded, so NaN or infinite logits mean a
     broken variant (weights, numerics): fail the batch (the engine retries it elsewhere and the
     breaker quarantines the variant) rather than answer garbage with status OK."""
-    if logits.size and np.isfinite(logits.min()) and np.isfinite(logits.max()):
-        return  # the common case, without a boolean array (NaN propagates through min/max)
+    if logits.size and math.isfinite(np.add.reduce(logits, axis=None)):
+        return  # the common case in one pass: a NaN or ±Inf anywhere makes the sum non-finite
+    # (finite logits whose sum overflows come here too, and pass the exact check)
     bad = ~np.isfinite(logits)
     if not bad.any():
         return
@@ -119,6 +121,8 @@ def check_finite(variant: str, logits: np.ndarray) -> None:
 
 def split(a: np.ndarray, items: list[Item]) -> list[np.ndarray]:
     """Rows of a batch result back to the requests they came from."""
+    if len(items) == 1:
+        return [a]
     bounds = np.cumsum([0, *[i.n for i in items]])
     return [a[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 

@@ -1,6 +1,8 @@
 """The load monitor: CPU (process and system), memory and GPUs, sampled in a background thread.
 
-The router reads the latest sample for free (no system call on the request path). GPUs come from
+The router reads the latest sample for free (no system call on the request path). A worker of
+``--workers N`` (`server.workers` calls `as_worker_of` in it) also samples its sibling workers: they
+are the same server, not other load on the host (`HostSample.cpu_siblings`). GPUs come from
 NVML (``nvidia-ml-py``) when a driver is present; without one the GPU list is empty, which the
 metrics report as no series, not as an error. Queue depths and in-flight counts are live state of
 the engine and are read there.
@@ -8,6 +10,7 @@ the engine and are read there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -18,6 +21,19 @@ from typing import Any
 import psutil
 
 log = logging.getLogger(__name__)
+
+SIBLINGS_EVERY_S = 5.0  # how often a worker re-lists its siblings (a restart brings a new one)
+
+# This process is a worker forked by the ``--workers`` supervisor with this pid (None: a server
+# of its own). Set once, right after the fork and before any `Monitor` exists (`as_worker_of`).
+_supervisor: int | None = None
+
+
+def as_worker_of(supervisor: int) -> None:
+    """Mark this process as one worker of the server whose supervisor is ``supervisor``: its
+    monitor counts the supervisor's other children as this server, not as other load."""
+    global _supervisor
+    _supervisor = supervisor
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class HostSample:
     cores: int
     cpu_system: float = 0.0  # 0..1 of all cores
     cpu_process: float = 0.0  # 0..1 of all cores, this process
+    cpu_siblings: float = 0.0  # 0..1 of all cores, this server's other worker processes
     memory_system: float = 0.0  # 0..1 used
     memory_process_bytes: int = 0  # resident set
     gpus: tuple[GpuSample, ...] = field(default_factory=tuple)
@@ -39,8 +56,9 @@ class HostSample:
 
     @property
     def cpu_other(self) -> float:
-        """Share of the cores busy with everything except this server process."""
-        return min(max(self.cpu_system - self.cpu_process, 0.0), 1.0)
+        """Share of the cores busy with everything except this server (its process and, with
+        ``--workers``, its sibling workers)."""
+        return min(max(self.cpu_system - self.cpu_process - self.cpu_siblings, 0.0), 1.0)
 
 
 class _Nvml:
@@ -81,6 +99,44 @@ class _Nvml:
                 log.debug("monitor: nvmlShutdown failed", exc_info=True)
 
 
+class _Siblings:
+    """CPU of this server's other workers: the supervisor's children but this process. Each has a
+    `psutil.Process` of its own (``cpu_percent`` measures since that object's previous call);
+    the list is refreshed every `SIBLINGS_EVERY_S`."""
+
+    def __init__(self, supervisor: int) -> None:
+        self._supervisor = psutil.Process(supervisor)
+        self._procs: dict[int, psutil.Process] = {}
+        self._listed = float("-inf")
+
+    def cpu(self, cores: int) -> float:
+        """Their share of all ``cores`` since the previous call (a new sibling counts from its
+        second sample on)."""
+        now = time.monotonic()
+        if now - self._listed >= SIBLINGS_EVERY_S:
+            self._listed = now
+            try:
+                children = self._supervisor.children()
+            except psutil.Error:  # the supervisor is gone: this worker is being stopped
+                children = []
+            me = os.getpid()
+            alive = {p.pid: p for p in children if p.pid != me}
+            for pid in self._procs.keys() - alive.keys():
+                del self._procs[pid]
+            for pid, proc in alive.items():
+                if pid not in self._procs:
+                    self._procs[pid] = proc
+                    with contextlib.suppress(psutil.Error):
+                        proc.cpu_percent(None)  # the reference point for the next call
+        total = 0.0
+        for proc in list(self._procs.values()):
+            try:
+                total += proc.cpu_percent(None)
+            except psutil.Error:  # exited since it was listed
+                del self._procs[proc.pid]
+        return total / 100.0 / cores
+
+
 class Monitor:
     """Samples the host every ``interval_s`` in a daemon thread; `latest` is always available."""
 
@@ -88,6 +144,7 @@ class Monitor:
         self.interval_s = interval_s
         self.cores = psutil.cpu_count() or os.cpu_count() or 1
         self._proc = psutil.Process()
+        self._siblings = _Siblings(_supervisor) if _supervisor is not None else None
         self._nvml: _Nvml | None = None
         self._latest = HostSample(cores=self.cores, at=time.monotonic())
         self._stop = threading.Event()
@@ -122,6 +179,7 @@ class Monitor:
             cores=self.cores,
             cpu_system=psutil.cpu_percent(None) / 100.0,
             cpu_process=self._proc.cpu_percent(None) / 100.0 / self.cores,
+            cpu_siblings=self._siblings.cpu(self.cores) if self._siblings is not None else 0.0,
             memory_system=mem.percent / 100.0,
             memory_process_bytes=int(self._proc.memory_info().rss),
             gpus=self._nvml.sample() if self._nvml is not None else (),

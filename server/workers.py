@@ -8,6 +8,10 @@ so every worker writes its metrics through the multiprocess directory that the p
 ``--metrics-port``. A worker dies with its parent (``PR_SET_PDEATHSIG``), so no orphan keeps the
 port.
 
+Each worker gets ``--threads`` ÷ N pool threads, so N workers do not oversubscribe the cores,
+and its monitor counts its siblings (the parent's other children) as this server, not as other
+load on the host (`server.monitor.as_worker_of`).
+
 Healing: a worker that exits while the server is not draining (killed by a signal, or any exit
 status) is forked again: at once the first time, then after 0.5 s, 1 s, 2 s … up to
 `MAX_BACKOFF_S`; the count starts over once a worker has lived `RESET_AFTER_S`. A worker tells the
@@ -26,7 +30,6 @@ second server is refused with one log line and exit status `PORT_IN_USE`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -47,6 +50,8 @@ from compression.core.family import Family
 
 # server.app imports grpc and prometheus_client only inside functions: safe before the fork.
 from server.app import DRAIN_SIGNALS
+from server.loop import run
+from server.monitor import as_worker_of
 
 if TYPE_CHECKING:
     from server.app import ServeOptions
@@ -192,12 +197,13 @@ def _worker_main(family: Family, options: ServeOptions, serve: ServeOne, ready_f
             with contextlib.suppress(OSError):
                 os.close(fd)
         _die_with_parent(parent)
+        as_worker_of(parent)  # its siblings are this server, not other load on the host
 
         def ready() -> None:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, _READY)
 
-        asyncio.run(serve(family, options, reuse_port=True, metrics=False, on_ready=ready))
+        run(serve(family, options, reuse_port=True, metrics=False, on_ready=ready))
     except Exception as exc:  # serve ends the process itself; this is a failure to start it
         log.error("worker %d failed: %s: %s", os.getpid(), type(exc).__name__, exc)
     finally:

@@ -69,7 +69,7 @@ def test_requests_spread_over_both_devices_when_one_is_busy(quick_family: Path) 
             return type(exc).__name__
 
     with serve_in_thread(quick_family, options=OPTIONS) as running, \
-            AdaptiveClient(running.target) as client, ThreadPoolExecutor(16) as pool:
+            AdaptiveClient(running.target) as client, ThreadPoolExecutor(48) as pool:
         devices = list(pool.map(send, range(300)))
     counts = {d: devices.count(d) for d in set(devices)}
     assert counts.get("cpu", 0) > 0 and counts.get(TORCH_CPU, 0) > 0, counts

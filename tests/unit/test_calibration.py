@@ -9,6 +9,7 @@ import random
 import pytest
 
 from server.calibration import Calibration, CpuShare
+from server.monitor import HostSample
 
 
 def test_the_margin_is_the_smaller_of_an_additive_and_a_proportional_bound() -> None:
@@ -106,3 +107,52 @@ def test_sampling_intervals_count_the_arrivals_and_compute_between_them() -> Non
     assert share.outside_ms == pytest.approx(0.2 * 0.5 * 1e3 / 50)  # 2 ms per request
     share.sample(1.0, cores=2, cpu_process=0.9, cpu_other=0.0)  # no arrivals: nothing learned
     assert share.outside_ms == pytest.approx(2.0)
+
+
+def _loaded(share: CpuShare, rate: float, seconds: float = 4.0) -> float:
+    """Arrivals at ``rate`` per second for ``seconds``; returns the time of the last one."""
+    n = int(rate * seconds)
+    for i in range(n):
+        share.arrived(i / rate)
+    return (n - 1) / rate
+
+
+def test_sibling_workers_split_the_host_as_one_process_would() -> None:
+    """--workers 2, balanced: each worker has half the arrivals and uses half the server's CPU,
+    and its sibling is the same server, not other load: each gets the share per request that
+    one process with all the arrivals gets (with the sibling as other load it got 15 ms here,
+    and whatever its sibling's choices of the moment left it)."""
+    one = CpuShare(headroom=1.0, alpha=1.0, tau_s=0.2)
+    one.update(seconds=1.0, arrivals=200, compute_ms=1000.0, cores=4, cpu_process=0.5,
+               cpu_other=0.25)  # 2 cores, 1 computing; 1 core of other load
+    worker = CpuShare(headroom=1.0, alpha=1.0, tau_s=0.2)
+    worker.update(seconds=1.0, arrivals=100, compute_ms=500.0, cores=4, cpu_process=0.25,
+                  cpu_other=0.25, cpu_siblings=0.25)
+    assert worker.outside_ms == pytest.approx(one.outside_ms) == pytest.approx(5.0)
+    assert worker.part == pytest.approx(0.5)
+    now = _loaded(one, 200)
+    assert _loaded(worker, 100) == pytest.approx(now, abs=0.01)
+    # 4 cores − 1 elsewhere − 200/s × 5 ms = 2 cores for 200 requests/s: 10 ms each
+    assert one.share_ms(now) == pytest.approx(10.0, rel=0.06)
+    assert worker.share_ms(now) == pytest.approx(one.share_ms(now), rel=0.06)
+
+
+def test_a_worker_whose_siblings_idle_has_the_host_to_itself() -> None:
+    """One client connection lands on one worker: with its siblings idle it gets what a single
+    process would, so --workers N is never worse than one process."""
+    alone = CpuShare(headroom=1.0, alpha=1.0, tau_s=0.2)
+    alone.update(seconds=1.0, arrivals=100, compute_ms=500.0, cores=2, cpu_process=0.5,
+                 cpu_other=0.0)
+    worker = CpuShare(headroom=1.0, alpha=1.0, tau_s=0.2)
+    worker.update(seconds=1.0, arrivals=100, compute_ms=500.0, cores=2, cpu_process=0.5,
+                  cpu_other=0.0, cpu_siblings=0.0)
+    now = _loaded(alone, 100)
+    _loaded(worker, 100)
+    assert worker.part == 1.0
+    assert worker.share_ms(now) == pytest.approx(alone.share_ms(now))
+
+
+def test_sibling_workers_are_not_other_load() -> None:
+    host = HostSample(cores=4, cpu_system=0.9, cpu_process=0.3, cpu_siblings=0.4)
+    assert host.cpu_other == pytest.approx(0.2)  # the host's 0.9 less this server's 0.7
+    assert HostSample(cores=4, cpu_system=0.9, cpu_process=0.3).cpu_other == pytest.approx(0.6)
