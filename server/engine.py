@@ -119,8 +119,13 @@ class Engine:
                       for name, r in runners.items()}
         candidates = candidates_for(family.variants[n] for n in runners)
         lane_max_batch: dict[str, int] = {}
+        lane_max_queue: dict[str, int] = {}
         if accelerator is not None:
-            accel_settings = replace(settings, max_batch=accelerator.max_batch)
+            # As many batches may queue on a GPU lane as on a CPU lane: samples scale with the
+            # batch size (a 256-image request must not fill a GPU lane's queue on its own).
+            accel_settings = replace(settings, max_batch=accelerator.max_batch, max_queue=max(
+                settings.max_queue,
+                settings.max_queue * accelerator.max_batch // max(settings.max_batch, 1)))
             for c in candidates_for((family.variants[n] for n in accelerator.runners),
                                     accelerator.device, accelerator.accuracy):
                 if c.lane not in self.lanes:
@@ -128,6 +133,7 @@ class Engine:
                                               accelerator.runners[c.variant],
                                               accelerator.executor, accel_settings)
                     lane_max_batch[c.lane] = accelerator.max_batch
+                    lane_max_queue[c.lane] = accel_settings.max_queue
                 candidates.append(c)
         self.runners = {name: lane.runner for name, lane in self.lanes.items()}
         self.settings = settings
@@ -142,7 +148,7 @@ class Engine:
         self.router = Router(candidates, self.latency, max_batch=settings.max_batch,
                              on_miss=settings.on_miss, max_queue=settings.max_queue,
                              target_miss_rate=settings.target_miss_rate, clock=clock,
-                             lane_max_batch=lane_max_batch)
+                             lane_max_batch=lane_max_batch, lane_max_queue=lane_max_queue)
         self.batchers: dict[str, Batcher] = {}
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,

@@ -136,7 +136,8 @@ class Router:
     def __init__(self, candidates: Sequence[Candidate], latency: LatencyModel, *,
                  max_batch: int = 32, on_miss: str = "shed", max_queue: int | None = None,
                  target_miss_rate: float = 0.01, clock: Clock = time.monotonic,
-                 lane_max_batch: Mapping[str, int] | None = None) -> None:
+                 lane_max_batch: Mapping[str, int] | None = None,
+                 lane_max_queue: Mapping[str, int] | None = None) -> None:
         if not candidates:
             raise ValueError("the router needs at least one candidate")
         if on_miss not in ON_MISS:
@@ -148,7 +149,8 @@ class Router:
         self._max_batch = {c.lane: max(int((lane_max_batch or {}).get(c.lane, self.max_batch)), 1)
                            for c in self.candidates}
         self.on_miss = on_miss
-        self.max_queue = max_queue  # samples per variant queue; None: unbounded
+        self.max_queue = max_queue  # samples per lane queue; None: unbounded
+        self._max_queue = dict(lane_max_queue or {})  # lanes with their own (GPU lanes: deeper)
         self.clock = clock
         # One closed loop per candidate (a heavy variant's lateness is not a light one's), and one
         # over all answers: the fallback for candidates with too few recent answers, and the
@@ -171,9 +173,11 @@ class Router:
 
     def rerank(self) -> None:
         """Most accurate first, so the first fitting candidate is the answer; equal accuracies
-        cheapest first by the latency model now (call again once warm-up re-measured it)."""
+        on a GPU lane before the CPU (the CPU also decodes, routes and encodes every request, so
+        it is the scarcer), then cheapest first by the latency model now (call again once warm-up
+        re-measured it)."""
         self._ranked = sorted(self.candidates, key=lambda c: (
-            -c.accuracy, self.latency.sum_ms(c.units, 1)[0] if all(
+            -c.accuracy, c.device == CPU, self.latency.sum_ms(c.units, 1)[0] if all(
                 u in self.latency for u in c.units) else 0.0, c.name))
 
     def candidate(self, name: str) -> Candidate:
@@ -395,11 +399,12 @@ class Router:
     def _with_room(self, pool: list[Candidate], batch: int, load: Load) -> list[Candidate]:
         """The candidates whose variant queue can take ``batch`` more samples."""
         assert self.max_queue is not None
-        room = [c for c in pool
-                if (q := load.queues.get(c.lane)) is None or q.queued + batch <= self.max_queue]
+        limit = self.max_queue
+        room = [c for c in pool if (q := load.queues.get(c.lane)) is None
+                or q.queued + batch <= self._max_queue.get(c.lane, limit)]
         if not room:
             raise Overloaded(f"every queue that could serve this request is full (limit "
-                             f"{self.max_queue} samples per variant, request {batch}); retry later")
+                             f"{limit} samples per CPU lane, request {batch}); retry later")
         return room
 
     def _pool(self, pin: str | None) -> list[Candidate]:

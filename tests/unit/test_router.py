@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from compression.core.family import Exit, Variant
-from server.errors import NotFound, Shed
+from server.errors import NotFound, Overloaded, Shed
 from server.latency import LatencyModel, Load, QueueState
 from server.router import Router, candidates_for
 from server.warmup import seed_from_manifest
@@ -320,3 +320,29 @@ def test_pins_name_a_variant_on_any_device_or_one_lane(clock: FakeClock) -> None
     fallback = r.choose(deadline=None, batch=1, load=IDLE, pin="mid", exclude={"cuda:mid"})
     assert fallback.candidate.name == "mid"
     assert r.choose(deadline=None, batch=1, load=IDLE, pin="cpu:mid").candidate.name == "mid"
+
+
+def test_equal_accuracy_prefers_the_gpu_lane_even_when_a_cpu_variant_is_faster_at_batch_1(
+        clock: FakeClock) -> None:
+    """int8 has no GPU lane and ties full on validation: the tie goes to ``cuda:full``, since the
+    CPU also handles every request's decoding and must not be spent first."""
+    twin = _variant("twin", 0.99, 0.2)  # as accurate as slow, faster than its GPU lane at batch 1
+    lat = LatencyModel()
+    for v in [*VARIANTS, twin]:
+        seed_from_manifest(lat, v)
+    lat.seed("cuda:slow", _table(0.5))
+    r = Router([*candidates_for([*VARIANTS, twin]), *candidates_for([VARIANTS[2]], "cuda")], lat,
+               clock=clock)
+    assert r.choose(deadline=None, batch=1, load=IDLE).candidate.name == "cuda:slow"
+
+
+def test_a_gpu_lane_queue_holds_as_many_batches_as_a_cpu_lane(clock: FakeClock) -> None:
+    r = _placed_router(clock, gpu_ms=0.5, max_queue=64,
+                       lane_max_queue={f"cuda:{v.name}": 512 for v in VARIANTS})
+    full = {name: QueueState(queued=100) for name in ("slow", "mid", "fast")}
+    load = Load(cores=4, threads=4, queues=full)
+    # every CPU lane is past its 64 samples; the GPU lanes take the request
+    assert r.choose(deadline=None, batch=8, load=load).candidate.device == "cuda"
+    gpu_full = {**full, **{f"cuda:{n}": QueueState(queued=510) for n in ("slow", "mid", "fast")}}
+    with pytest.raises(Overloaded, match="full"):
+        r.choose(deadline=None, batch=8, load=Load(cores=4, threads=4, queues=gpu_full))
