@@ -24,7 +24,8 @@ def _build(args: argparse.Namespace) -> int:
     out = build(cfg, args.out, base_checkpoint=args.base_checkpoint, cache_dir=args.cache_dir,
                 progress=not args.no_progress)
     family = load_family(out)
-    print(report.table(list(family.variants.values())))
+    splits = family.manifest["dataset"]["splits"]
+    print(report.table(list(family.variants.values()), splits.get("test"), splits.get("val")))
     print(f"\nfamily {family.name!r} written to {out} ({family.manifest['build']['seconds']:.0f} s); "
           f"report: {out / 'report.md'}")
     return 0
@@ -42,9 +43,11 @@ def _inspect(args: argparse.Namespace) -> int:
     test_images = m.get("dataset", {}).get("splits", {}).get("test")
     print(f"family {family.name!r}: {len(family.variants)} variants, input "
           f"{m['input']['shape']}, dataset {m['dataset']['spec']!r}, {test_images} test images")
-    print(report.table(variants, test_images))
+    val_images = m.get("dataset", {}).get("splits", {}).get("val")
+    print(report.table(variants, test_images, val_images))
     print(f"\n{report.LEGEND}.\n{report.profile_note(m.get('build', {}).get('profile'))}")
-    exits = [r for v in variants if v.exits for r in report.exit_rows(v, full, test_images)]
+    exits = [r for v in variants if v.exits
+             for r in report.exit_rows(v, full, test_images, val_images)]
     if exits:
         print("\nearly exits as routed (the calibrated policy, no deeper than exit k):")
         print(report.text_table(report.EXIT_COLUMNS, exits))

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 COLUMNS = ("variant", "method", "accuracy", "Δ vs full", "McNemar", "val", "params", "MACs", "size",
            "size ratio", "p50 b1 ms", "p95 b1 ms", "speed-up")
 LEGEND = ("accuracy: test split [95% Wilson interval]; McNemar: exact p-value of the Δ vs full on "
-          "the same test images; val: validation split (routing); speed-up: paired, batch 1")
+          "the same test images; val: validation split (routing) [95% Wilson]; speed-up: paired, "
+          "batch 1")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -46,10 +47,18 @@ def accuracy_cell(accuracy: float, correct: dict[str, Any] | None,
     (a manifest is shown, never refused, over a figure that does not fit its split)."""
     if correct is not None:
         return stats.format_bits(stats.decode_bits(correct))
-    if test_images:
+    return split_cell(accuracy, test_images)
+
+
+def split_cell(accuracy: float | None, images: int | None) -> str:
+    """An accuracy measured on a split of ``images`` with its 95 % Wilson interval; bare when
+    the split's size is unknown or the figure is no count over it (``-`` when None)."""
+    if accuracy is None:
+        return "-"
+    if images:
         try:
-            return stats.format_rate(accuracy, test_images)
-        except ValueError:  # measured on other images than the test split: no interval over it
+            return stats.format_rate(accuracy, images)
+        except ValueError:  # measured on other images than this split: no interval over it
             pass
     return f"{100 * accuracy:.2f}%"
 
@@ -87,7 +96,8 @@ def speedup(v: Variant, full: Variant, batch: int = 1) -> float:
     return full.p50(batch) / max(v.p50(batch), 1e-9)
 
 
-def rows(variants: Sequence[Variant], test_images: int | None = None) -> list[list[str]]:
+def rows(variants: Sequence[Variant], test_images: int | None = None,
+         val_images: int | None = None) -> list[list[str]]:
     """One row per variant, ratios against ``full`` (the first variant when none is named so)."""
     full = next((v for v in variants if v.name == "full"), variants[0])
     out = []
@@ -96,7 +106,7 @@ def rows(variants: Sequence[Variant], test_images: int | None = None) -> list[li
             v.name, v.method, accuracy_cell(v.accuracy, v.test_correct, test_images),
             f"{100 * (v.accuracy - full.accuracy):+.2f} pt",
             "—" if v is full else mcnemar_cell(full.test_correct, v.test_correct),
-            "-" if v.val_accuracy is None else f"{100 * v.val_accuracy:.2f}%",
+            split_cell(v.val_accuracy, val_images),
             _human(v.params_count),
             _human(v.macs), _human(v.size_bytes, "B"),
             f"{full.size_bytes / max(v.size_bytes, 1):.1f}x smaller",
@@ -105,7 +115,8 @@ def rows(variants: Sequence[Variant], test_images: int | None = None) -> list[li
     return out
 
 
-def exit_rows(variant: Variant, full: Variant, test_images: int | None = None) -> list[list[str]]:
+def exit_rows(variant: Variant, full: Variant, test_images: int | None = None,
+              val_images: int | None = None) -> list[list[str]]:
     """The early-exit network's exits as routed (``variant@k``: the policy capped at exit k):
     test accuracy with its interval, Δ vs ``full`` with its McNemar p-value."""
     out = []
@@ -114,20 +125,20 @@ def exit_rows(variant: Variant, full: Variant, test_images: int | None = None) -
         out.append([f"{variant.name}@{e.index}", accuracy_cell(acc, e.test_correct, test_images),
                     f"{100 * (acc - full.accuracy):+.2f} pt",
                     mcnemar_cell(full.test_correct, e.test_correct),
-                    _pct(e.policy_val_accuracy), f"{e.latency_ms['1']['p50']:.3f}"])
+                    split_cell(e.policy_val_accuracy, val_images),
+                    f"{e.latency_ms['1']['p50']:.3f}"])
     return out
 
 
 EXIT_COLUMNS = ("exit (policy capped)", "accuracy", "Δ vs full", "McNemar", "val", "p50 b1 ms")
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def table(variants: Sequence[Variant], test_images: int | None = None) -> str:
+def table(variants: Sequence[Variant], test_images: int | None = None,
+          val_images: int | None = None) -> str:
     """A fixed-width text table for the terminal."""
-    return text_table(COLUMNS, rows(variants, test_images))
+    return text_table(COLUMNS, rows(variants, test_images, val_images))
 
 
 def text_table(header: Sequence[str], body_rows: Sequence[Sequence[str]]) -> str:
@@ -151,26 +162,28 @@ def write(root: Path, manifest: dict[str, Any], variants: Sequence[Variant],
     build = manifest["build"]
     host = build["host"]
     test_images = int(manifest["dataset"]["splits"]["test"])
+    val_images = manifest["dataset"]["splits"].get("val")
     full = next((v for v in variants if v.name == "full"), variants[0])
     latency_header = (["variant"] + [f"p50/p95 b{b} ms (speed-up)" for b in BATCH_SIZES]
                       + ["build s"])
     latency_rows = [[v.name] + [f"{v.p50(b):.3f} / {v.p95(b):.3f} ({speedup(v, full, b):.2f}x)"
                                 for b in BATCH_SIZES]
                     + [f"{v.build_seconds:.0f}"] for v in variants]
-    exits = [r for v in variants if v.exits for r in exit_rows(v, full, test_images)]
+    exits = [r for v in variants if v.exits
+             for r in exit_rows(v, full, test_images, val_images)]
     text = [
         f"# Family `{manifest['family']}`\n",
         f"Dataset `{manifest['dataset']['spec']}` (test split: {test_images}"
         f" images), seed {build['seed']}, built in {build['seconds']:.0f} s on {host['cpus']} CPUs "
         f"({host['processor']}), torch {host['torch']}, ONNX Runtime {host['onnxruntime']}. "
         f"{profile_note(build.get('profile'))}\n",
-        markdown_table(COLUMNS, rows(variants, test_images)), f"\n\n{LEGEND}.\n",
+        markdown_table(COLUMNS, rows(variants, test_images, val_images)), f"\n\n{LEGEND}.\n",
         *(["\n## Early exits as routed (`early-exit@k`: the calibrated policy, no deeper than k)\n",
            markdown_table(EXIT_COLUMNS, exits), "\n"] if exits else []),
         "\n## Latency by batch size\n",
         markdown_table(latency_header, latency_rows), "\n", _torch_vs_ort(variants),
         "\n![pareto](pareto.png)\n\n",
-        search_section(variants),
+        search_section(variants, val_images),
         *sections,
     ]
     (root / "report.md").write_text("\n".join(text))
@@ -234,7 +247,7 @@ def pareto_plot(variants: Sequence[Variant], path: Path) -> None:
     plt.close(fig)
 
 
-def search_section(variants: Sequence[Variant]) -> str:
+def search_section(variants: Sequence[Variant], val_images: int | None = None) -> str:
     """The accuracy target's search (``details["search"]``, `compression.build._search`): per
     variant, each strength tried, its validation accuracy, Δ vs ``full`` and which shipped."""
     searched = [v for v in variants if "search" in v.details]
@@ -250,7 +263,7 @@ def search_section(variants: Sequence[Variant]) -> str:
     for v in searched:
         s = v.details["search"]
         rows = [[f"{t['setting']!r}" if s["knob"] else "configured",
-                 "-" if t["val_accuracy"] is None else f"{100 * t['val_accuracy']:.2f}%",
+                 split_cell(t["val_accuracy"], val_images),
                  "-" if t["drop_pt"] is None else f"{0.0 - t['drop_pt']:+.2f} pt",
                  "yes" if t.get("chosen") else ""] for t in s["trials"]]
         verdict = "within" if s["within_max_drop"] else "**NOT within max_drop (marked)**"

@@ -187,3 +187,14 @@ def test_cpu_info_reads_the_isa_flags(tmp_path: Path) -> None:
     assert info["isa"] == ["sse4_2", "avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"]
     assert info["int8_dot_product"] is True
     assert cpu_info(tmp_path / "missing")["isa"] == []
+
+
+def test_the_family_table_gives_validation_accuracies_their_interval_over_the_val_split() -> None:
+    """The ``val`` column: an interval over the validation split's size; bare when unknown or
+    when the figure is no count over that many images (a manifest is shown, never refused)."""
+    from compression.report import split_cell
+
+    assert split_cell(0.99, 500) == format_accuracy(495, 500)
+    assert split_cell(0.99, None) == "99.00%"
+    assert split_cell(0.123457, 500) == "12.35%"  # no whole count over 500 images
+    assert split_cell(None, 500) == "-"
