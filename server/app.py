@@ -59,6 +59,7 @@ class ServeOptions:
     gpu_dtype: str = "fp32"  # fp16 / bf16: accuracy re-measured on the validation sample
     gpu_max_batch: int = 256
     accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
+    event_loop: str = "asyncio"  # or "uvloop": less CPU per request, more memory kept
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)
@@ -372,6 +373,9 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
 
     return_freed_memory()  # before any large buffer: the family's graphs are the first
     accelerator_device(options)  # --device cuda without a usable GPU: one line, exit 2
+    from server.loop import check
+
+    check(options.event_loop)  # --event-loop uvloop without uvloop: one line, exit 2
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
     if options.workers > 1:
@@ -380,7 +384,7 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
         return serve_workers(family, options, serve)
     from server.loop import run
 
-    run(serve(family, options, reuse_port=False, metrics=True))  # ends the process
+    run(serve(family, options, reuse_port=False, metrics=True), options.event_loop)  # ends it
 
 
 def check_faults(family: Family, faults: tuple[str, ...]) -> None:

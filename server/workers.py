@@ -203,7 +203,8 @@ def _worker_main(family: Family, options: ServeOptions, serve: ServeOne, ready_f
             with contextlib.suppress(OSError):
                 os.write(ready_fd, _READY)
 
-        run(serve(family, options, reuse_port=True, metrics=False, on_ready=ready))
+        run(serve(family, options, reuse_port=True, metrics=False, on_ready=ready),
+            options.event_loop)
     except Exception as exc:  # serve ends the process itself; this is a failure to start it
         log.error("worker %d failed: %s: %s", os.getpid(), type(exc).__name__, exc)
     finally:
