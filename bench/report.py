@@ -459,7 +459,8 @@ def throughput_section(ceiling: dict[str, Any] | None, scaleout: dict[str, Any] 
             f"closed-loop to saturation by {cfg.get('clients')} client processes × "
             f"{cfg.get('concurrency')} calls in flight, pinned to `{ceiling.get('variant')}`, no "
             f"budget; CPU per answer = the server's process tree's CPU seconds ÷ answers; median "
-            f"of {cfg.get('repeats')} rounds. Clients and servers share the machine.\n\n"
+            f"of {cfg.get('repeats')} rounds. Clients and servers share the machine."
+            + (f" {ceiling['note']}" if ceiling.get("note") else "") + "\n\n"
             + markdown_table(["server", "images", "client procs", "answers/s",
                               "server CPU ms/answer", "server cores", "vs echo", "vs 1 worker"],
                              rows) + "\n")
