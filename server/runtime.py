@@ -41,8 +41,9 @@ def providers(device: str = "auto") -> list[str]:
     if device == "cuda":
         raise InvalidArgument(
             f"--device cuda: this onnxruntime has no CUDAExecutionProvider (it has "
-            f"{', '.join(available)}); on a host with an NVIDIA driver install onnxruntime-gpu "
-            f"(pip install 'adaptive-inference[gpu]'), or serve with --device cpu")
+            f"{', '.join(available)}); on a host with an NVIDIA driver install torch with CUDA "
+            f"(pip install 'adaptive-inference[gpu]') or onnxruntime's CUDA build, or serve "
+            f"with --device cpu")
     return [CPU]
 
 
