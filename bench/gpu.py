@@ -84,6 +84,7 @@ from client.loadgen import (
     run_open_loop,
 )
 from client.process import LISTENING, SERVING, WORKERS, ServerProcess
+from protos import wire
 
 # A sibling under bench/ (a script's own folder is on sys.path), not a package.
 from overhead import start_echo  # isort: skip
@@ -93,7 +94,6 @@ SCHEMA = 1
 # The issue's anchor, measured on the device machine: `full` in torch with CUDA graphs, fp32.
 ANCHOR_GRAPH_MS = {"1": 0.090, "32": 0.186, "256": 0.83}
 ECHO_METHOD = "/bench.Echo/Call"  # bench/echo_server.py's one method
-DEVICE_SEPARATOR = ":"  # protos.wire: a GPU lane's candidate is "cuda:full"
 PLACEMENT_IMAGES = 8
 PLACEMENT_BUDGET = "uniform:5:20"
 RAMP_STOP = 0.75  # the ramp stops at the first rate where CPU-only keeps less in budget (< 80 %)
@@ -203,18 +203,11 @@ def attempt(out: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
         print(f"    {key}: ERROR {type(exc).__name__}: {str(exc)[:400]}", flush=True)
 
 
-def device_of(candidate: str | None) -> str:
-    """The device a candidate ran on: ``cuda:full`` → ``cuda``; no prefix → ``cpu``."""
-    if not candidate:
-        return "?"
-    prefix, sep, _ = candidate.partition(DEVICE_SEPARATOR)
-    return prefix if sep else "cpu"
-
-
 def device_shares(records: Sequence[Record]) -> dict[str, Any]:
     """Answers per device, as counts and as shares of the answered requests."""
     answered = [r for r in records if r.status == "OK"]
-    counts = collections.Counter(device_of(r.candidate) for r in answered)
+    counts = collections.Counter(wire.device_of(r.candidate) if r.candidate else "?"
+                                 for r in answered)
     return {"answers": dict(counts.most_common()),
             "share": {d: round(n / len(answered), 5) for d, n in counts.most_common()}
             if answered else {}}
@@ -522,8 +515,9 @@ def gpu_lane(target: str, variant: str = "full") -> tuple[str, list[str]]:
 
     with AdaptiveClient(target) as client:
         names = [c.name for c in client.variants()]
-    lanes = [n for n in names if DEVICE_SEPARATOR in n and n.partition(DEVICE_SEPARATOR)[2] == variant]
-    return (lanes[0] if lanes else f"cuda{DEVICE_SEPARATOR}{variant}"), names
+    lanes = [n for n in names if wire.device_of(n) != wire.CPU
+             and n.partition(wire.DEVICE_SEPARATOR)[2] == variant]
+    return (lanes[0] if lanes else wire.placed_name(variant, "cuda")), names
 
 
 class GpuSampler:
@@ -994,7 +988,7 @@ def main() -> None:
                     lane, table = gpu_lane(server.target)
                     served["lane"], served["candidates"] = lane, table
                 except Exception as exc:  # the pin below then says whether cuda:full exists
-                    lane = served["lane"] = f"cuda{DEVICE_SEPARATOR}full"
+                    lane = served["lane"] = wire.placed_name("full", "cuda")
                     served["candidates"] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
                 run.say(f"  GPU lane of full: {lane}; candidates {served['candidates']}")
                 if latency:

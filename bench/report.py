@@ -23,6 +23,7 @@ from client import bench_plots
 from client.results import host_info, percent, read_records
 from compression.core.family import Variant, load_family
 from compression.report import accuracy_cell, markdown_table, mcnemar_cell
+from protos import wire
 
 log = logging.getLogger("bench.report")
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,12 +505,6 @@ def _at(d: Any, *keys: str) -> Any:
     return d
 
 
-def _lane_device(candidate: str | None) -> str:
-    """``cuda:full`` → ``cuda``; a name without a device prefix ran on the CPU."""
-    prefix, sep, _ = (candidate or "").partition(":")
-    return prefix if sep else "cpu"
-
-
 def gpu_measured_on_gpu(data: dict[str, Any]) -> tuple[bool, str]:
     """Whether the JSON's figures are a GPU's, and if not, why (the targets are then n/a)."""
     if data.get("quick"):
@@ -569,7 +564,7 @@ def gpu_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(_target(title, wanted, "not measured", None))
         else:
             by = lat.get("answered_by")
-            on_lane = _lane_device(by) != "cpu"
+            on_lane = wire.device_of(by or "") != wire.CPU
             rows.append(_target(title, wanted, f"{p50:.3f} ms (answered by `{by}`)",
                                 (p50 <= limit and on_lane) if on_gpu else None))
 

@@ -41,6 +41,13 @@ def placed_name(name: str, device: str = CPU) -> str:
     return name if device == CPU else f"{device}{DEVICE_SEPARATOR}{name}"
 
 
+def device_of(name: str) -> str:
+    """The device a candidate or lane name is placed on: ``cuda:full`` → ``cuda``; a name
+    without a device prefix (``full``, ``early-exit@1``) is on the CPU. `placed_name` inverted."""
+    prefix, sep, _ = name.partition(DEVICE_SEPARATOR)
+    return prefix if sep else CPU
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """gRPC channel/server options for our message size limit."""
     return [("grpc.max_receive_message_length", max_message_bytes),

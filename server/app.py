@@ -282,13 +282,16 @@ def accelerator_device(options: ServeOptions) -> str | None:
     """The torch device of the GPU lanes, or None (CPU only). ``--device auto`` asks torch only
     where NVML sees an NVIDIA GPU (importing torch costs a second and ~200 MB); ``--device cuda``
     without a usable GPU raises `InvalidArgument` with one line on what is missing, unless
-    onnxruntime's CUDA provider can serve instead (onnxruntime-gpu, the ``gpu`` extra)."""
+    onnxruntime's CUDA provider can serve instead (onnxruntime's CUDA build)."""
     if options.device == "cpu":
         return None
     if options.accelerator == "cpu":  # the GPU lanes' code on the CPU: tests, CI
         return "cpu"
-    if options.device == "auto" and not nvidia_gpu_present():
-        return None
+    if options.device == "auto":
+        from server.monitor import nvidia_gpu_present
+
+        if not nvidia_gpu_present():
+            return None
     # Checking through NVML leaves CUDA uninitialised in this process: `--workers` forks after.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from server.torch_runner import cuda_problem
@@ -305,20 +308,6 @@ def accelerator_device(options: ServeOptions) -> str | None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return None  # onnxruntime-gpu serves every variant through its CUDA provider
     raise InvalidArgument(f"--device cuda: {problem}; or serve with --device cpu")
-
-
-def nvidia_gpu_present() -> bool:
-    """Does NVML report at least one NVIDIA GPU? (False without a driver or pynvml.)"""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount()) > 0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no library, no driver, no device: no GPU
-        return False
 
 
 def _accelerator(fam: Family, options: ServeOptions, device: str) -> Any:

@@ -118,8 +118,6 @@ class Engine:
         self.lanes = {name: Lane(name, name, CPU, r, executor, settings)
                       for name, r in runners.items()}
         candidates = candidates_for(family.variants[n] for n in runners)
-        lane_max_batch: dict[str, int] = {}
-        lane_max_queue: dict[str, int] = {}
         if accelerator is not None:
             # As many batches may queue on a GPU lane as on a CPU lane: samples scale with the
             # batch size (a 256-image request must not fill a GPU lane's queue on its own).
@@ -132,8 +130,6 @@ class Engine:
                     self.lanes[c.lane] = Lane(c.lane, c.variant, c.device,
                                               accelerator.runners[c.variant],
                                               accelerator.executor, accel_settings)
-                    lane_max_batch[c.lane] = accelerator.max_batch
-                    lane_max_queue[c.lane] = accel_settings.max_queue
                 candidates.append(c)
         self.runners = {name: lane.runner for name, lane in self.lanes.items()}
         self.settings = settings
@@ -148,7 +144,10 @@ class Engine:
         self.router = Router(candidates, self.latency, max_batch=settings.max_batch,
                              on_miss=settings.on_miss, max_queue=settings.max_queue,
                              target_miss_rate=settings.target_miss_rate, clock=clock,
-                             lane_max_batch=lane_max_batch, lane_max_queue=lane_max_queue)
+                             lane_max_batch={n: ln.settings.max_batch
+                                             for n, ln in self.lanes.items()},
+                             lane_max_queue={n: ln.settings.max_queue
+                                             for n, ln in self.lanes.items()})
         self.batchers: dict[str, Batcher] = {}
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,

@@ -61,6 +61,21 @@ class HostSample:
         return min(max(self.cpu_system - self.cpu_process - self.cpu_siblings, 0.0), 1.0)
 
 
+def nvidia_gpu_present() -> bool:
+    """Does NVML report at least one NVIDIA GPU? (False without a driver or pynvml.) A probe
+    that leaves NVML shut: the server asks before forking its workers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount()) > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver, no device: no GPU
+        return False
+
+
 class _Nvml:
     """NVML when available; ``None`` handles otherwise (no GPU, no driver, no library)."""
 

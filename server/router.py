@@ -347,8 +347,6 @@ class Router:
 
     def _plans(self, load: Load, slowdown: float) -> dict[str, Plan]:
         """Per device, every busy lane's backlog laid out on that device's worker threads."""
-        if len(self.devices) == 1:
-            return {self.devices[0]: self._plan(load, slowdown, self.devices[0])}
         return {d: self._plan(load, slowdown, d) for d in self.devices}
 
     def _plan(self, load: Load, slowdown: float, device: str = CPU) -> Plan:

@@ -5,13 +5,14 @@ came finishes successfully; then the process exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,21 @@ IN_FLIGHT = 8
 IMAGES = 32  # one full batch each: the pinned slow variant runs them one after another
 
 
+@contextlib.contextmanager
+def _serving(family: Path) -> Iterator[tuple[ServerProcess, str, int]]:
+    """`serve` with a 30 s grace, SERVING: (the process, its target, its metrics port); stopped
+    on exit if the test has not ended it."""
+    proc = ServerProcess([str(family), "--port", "0", "--metrics-port", "0", "--threads", "2",
+                          "--grace-s", "30"])
+    try:
+        port = proc.port()
+        mport = proc.port(METRICS)
+        proc.wait_for(SERVING)
+        yield proc, f"127.0.0.1:{port}", mport
+    finally:
+        proc.stop()
+
+
 def _arrived(metrics_port: int) -> tuple[float, float]:
     """(requests in flight, requests answered) from the server's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
@@ -45,13 +61,7 @@ def _arrived(metrics_port: int) -> tuple[float, float]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(
         serving_family: Path, sig: signal.Signals, record: Callable[..., None]) -> None:
-    proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "0",
-                          "--threads", "2", "--grace-s", "30"])
-    try:
-        port = proc.port()
-        mport = proc.port(METRICS)
-        proc.wait_for(SERVING)
-        target = f"127.0.0.1:{port}"
+    with _serving(serving_family) as (proc, target, mport):
         x = np.zeros((IMAGES, *SHAPE), np.float32)
         with AdaptiveClient(target, model="servetest") as c, \
                 ThreadPoolExecutor(IN_FLIGHT) as pool:
@@ -91,8 +101,6 @@ def test_a_signal_drains_in_flight_requests_and_refuses_new_ones(
                finished_after=finished_after, exit_s=round(exited, 2))
         assert failed == 0
         assert finished_after >= 1  # they really were in flight when the signal came
-    finally:
-        proc.stop()
 
 
 HAMMERS = 4  # channels sending new calls back to back through the drain and the exit
@@ -105,13 +113,7 @@ def test_calls_racing_the_drain_and_exit_are_refused_unavailable_never_cancelled
     OK (before the signal), then UNAVAILABLE (refused while draining, or the connection closed
     at the exit, or refused to connect): never CANCELLED, which clients do not retry. The calls
     in flight at the signal all finish."""
-    proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "0",
-                          "--threads", "2", "--grace-s", "30"])
-    try:
-        port = proc.port()
-        mport = proc.port(METRICS)
-        proc.wait_for(SERVING)
-        target = f"127.0.0.1:{port}"
+    with _serving(serving_family) as (proc, target, mport):
         x = np.zeros((IMAGES, *SHAPE), np.float32)
         codes: Counter[str] = Counter()
         stop = threading.Event()
@@ -160,5 +162,3 @@ def test_calls_racing_the_drain_and_exit_are_refused_unavailable_never_cancelled
         assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
         assert codes["UNAVAILABLE"] > 0
         assert all(r.variant == "slow" for r in results)
-    finally:
-        proc.stop()
