@@ -46,6 +46,7 @@ def ramp(run: Run, clients: Clients, family: Path, workers: int, rates: list[flo
             step = {"offered_rps": rate, "attainment": fig["attainment"],
                     "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
                     "answered": fig["answered"], "errors": fig["errors"],
+                    "errors_by_code": fig["errors_by_code"], "latency_ms": fig["latency_ms"],
                     "accuracy": fig.get("accuracy"), "send_lag_p99_ms": fig["send_lag_ms"]["p99"]}
             out["steps"].append(step)
             run.say(f"  workers {workers} at {rate:.0f}/s: in budget "

@@ -74,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
                           batch_timeout_ms=args.batch_timeout_ms,
                           quarantine_s=args.quarantine_s),
         grace_s=args.grace_s, max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        backlog=args.backlog,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file, faults=tuple(args.inject_fault))
     return main(args.family, opts)
@@ -309,6 +310,12 @@ def parser() -> argparse.ArgumentParser:
                         "this long to finish (default 10)")
     s.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest request accepted, MiB (default 64; larger: RESOURCE_EXHAUSTED)")
+    s.add_argument("--backlog", type=int, default=0,
+                   help="calls gRPC may hold for each process before the server has read them; "
+                        "past it, new calls are refused on arrival (CANCELLED) at almost no "
+                        "cost, which keeps goodput past saturation for clients with budgets. "
+                        "Clients keeping many calls in flight without budgets get refused too "
+                        "(default 0: unbounded; see docs/serving.md, Overload)")
     s.add_argument("--batch-timeout-ms", type=float, default=1000.0,
                    help="a batch running longer than max(this, 10 x its predicted p95) fails; its "
                         "requests are retried on another variant (default 1000)")

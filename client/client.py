@@ -148,10 +148,19 @@ def deadline_s(budget_ms: float | None, timeout: float | None) -> float | None:
     return None if budget_ms is None else 2 * budget_ms / 1e3 + 0.05
 
 
+# What gRPC's core says when it refuses a call before any handler ran: the server's backlog was
+# full (serve --backlog), or the server was stopping.
+REFUSED_DETAILS = "CANCELLED"
+
+
 def error_from(exc: grpc.RpcError) -> AdaptiveError:
     """The typed error for a failed call."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.CANCELLED and details == REFUSED_DETAILS:
+        details = ("the server refused the call before reading it: its backlog of unread calls "
+                   "was full (serve --backlog) or it was stopping; retry after a back-off or on "
+                   "another replica")
     return from_code(code.name, details or code.name)
 
 

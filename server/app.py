@@ -65,6 +65,7 @@ class ServeOptions:
     settings: Settings = field(default_factory=Settings)
     grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger: RESOURCE_EXHAUSTED from gRPC itself
+    backlog: int = 0  # calls gRPC's core holds unread before refusing new ones; 0: unbounded
     tls_cert: str | None = None  # PEM paths; cert + key: TLS, plus client CA: mutual TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -182,7 +183,8 @@ async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.so_reuseport", 1 if reuse_port else 0),
-                 ("grpc.max_receive_message_length", options.max_message_bytes)])
+                 ("grpc.max_receive_message_length", options.max_message_bytes),
+                 *backlog_options(options.backlog)])
     add_services(server, state)
     health = CappedHealth()  # at most security.MAX_WATCH_STREAMS Watch streams at once
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -278,6 +280,25 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
     engine.update_gauges()
 
 
+def backlog_options(backlog: int) -> list[tuple[str, int]]:
+    """gRPC core options bounding the calls it holds for this process before the event loop
+    has taken them (``--backlog``); none for 0, gRPC's own unbounded queue.
+
+    The event loop takes one call per turn, so past saturation calls wait in gRPC's core in
+    arrival order, and reach the handler with their deadline nearly spent: the loop then pays
+    for calls nobody waits for any more, and goodput collapses (docs/serving.md, "Overload").
+    With a bound, gRPC's core refuses the surplus on arrival, before any Python runs: the client
+    sees CANCELLED. Early drop starts at half the bound (gRPC's random early detection) and
+    every call past the bound is refused.
+    """
+    if backlog < 0:
+        raise InvalidArgument(f"--backlog {backlog}: a number of calls, 0 (unbounded) or more")
+    if backlog == 0:
+        return []
+    return [("grpc.server.max_pending_requests", backlog // 2),
+            ("grpc.server.max_pending_requests_hard_limit", backlog)]
+
+
 def accelerator_device(options: ServeOptions) -> str | None:
     """The torch device of the GPU lanes, or None (CPU only). ``--device auto`` asks torch only
     where NVML sees an NVIDIA GPU (importing torch costs a second and ~200 MB); ``--device cuda``
@@ -365,6 +386,7 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
     from server.loop import check
 
     check(options.event_loop)  # --event-loop uvloop without uvloop: one line, exit 2
+    backlog_options(options.backlog)  # a negative --backlog likewise
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
     if options.workers > 1:
