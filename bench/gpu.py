@@ -142,7 +142,7 @@ class Run:
         self.max_seconds = float(args.max_seconds)
         self.data: dict[str, Any] = {
             "schema": SCHEMA,
-            "command": "python3 bench/gpu.py " + shlex.join(sys.argv[1:]),
+            "command": shlex.join(["python3", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "quick": bool(args.quick), "family_dir": args.family,
             "accelerator": args.accelerator, "served_dtype": args.gpu_dtype,

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -439,10 +440,11 @@ def _machine(host: dict[str, Any] | None) -> str:
             + (f", load average {load[0]:.1f} at the start" if load else ""))
 
 
-def throughput_section(ceiling: dict[str, Any] | None, scaleout: dict[str, Any] | None) -> str:
+def throughput_section(ceiling: dict[str, Any] | None,
+                       scaleouts: Sequence[dict[str, Any]]) -> str:
     """Echo vs server saturation and CPU per answer, 1 vs N workers, goodput past saturation."""
     text = ["## Throughput and scale-out\n"]
-    if ceiling is None and scaleout is None:
+    if ceiling is None and not scaleouts:
         text.append("Not measured in this run (`bench/ceiling.py`, `bench/scaleout.py`).\n")
         return "\n".join(text)
     if ceiling is not None:
@@ -465,22 +467,27 @@ def throughput_section(ceiling: dict[str, Any] | None, scaleout: dict[str, Any] 
             + markdown_table(["server", "images", "client procs", "answers/s",
                               "server CPU ms/answer", "server cores", "vs echo", "vs 1 worker"],
                              rows) + "\n")
-    if scaleout is not None:
-        ramps = scaleout.get("servers_ramp", {})
+    for run in scaleouts:
         rows = []
-        for w, r in sorted(ramps.items(), key=lambda kv: int(kv[0])):
+        for key, r in sorted(run.get("servers_ramp", {}).items(),
+                             key=lambda kv: (int(kv[0].split()[0]), kv[0])):
             steps = " · ".join(f"{s['offered_rps']:g}/s → {100 * (s['attainment'] or 0):.0f}% "
                                f"({s['goodput_rps']:.0f}/s)" for s in r.get("steps", []))
             share = r.get("goodput_at_2x_share_of_peak")
-            rows.append([w, f"{r.get('peak_goodput_rps', 0):,.0f}/s at {r.get('peak_at_rps', 0):g}/s",
+            rows.append([str(r.get("workers", key)), f"`{r['flags']}`" if r.get("flags") else
+                         "defaults",
+                         f"{r.get('peak_goodput_rps', 0):,.0f}/s at {r.get('peak_at_rps', 0):g}/s",
                          "not reached" if share is None else f"{share:.0%}", steps])
+        cpus = run.get("cpus")
+        pinned = ("" if not cpus or cpus.get("server") == "any" else
+                  f" The server ran on CPU {cpus['server']}, the clients on CPU {cpus['clients']}.")
         text.append(
-            f"**Goodput past saturation** (`bench/scaleout.py`, {_machine(scaleout.get('host'))}): "
+            f"**Goodput past saturation** (`bench/scaleout.py`, {_machine(run.get('host'))}): "
             "`serve --device cpu --workers N`, routed, budgets uniform 5–20 ms, 8 test images per "
-            "request, open-loop Poisson arrivals from several client processes, the rate doubling "
-            "per step; goodput = answers inside their budget per second. Target: goodput at twice "
-            "the rate of the peak ≥ 90 % of the peak.\n\n"
-            + markdown_table(["workers", "peak goodput", "goodput at 2x ÷ peak",
+            "request, open-loop Poisson arrivals from several client processes, each gRPC deadline "
+            "the request's budget; goodput = answers inside their budget per second. Target: "
+            f"goodput at twice the rate of the peak ≥ 90 % of the peak.{pinned}\n\n"
+            + markdown_table(["workers", "flags", "peak goodput", "goodput at 2x ÷ peak",
                               "offered → in budget (goodput)"], rows) + "\n")
     return "\n".join(text)
 
@@ -808,7 +815,9 @@ def main() -> None:
     parts = [header, compression_section((ROOT / args.family).resolve()),
              policy_section(summary, results, docs),
              overhead_section(read("router.json"), read("overhead.json")),
-             throughput_section(read("ceiling.json"), read("scaleout.json")),
+             throughput_section(read("ceiling.json"),
+                                [r for r in (read("scaleout.json"), read("scaleout-2core.json"))
+                                 if r is not None]),
              gpu_section(read("gpu.json"), f"{args.results}/gpu.json")]
     (docs / "results.md").write_text("\n".join(parts))
     log.info("wrote %s", docs / "results.md")

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shlex
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 # Siblings under bench/ (a script's own folder is on sys.path), not a package.
 from gpu import Clients, Run, open_figures, placement_images, start_server
@@ -30,15 +34,19 @@ BUDGET = "uniform:5:20"
 IMAGES = 8
 
 
-def ramp(run: Run, clients: Clients, family: Path, workers: int, rates: list[float],
-         seconds: float, logs: Path) -> dict[str, Any]:
+def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str],
+         rates: list[float], seconds: float, logs: Path, server_cpus: set[int] | None
+         ) -> dict[str, Any]:
     """One server, one open loop per rate; the figures and the goodput summary."""
     fam = load_family(family)
     data = placement_images(family, fam.input_shape)
-    out: dict[str, Any] = {"workers": workers, "steps": []}
+    out: dict[str, Any] = {"workers": workers, "flags": shlex.join(flags), "steps": []}
     with contextlib.ExitStack() as stack:
-        server = start_server(stack, run, family, ["--device", "cpu"], label=f"w{workers}",
+        label = "-".join([f"w{workers}", *(f.strip("-") for f in flags)])
+        server = start_server(stack, run, family, ["--device", "cpu", *flags], label=label,
                               workers=workers, logs=logs, timeout=240.0)
+        if server_cpus is not None:
+            pin_tree(server.proc.proc.pid, server_cpus)
         for i, rate in enumerate(rates):
             cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET),
                             images=IMAGES, seed=10 + i, deadline_is_budget=True)
@@ -53,6 +61,8 @@ def ramp(run: Run, clients: Clients, family: Path, workers: int, rates: list[flo
                     f"{100 * (fig['attainment'] or 0):.1f}%, goodput {step['goodput_rps']:.0f}/s")
             run.write()
     steps = out["steps"]
+    if not steps:
+        return out
     peak = max(steps, key=lambda s: s["goodput_rps"])
     out["peak_goodput_rps"] = peak["goodput_rps"]
     out["peak_at_rps"] = peak["offered_rps"]
@@ -64,6 +74,26 @@ def ramp(run: Run, clients: Clients, family: Path, workers: int, rates: list[flo
     return out
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its children onto ``cpus`` (threads started later inherit
+    it from the thread that starts them)."""
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        for thread in proc.threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(thread.id, cpus)
+
+
+def cpu_set(text: str | None) -> set[int] | None:
+    """``"0"``, ``"0,1"`` or ``"2-7"`` → a set of CPU numbers (None stays None)."""
+    if text is None:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", type=Path, default=Path("families/mnist5k"))
@@ -72,6 +102,13 @@ def main() -> None:
                     help="offered requests/s, one open loop each (default doubling 400-12800)")
     ap.add_argument("--seconds", type=float, default=4.0, help="per rate (default 4)")
     ap.add_argument("--clients", type=int, default=8, help="client processes (default 8)")
+    ap.add_argument("--flags", action="append",
+                    help="serve flags of one more server per --workers count, e.g. "
+                         "'--backlog 8' (repeatable; default: default flags only)")
+    ap.add_argument("--server-cpus", help="pin the server's processes to these CPUs, e.g. 0")
+    ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
+                                          "(on a small host: the load generator then does not "
+                                          "take the server's cores)")
     ap.add_argument("--json", type=Path, default=Path("results/bench/scaleout.json"))
     ap.add_argument("--logs", type=Path, help="servers' logs (default: beside --json)")
     ap.add_argument("--max-seconds", type=float, default=300.0)
@@ -82,16 +119,27 @@ def main() -> None:
     run.data["host"] = host_info()
     rates = [float(r) for r in args.rates.split(",")]
     workers = [int(w) for w in args.workers_list.split(",")]
+    flag_sets = [shlex.split(f) for f in args.flags or [""]]
     logs = args.logs or args.json.parent
+    server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
+    if client_cpus is not None:
+        os.sched_setaffinity(0, client_cpus)  # the client processes spawned next inherit it
+    run.data["cpus"] = {"server": sorted(server_cpus) if server_cpus else "any",
+                        "clients": sorted(client_cpus) if client_cpus else "any"}
     results: dict[str, Any] = run.data.setdefault("servers_ramp", {})
     with contextlib.ExitStack() as stack:
         clients = Clients(stack, args.clients)
         for w in workers:
-            def phase(w: int = w) -> None:
-                results[str(w)] = ramp(run, clients, args.family, w, rates, args.seconds, logs)
-            run.phase(f"workers-{w}", len(rates) * (args.seconds + 3) + 20, phase)
-    for w, r in results.items():
-        run.say(f"workers {w}: peak goodput {r.get('peak_goodput_rps')}/s at "
+            for flags in flag_sets:
+                # The key of a server with default flags stays its worker count.
+                key = " ".join([str(w), *flags])
+
+                def phase(w: int = w, flags: list[str] = flags, key: str = key) -> None:
+                    results[key] = ramp(run, clients, args.family, w, flags, rates,
+                                        args.seconds, logs, server_cpus)
+                run.phase(f"workers-{key}", len(rates) * (args.seconds + 3) + 20, phase)
+    for key, r in results.items():
+        run.say(f"workers {key}: peak goodput {r.get('peak_goodput_rps')}/s at "
                 f"{r.get('peak_at_rps')}/s offered; at 2x: "
                 f"{r.get('goodput_at_2x_share_of_peak', 'not reached')}")
     run.write()
