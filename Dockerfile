@@ -47,7 +47,10 @@ RUN mkdir -p /family && if [ -n "$FAMILY_CONFIG" ]; then \
 
 # --- runtime stage: the venv and the family, run as an unprivileged user ---
 FROM ${PYTHON} AS runtime
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# ADAPTIVE_INFERENCE_PORT: the gRPC port `serve` listens on and `health` probes by default; set
+# it (docker run -e ADAPTIVE_INFERENCE_PORT=9001) rather than --port, so both move together.
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    ADAPTIVE_INFERENCE_PORT=8001
 # Numeric USER: Kubernetes can verify runAsNonRoot only for a numeric one.
 RUN groupadd --system --gid 10001 serve \
     && useradd --system --uid 10001 --gid serve --no-create-home --shell /usr/sbin/nologin serve
@@ -59,9 +62,9 @@ EXPOSE 8001 8002
 # The gRPC health service (grpc.health.v1): NOT_SERVING until the family is verified, loaded and
 # warmed up, and again from SIGTERM on; the command exits 0 only when SERVING.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["adaptive-inference", "health", "--target", "127.0.0.1:8001"]
+    CMD ["adaptive-inference", "health"]
 # SIGTERM: NOT_SERVING, new requests refused, in-flight ones finish within --grace-s (keep it
 # under the orchestrator's kill timeout: docker stop -t, terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["adaptive-inference", "serve", "/family", "--host", "0.0.0.0", "--port", "8001", \
+ENTRYPOINT ["adaptive-inference", "serve", "/family", "--host", "0.0.0.0", \
             "--metrics-port", "8002", "--grace-s", "20"]

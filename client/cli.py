@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 # Packages of the `build` extra: a command that needs one says how to install it.
+# The gRPC port `serve` listens on and the client commands' default --target use when set: one
+# setting for both, so a container's health check follows the server to another port.
+PORT_ENV = "ADAPTIVE_INFERENCE_PORT"
+DEFAULT_PORT = 8001
+
 BUILD_ONLY = ("torch", "torch_pruning", "onnxscript", "safetensors", "tqdm", "matplotlib")
 
 
@@ -222,7 +228,23 @@ def _log_flags(p: argparse.ArgumentParser, default: object) -> None:
                    help="warnings and errors only (and no progress lines)")
 
 
-def parser() -> argparse.ArgumentParser:
+def default_port(environ: Mapping[str, str] = os.environ) -> int:
+    """``$ADAPTIVE_INFERENCE_PORT`` if set, else 8001; ValueError naming the variable if bad."""
+    text = environ.get(PORT_ENV)
+    if text is None:
+        return DEFAULT_PORT
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"${PORT_ENV} {text!r}: expected a port number (0-65535)")
+    return port
+
+
+def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
+    """The command line; ``port`` is the default gRPC port (`default_port`)."""
+    target = f"127.0.0.1:{port}"
     p = argparse.ArgumentParser(prog="adaptive-inference",
                                 description="Build and serve an adaptive model family.")
     _log_flags(p, False)
@@ -258,7 +280,8 @@ def parser() -> argparse.ArgumentParser:
                            "best-effort"))
     s.add_argument("family", help="family directory (from build)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
+    s.add_argument("--port", type=int, default=port,
+                   help=f"gRPC port (default ${PORT_ENV}, else {DEFAULT_PORT}; now {port}; 0: any)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics port (default 8002; 0: any; -1: off)")
     s.add_argument("--metrics-host", help="address for /metrics (default: --host)")
@@ -339,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
                            "--budget-ms 2",
                            "adaptive-inference infer digits.npy --variant early-exit@1"))
     f.add_argument("file", help="FILE.npy ([H,W], [C,H,W] or [N,C,H,W]) or an image (PNG, JPEG)")
-    f.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    f.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     f.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
     f.add_argument("--variant", help="pin a variant (or VARIANT@EXIT) instead of routing")
     f.add_argument("--timeout", type=float, help="gRPC deadline in seconds")
@@ -349,7 +372,7 @@ def parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 if SERVING)",
                        parents=[common], **_examples(
                            "adaptive-inference health --target 127.0.0.1:8001 && echo up"))
-    h.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    h.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     h.add_argument("--service", default="", help="service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     _add_client_security(h)
@@ -362,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
                            "--budget-ms uniform:5:10 --family families/mnist5k --images 32",
                            "adaptive-inference bench --rate 100 --variant full --budget-ms 10 "
                            "--out results/pinned"))
-    k.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    k.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     k.add_argument("--rate", required=True, type=_arg_type(_rates),
                    help="offered requests/s; R1,R2,... runs one after another")
     k.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
@@ -424,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
         **_examples("adaptive-inference top --target 127.0.0.1:8001 "
                     "--metrics http://127.0.0.1:8002/metrics",
                     "adaptive-inference top --once > frame.txt"))
-    t.add_argument("--target", default="127.0.0.1:8001", help="server HOST:PORT")
+    t.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     t.add_argument("--metrics", default="http://127.0.0.1:8002/metrics",
                    help="the server's Prometheus URL (default http://127.0.0.1:8002/metrics)")
     t.add_argument("--interval", type=float, default=1.0, help="seconds between frames "
@@ -436,7 +459,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser()
+    try:
+        port = default_port()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    p = parser(port)
     args = p.parse_args(argv)
     if args.verbose and args.quiet:
         p.error("-v/--verbose and -q/--quiet exclude each other")

@@ -156,3 +156,21 @@ def test_every_subcommand_help_shows_examples_and_log_flags() -> None:
         text = sp.format_help()
         assert "\nexamples:\n  adaptive-inference " + name in text, name
         assert "--quiet" in text and "--verbose" in text, name
+
+
+def test_one_port_setting_moves_the_server_and_the_clients_defaults(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``$ADAPTIVE_INFERENCE_PORT``: `serve`'s port and every client command's default target
+    (a container's health check follows its server); a bad value is one line and exit 2."""
+    from client.cli import PORT_ENV, default_port, parser
+
+    assert default_port({}) == 8001
+    p = parser(default_port({PORT_ENV: "9107"}))
+    assert p.parse_args(["serve", "/family"]).port == 9107
+    for command in ("health", "infer x.npy", "bench --rate 1", "top"):
+        assert p.parse_args(command.split()).target == "127.0.0.1:9107", command
+    assert p.parse_args(["serve", "/family", "--port", "0"]).port == 0  # the flag still wins
+    monkeypatch.setenv(PORT_ENV, "eighty")
+    assert cli_main(["health"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: ${PORT_ENV} 'eighty': expected a port number (0-65535)")

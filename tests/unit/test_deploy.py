@@ -31,7 +31,7 @@ from deploy_checks import (
 )
 from prometheus_client import generate_latest
 
-from client.cli import parser
+from client.cli import PORT_ENV, default_port, parser
 from server.metrics import Metrics
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (the dev extra)")
@@ -147,11 +147,15 @@ def test_healthcheck_and_entrypoint_are_valid_commands(dockerfile: list[Instruct
     assert "--interval" in options and "--start-period" in options
     health = exec_form(cmd.strip())
     assert health[0] == "adaptive-inference"
-    args = parser().parse_args(health[1:])
-    assert args.command == "health" and args.target.endswith(":8001")
+    # Both take the port from the image's environment: the check follows the server.
+    (env,) = [i for i in _final(dockerfile, "ENV") if PORT_ENV in i.args]
+    port = int(re.search(rf"{PORT_ENV}=(\d+)", env.args).group(1))  # type: ignore[union-attr]
+    p = parser(default_port({PORT_ENV: str(port)}))
+    args = p.parse_args(health[1:])
+    assert args.command == "health" and args.target == f"127.0.0.1:{port}"
     entry = _entrypoint(dockerfile)
-    assert entry[0] == "adaptive-inference"
-    serve = parser().parse_args(entry[1:])
+    assert entry[0] == "adaptive-inference" and "--port" not in entry
+    serve = p.parse_args(entry[1:])
     assert (serve.command, serve.family, serve.host, serve.port, serve.metrics_port) == \
         ("serve", "/family", "0.0.0.0", 8001, 8002)
     assert _final(dockerfile, "STOPSIGNAL")[0].args == "SIGTERM"
