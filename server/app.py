@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -303,12 +304,20 @@ def accelerator_device(options: ServeOptions) -> str | None:
     """The torch device of the GPU lanes, or None (CPU only). ``--device auto`` asks torch only
     where NVML sees an NVIDIA GPU (importing torch costs a second and ~200 MB); ``--device cuda``
     without a usable GPU raises `InvalidArgument` with one line on what is missing, unless
-    onnxruntime's CUDA provider can serve instead (onnxruntime's CUDA build)."""
-    if options.device == "cpu":
+    onnxruntime's CUDA provider can serve instead (onnxruntime's CUDA build).
+
+    Probed once per process (and inherited by `--workers`' forks): `main` asks before binding
+    anything, to fail fast, and loading asks again."""
+    return _accelerator_device(options.device, options.accelerator)
+
+
+@functools.cache
+def _accelerator_device(device: str, accelerator: str) -> str | None:
+    if device == "cpu":
         return None
-    if options.accelerator == "cpu":  # the GPU lanes' code on the CPU: tests, CI
+    if accelerator == "cpu":  # the GPU lanes' code on the CPU: tests, CI
         return "cpu"
-    if options.device == "auto":
+    if device == "auto":
         from server.monitor import nvidia_gpu_present
 
         if not nvidia_gpu_present():
@@ -320,7 +329,7 @@ def accelerator_device(options: ServeOptions) -> str | None:
     problem = cuda_problem()
     if problem is None:
         return "cuda"
-    if options.device == "auto":
+    if device == "auto":
         log.warning("a GPU is present but not usable for GPU lanes (%s); serving on the CPU",
                     problem)
         return None
