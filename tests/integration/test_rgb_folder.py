@@ -21,49 +21,25 @@ import onnxruntime as ort
 import pytest
 
 from compression import data
-from compression.build import build, load_config
 from compression.core.family import load_family
 from server.app import ServeOptions
+from tests.build_configs import SMALL_CNN, build_family, config_toml, variant
 from tests.harness import serve_in_thread
 
 pytestmark = pytest.mark.slow
 CLASSES = ("red-square", "green-bar", "blue-disk")  # written in this order; sorted on load
 SIZE = 32
 
-CONFIG = """
-family = "rgb"
-seed = 0
-max_drop = 25.0  # 24 validation images: one image is 4.2 points; serve both cheap variants
-[data]
-spec = "folder:{root}"
-[base.arch]
-kind = "cnn"
-stages = [
-    {{ channels = 8, depth = 1, pool = false }},
-    {{ channels = 16, depth = 1, pool = true }},
-    {{ channels = 16, depth = 1, pool = true }},
-]
-[base.train]
-epochs = 6
-lr = 1e-2
-batch_size = 32
-augment_shift = 0
-patience = 3
 
-[[variants]]
-name = "int8"
-method = "int8"
-[variants.params]
-calibration_images = 64
-
-[[variants]]
-name = "early-exit"
-method = "early-exit"
-[variants.params]
-head_pool = 4
-frozen_epochs = 1
-joint_epochs = 1
-"""
+def config(images: Path) -> str:
+    return config_toml(
+        family="rgb", seed=0,
+        max_drop=25.0,  # 24 validation images: one image is 4.2 points; serve both cheap variants
+        data=f"folder:{images}",
+        arch=SMALL_CNN,
+        train={"epochs": 6, "lr": 1e-2, "batch_size": 32, "augment_shift": 0, "patience": 3},
+        variants=[variant("int8", calibration_images=64),
+                  variant("early-exit", head_pool=4, frozen_epochs=1, joint_epochs=1)])
 
 
 def draw(label: int, rng: np.random.Generator) -> np.ndarray:
@@ -113,9 +89,7 @@ def held_out(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def rgb_family(tmp_path_factory: pytest.TempPathFactory, build_cache: Path) -> Path:
     root = tmp_path_factory.mktemp("rgb")
     write_dataset(root / "images", train=80, test=30, seed=0)
-    cfg = root / "rgb.toml"
-    cfg.write_text(CONFIG.format(root=root / "images"))
-    return build(load_config(cfg), root / "family", cache_dir=build_cache, progress=False)
+    return build_family(root, config(root / "images"), cache_dir=build_cache)
 
 
 def test_the_manifest_records_rgb_shape_class_names_and_normalisation(rgb_family: Path) -> None:

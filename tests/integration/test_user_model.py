@@ -19,11 +19,11 @@ import torch
 
 from client import AdaptiveClient
 from compression import export
-from compression.build import build, load_config
 from compression.core.family import load_family
 from compression.core.ort import session
 from compression.models import build_model
 from server.app import ServeOptions
+from tests.build_configs import build_family, config_toml, variant
 from tests.harness import serve_in_thread
 
 pytestmark = pytest.mark.slow
@@ -31,97 +31,27 @@ FACTORY = "tests.fixtures_models:resnet"
 METHODS = {"pruned-weights", "pruned-neurons", "distilled", "int8", "clustered", "binary",
            "low-rank", "depthwise", "early-exit"}
 
-CONFIG = """
-family = "resnet"
-seed = 0
-max_drop = 100  # every method, one try each: the search is tested in test_max_drop.py
-[data]
-spec = "npz:{npz}"
-[base]
-model = "{factory}"
-model_args = {{ num_classes = 3, width = 8 }}
-[base.train]
-epochs = 2
-lr = 1e-2
-batch_size = 32
-augment_shift = 0
 
-[[variants]]
-name = "pruned-weights"
-method = "pruned-weights"
-[variants.params]
-sparsity = 0.7
-steps = 1
-compare = false
-min_layer_weights = 0
-
-[[variants]]
-name = "pruned-neurons"
-method = "pruned-neurons"
-[variants.params]
-ratio = 0.5
-steps = 1
-final_epochs = 0
-
-[[variants]]
-name = "distilled"
-method = "distilled"
-[variants.params]
-student = "base"
-width = 0.5
-epochs = 1
-compare_labels = false
-
-[[variants]]
-name = "distilled-cnn"
-method = "distilled"
-[variants.params]
-student = "cnn"
-epochs = 1
-compare_labels = false
-
-[[variants]]
-name = "int8"
-method = "int8"
-[variants.params]
-calibration_images = 32
-
-[[variants]]
-name = "clustered"
-method = "clustered"
-base = "pruned-weights"
-[variants.params]
-epochs = 1
-
-[[variants]]
-name = "binary"
-method = "binary"
-[variants.params]
-epochs = 1
-
-[[variants]]
-name = "low-rank"
-method = "low-rank"
-[variants.params]
-param_ratio = 0.5
-min_weights = 512
-fine_tune_epochs = 1
-
-[[variants]]
-name = "depthwise"
-method = "depthwise"
-[variants.params]
-epochs = 1
-
-[[variants]]
-name = "early-exit"
-method = "early-exit"
-[variants.params]
-exit_after = ["layer1", "layer2"]
-head_pool = 4
-frozen_epochs = 1
-joint_epochs = 1
-"""
+def config(npz: Path) -> str:
+    return config_toml(
+        family="resnet", seed=0,
+        max_drop=100,  # every method, one try each: the search is tested in test_max_drop.py
+        data=f"npz:{npz}",
+        model=FACTORY, model_args={"num_classes": 3, "width": 8},
+        train={"epochs": 2, "lr": 1e-2, "batch_size": 32, "augment_shift": 0},
+        variants=[
+            variant("pruned-weights", sparsity=0.7, steps=1, compare=False, min_layer_weights=0),
+            variant("pruned-neurons", ratio=0.5, steps=1, final_epochs=0),
+            variant("distilled", student="base", width=0.5, epochs=1, compare_labels=False),
+            variant("distilled-cnn", "distilled", student="cnn", epochs=1, compare_labels=False),
+            variant("int8", calibration_images=32),
+            variant("clustered", base="pruned-weights", epochs=1),
+            variant("binary", epochs=1),
+            variant("low-rank", param_ratio=0.5, min_weights=512, fine_tune_epochs=1),
+            variant("depthwise", epochs=1),
+            variant("early-exit", exit_after=["layer1", "layer2"], head_pool=4, frozen_epochs=1,
+                    joint_epochs=1),
+        ])
 
 
 def images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +82,8 @@ def family(tmp_path_factory: pytest.TempPathFactory, build_cache: Path,
     root = tmp_path_factory.mktemp("resnet")
     x, y = images(60, seed=0)
     np.savez(root / "rgb.npz", x=x, y=y)
-    (root / "resnet.toml").write_text(CONFIG.format(npz=root / "rgb.npz", factory=FACTORY))
     t0 = time.perf_counter()
-    out = build(load_config(root / "resnet.toml"), root / "family", cache_dir=build_cache,
-                progress=False)
+    out = build_family(root, config(root / "rgb.npz"), cache_dir=build_cache)
     return out, time.perf_counter() - t0
 
 

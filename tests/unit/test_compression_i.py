@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import export, report
-from compression.build import _base_model, build, load_config
+from compression.build import _base_model, load_config
 from compression.core import encoding, stats
 from compression.core.family import load_family
 from compression.core.ort import session
@@ -38,6 +38,7 @@ from compression.methods import (
 from compression.models import DEFAULT_CNN, build_model, fold_batchnorm
 from compression.registry import BuildContext, Built
 from compression.train import TrainConfig, TrainResult, accuracy, logits, seed_everything, train
+from tests.build_configs import build_family, config_toml, variant
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {**DEFAULT_CNN, "stages": [{"channels": 8, "depth": 1, "pool": False},
@@ -553,77 +554,27 @@ def test_configs_reject_bad_values_naming_them(cls: type, field: str, value: obj
 
 # --- every method end to end -------------------------------------------------------------------
 
-TINY_FAMILY = """
-family = "tiny"
-seed = 0
-max_drop = 100  # the methods are tested here; the accuracy target in test_max_drop.py
-[data]
-spec = "npz:{npz}"
-[base.arch]
-kind = "cnn"
-stages = [{{ channels = 8, depth = 1 }}, {{ channels = 16, depth = 1, pool = true }}]
-[base.train]
-epochs = 2
-lr = 5e-3
-batch_size = 32
-augment_shift = 0
-
-[[variants]]
-name = "pruned-weights"
-method = "pruned-weights"
-[variants.params]
-sparsity = 0.8
-steps = 2
-rewind_epochs = 1
-min_layer_weights = 0
-rewind = "init"
-
-[[variants]]
-name = "pruned-neurons"
-method = "pruned-neurons"
-[variants.params]
-ratio = 0.5
-steps = 1
-final_epochs = 0
-
-[[variants]]
-name = "distilled"
-method = "distilled"
-[variants.params]
-epochs = 1
-ensemble = 2
-member_epochs = 1
-teachers = ["pruned-neurons"]
-sweep = [4.0]
-student = {{ stages = [{{ channels = 4, depth = 1 }}, {{ channels = 8, depth = 1, pool = true }}] }}
-
-[[variants]]
-name = "int8"
-method = "int8"
-[variants.params]
-calibration_images = 32
-
-[[variants]]
-name = "int8-neurons"
-method = "int8"
-base = "pruned-neurons"
-[variants.params]
-calibration_images = 32
-
-[[variants]]
-name = "clustered"
-method = "clustered"
-base = "pruned-weights"
-[variants.params]
-bits = 3
-epochs = 1
-
-[[variants]]
-name = "binary"
-method = "binary"
-[variants.params]
-epochs = 1
-"""
+def tiny_family(npz: Path) -> str:
+    return config_toml(
+        family="tiny", seed=0,
+        max_drop=100,  # the methods are tested here; the accuracy target in test_max_drop.py
+        data=f"npz:{npz}",
+        arch={"kind": "cnn", "stages": [{"channels": 8, "depth": 1},
+                                        {"channels": 16, "depth": 1, "pool": True}]},
+        train={"epochs": 2, "lr": 5e-3, "batch_size": 32, "augment_shift": 0},
+        variants=[
+            variant("pruned-weights", sparsity=0.8, steps=2, rewind_epochs=1, min_layer_weights=0,
+                    rewind="init"),
+            variant("pruned-neurons", ratio=0.5, steps=1, final_epochs=0),
+            variant("distilled", epochs=1, ensemble=2, member_epochs=1,
+                    teachers=["pruned-neurons"], sweep=[4.0],
+                    student={"stages": [{"channels": 4, "depth": 1},
+                                        {"channels": 8, "depth": 1, "pool": True}]}),
+            variant("int8", calibration_images=32),
+            variant("int8-neurons", "int8", base="pruned-neurons", calibration_images=32),
+            variant("clustered", base="pruned-weights", bits=3, epochs=1),
+            variant("binary", epochs=1),
+        ])
 
 
 @pytest.mark.slow
@@ -632,10 +583,7 @@ def test_every_method_builds_verifies_and_loads(tmp_path: Path) -> None:
     npz = tmp_path / "tiny.npz"
     np.savez(npz, x=np.concatenate([splits.x_train, splits.x_val, splits.x_test]),
              y=np.concatenate([splits.y_train, splits.y_val, splits.y_test]))
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY_FAMILY.format(npz=npz))
-    out = build(load_config(config), tmp_path / "family", cache_dir=tmp_path / "cache",
-                progress=False)
+    out = build_family(tmp_path, tiny_family(npz))
     fam = load_family(out)  # verifies every sha256
     methods = {v.method for v in fam.variants.values()}
     assert methods >= {"pruned-weights", "pruned-neurons", "distilled", "int8", "clustered",

@@ -51,6 +51,7 @@ from compression.methods.low_rank import (
 )
 from compression.models import StagedCNN, build_model
 from compression.train import TrainConfig
+from tests.build_configs import SMALL_CNN, build_family, config_toml, variant
 
 TINY = {"kind": "cnn", "input": [1, 28, 28], "num_classes": 10,
         "stages": [{"channels": 4, "depth": 1}, {"channels": 8, "depth": 2, "pool": True},
@@ -378,48 +379,15 @@ def test_early_exit_section_gives_intervals_on_their_split_and_mcnemar_against_f
 
 # --- a tiny family with all three methods -----------------------------------------------------
 
-TINY_FAMILY = """
-family = "tiny-cii"
-seed = 0
-max_drop = 100  # the methods are tested here; the accuracy target in test_max_drop.py
-
-[data]
-spec = "mnist5k"
-
-[base.arch]
-kind = "cnn"
-stages = [
-    { channels = 8, depth = 1, pool = false },
-    { channels = 16, depth = 1, pool = true },
-    { channels = 16, depth = 1, pool = true },
-]
-
-[base.train]
-epochs = 1
-lr = 5e-3
-augment_shift = 0
-
-[[variants]]
-name = "low-rank"
-method = "low-rank"
-[variants.params]
-param_ratio = 0.3
-min_weights = 512
-fine_tune_epochs = 1
-
-[[variants]]
-name = "depthwise"
-method = "depthwise"
-[variants.params]
-epochs = 1
-
-[[variants]]
-name = "early-exit"
-method = "early-exit"
-[variants.params]
-frozen_epochs = 1
-joint_epochs = 1
-"""
+TINY_FAMILY = config_toml(
+    family="tiny-cii", seed=0,
+    max_drop=100,  # the methods are tested here; the accuracy target in test_max_drop.py
+    data="mnist5k",
+    arch=SMALL_CNN,
+    train={"epochs": 1, "lr": 5e-3, "augment_shift": 0},
+    variants=[variant("low-rank", param_ratio=0.3, min_weights=512, fine_tune_epochs=1),
+              variant("depthwise", epochs=1),
+              variant("early-exit", frozen_epochs=1, joint_epochs=1)])
 
 
 @pytest.fixture
@@ -435,11 +403,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_family_with_the_three_methods(tmp_path: Path) -> None:
-    from compression.build import build, load_config
-
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_FAMILY)
-    out = build(load_config(path), tmp_path / "fam", cache_dir=tmp_path / "cache", progress=False)
+    out = build_family(tmp_path, TINY_FAMILY)
     fam = load_family(out)
     full = fam.variant("full")
 

@@ -26,63 +26,28 @@ import pytest
 
 from compression import data as datasets
 from compression.core.stats import decode_bits
+from tests.build_configs import SMALL_CNN, config_toml, variant
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG = """
-family = "det"
-seed = 3
-max_drop = 100  # one try per variant: this test is about repeatability, not the search
 
-[data]
-spec = "npz:{npz}"
-
-[base.arch]
-kind = "cnn"
-stages = [
-    {{ channels = 8, depth = 1, pool = false }},
-    {{ channels = 16, depth = 1, pool = true }},
-    {{ channels = 16, depth = 1, pool = true }},
-]
-
-[base.train]
-epochs = 3
-lr = 1e-2
-batch_size = 64
-augment_shift = 1  # the augmentation draws from the seeded generator too
-patience = 2
-
-[[variants]]
-name = "pruned-neurons"
-method = "pruned-neurons"
-[variants.params]
-ratio = 0.5
-steps = 1
-epochs_per_step = 1
-final_epochs = 0
-
-[[variants]]
-name = "distilled"
-method = "distilled"
-[variants.params]
-epochs = 1
-compare_labels = false
-student = {{ stages = [{{ channels = 4, depth = 1 }}, {{ channels = 8, depth = 1, pool = true }}] }}
-
-[[variants]]
-name = "early-exit"
-method = "early-exit"
-[variants.params]
-frozen_epochs = 1
-joint_epochs = 1
-
-[[variants]]
-name = "int8"
-method = "int8"
-base = "pruned-neurons"
-[variants.params]
-calibration_images = 64
-"""
+def det_config(npz: Path) -> str:
+    return config_toml(
+        family="det", seed=3,
+        max_drop=100,  # one try per variant: this test is about repeatability, not the search
+        data=f"npz:{npz}",
+        arch=SMALL_CNN,
+        train={"epochs": 3, "lr": 1e-2, "batch_size": 64,
+               "augment_shift": 1,  # the augmentation draws from the seeded generator too
+               "patience": 2},
+        variants=[
+            variant("pruned-neurons", ratio=0.5, steps=1, epochs_per_step=1, final_epochs=0),
+            variant("distilled", epochs=1, compare_labels=False,
+                    student={"stages": [{"channels": 4, "depth": 1},
+                                        {"channels": 8, "depth": 1, "pool": True}]}),
+            variant("early-exit", frozen_epochs=1, joint_epochs=1),
+            variant("int8", base="pruned-neurons", calibration_images=64),
+        ])
 
 
 def _build(config: Path, out: Path, cache: Path, hash_seed: str) -> dict[str, Any]:
@@ -116,7 +81,7 @@ def test_two_builds_from_empty_caches_agree_on_every_variant(tmp_path: Path) -> 
     npz = tmp_path / "digits.npz"
     np.savez(npz, x=ds.x[idx], y=ds.y[idx])
     config = tmp_path / "det.toml"
-    config.write_text(CONFIG.format(npz=npz))
+    config.write_text(det_config(npz))
 
     runs = [_build(config, tmp_path / f"family-{i}", tmp_path / f"cache-{i}", hash_seed)
             for i, hash_seed in enumerate(("1", "2"))]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from compression import registry
-from compression.build import VariantConfig, _search, build, load_config
+from compression.build import VariantConfig, _search, load_config
 from compression.core.errors import ConfigError
 from compression.core.family import load_family
 from compression.data import Splits, load
@@ -27,6 +27,7 @@ from compression.models import build_model
 from compression.registry import BuildContext, Built, Knob, MethodOutput
 from compression.train import TrainConfig, seed_everything, train
 from server.app import within_max_drop
+from tests.build_configs import build_family, config_toml, variant
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "quick.toml"
@@ -228,51 +229,24 @@ def test_search_that_never_passes_ships_the_most_accurate_try(fake_ctx: BuildCon
 
 # --- real builds ---------------------------------------------------------------------------------
 
-REAL = """
-family = "target"
-seed = 0
-max_drop = 0.5
-
-[data]
-spec = "npz:{npz}"
-
-[base.arch]
-kind = "cnn"
-stages = [{{ channels = 8, depth = 1 }}, {{ channels = 16, depth = 1, pool = true }},
-          {{ channels = 16, depth = 1, pool = true }}]
-
-[base.train]
-epochs = 3
-lr = 5e-3
-augment_shift = 0
-
-[[variants]]
-name = "clustered"
-method = "clustered"
-[variants.params]
-bits = 2  # 4 shared values per layer, no fine-tune: far below full
-epochs = 0
-
-[[variants]]
-name = "distilled"
-method = "distilled"
-max_drop = 0.0
-[variants.params]
-width = 3.0  # the mildest setting: one try
-epochs = 1
-compare_labels = false
-student = {{ stages = [{{ channels = 2, depth = 1 }}, {{ channels = 2, depth = 1, pool = true }}] }}
-
-[[variants]]
-name = "distilled-loose"
-method = "distilled"
-max_drop = 100
-[variants.params]
-width = 3.0
-epochs = 1
-compare_labels = false
-student = {{ stages = [{{ channels = 2, depth = 1 }}, {{ channels = 2, depth = 1, pool = true }}] }}
-"""
+def real_config(npz: Path) -> str:
+    # one 2-channel student at the mildest width (one try), built under max_drop 0 and 100
+    tiny_student = {"width": 3.0, "epochs": 1, "compare_labels": False,
+                    "student": {"stages": [{"channels": 2, "depth": 1},
+                                           {"channels": 2, "depth": 1, "pool": True}]}}
+    return config_toml(
+        family="target", seed=0, max_drop=0.5,
+        data=f"npz:{npz}",
+        arch={"kind": "cnn", "stages": [{"channels": 8, "depth": 1},
+                                        {"channels": 16, "depth": 1, "pool": True},
+                                        {"channels": 16, "depth": 1, "pool": True}]},
+        train={"epochs": 3, "lr": 5e-3, "augment_shift": 0},
+        variants=[
+            # 2 bits: 4 shared values per layer, and no fine-tune: far below full
+            variant("clustered", bits=2, epochs=0),
+            variant("distilled", max_drop=0.0, **tiny_student),
+            variant("distilled-loose", "distilled", max_drop=100, **tiny_student),
+        ])
 
 
 @pytest.fixture
@@ -291,11 +265,8 @@ def test_real_build_backs_off_marks_and_the_server_leaves_marked_variants_out(
     digits = load("mnist5k")  # 1,500 real digits: a small CNN learns them in seconds
     npz = tmp_path / "digits.npz"
     np.savez(npz, x=digits.x[:1500], y=digits.y[:1500])
-    path = tmp_path / "c.toml"
-    path.write_text(REAL.format(npz=npz))
     with caplog.at_level(logging.WARNING, logger="compression.build"):
-        out = build(load_config(path), tmp_path / "family", cache_dir=tmp_path / "cache",
-                    progress=False)
+        out = build_family(tmp_path, real_config(npz))
     fam = load_family(out)
     full_val = fam.variant("full").val_accuracy
     assert full_val is not None and full_val > 0.7

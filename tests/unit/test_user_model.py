@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from compression import export, profile, tracing
-from compression.build import build, load_config
 from compression.core.errors import ConfigError, Unsupported
 from compression.core.family import load_family
 from compression.data import Splits
@@ -24,6 +23,7 @@ from compression.methods import pruned_neurons as pn
 from compression.models import build_model
 from compression.registry import BuildContext, Built
 from compression.train import TrainConfig, seed_everything
+from tests.build_configs import build_family, config_toml, variant
 
 SHAPE = (3, 16, 16)
 RESNET = {"kind": "user", "factory": "tests.fixtures_models:resnet",
@@ -193,47 +193,29 @@ def test_depthwise_conversion_of_a_resnet_keeps_the_other_layers_weights() -> No
 
 def test_a_user_model_with_the_wrong_class_count_stops_the_build(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=_splits().x_train, y=_splits().y_train)
-    (tmp_path / "c.toml").write_text(
-        f'[data]\nspec = "npz:{tmp_path / "d.npz"}"\n[base]\n'
-        'model = "tests.fixtures_models:resnet"\nmodel_args = { num_classes = 10 }\n')
+    config = config_toml(data=f"npz:{tmp_path / 'd.npz'}", model="tests.fixtures_models:resnet",
+                         model_args={"num_classes": 10})
     with pytest.raises(ConfigError, match=r"returns \[2, 10\] for input \[2, 3, 16, 16\]; "
                                           r"expected logits \[2, 3\]"):
-        build(load_config(tmp_path / "c.toml"), tmp_path / "out", cache_dir=tmp_path / "cache",
-              progress=False)
+        build_family(tmp_path, config)
 
 
-UNTRACEABLE_FAMILY = """
-max_drop = 100
-[data]
-spec = "npz:{npz}"
-[base]
-model = "tests.fixtures_models:untraceable"
-[base.train]
-epochs = 1
-batch_size = 32
-augment_shift = 0
-[[variants]]
-name = "early-exit"
-method = "early-exit"
-[[variants]]
-name = "int8-of-early-exit"
-method = "int8"
-base = "early-exit"
-[[variants]]
-name = "int8"
-method = "int8"
-[variants.params]
-calibration_images = 16
-"""
+def untraceable_family(npz: Path) -> str:
+    return config_toml(
+        max_drop=100,
+        data=f"npz:{npz}",
+        model="tests.fixtures_models:untraceable",
+        train={"epochs": 1, "batch_size": 32, "augment_shift": 0},
+        variants=[variant("early-exit"),
+                  variant("int8-of-early-exit", "int8", base="early-exit"),
+                  variant("int8", calibration_images=16)])
 
 
 @pytest.mark.slow
 def test_a_method_that_cannot_handle_the_model_is_left_out_and_says_why(tmp_path: Path) -> None:
     splits = _splits()
     np.savez(tmp_path / "d.npz", x=splits.x_train, y=splits.y_train)
-    (tmp_path / "c.toml").write_text(UNTRACEABLE_FAMILY.format(npz=tmp_path / "d.npz"))
-    out = build(load_config(tmp_path / "c.toml"), tmp_path / "out", cache_dir=tmp_path / "cache",
-                progress=False)
+    out = build_family(tmp_path, untraceable_family(tmp_path / "d.npz"))
     fam = load_family(out)
     assert set(fam.variants) == {"full", "int8"}
     skipped = {s["name"]: s for s in fam.manifest["skipped"]}
