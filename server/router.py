@@ -239,9 +239,10 @@ class Router:
         skip_above = remaining if remaining is not None and self.on_miss == "shed" else math.inf
         layouts: dict[str, Plan] | None = None  # per device, once the first candidate might fit
         starts: dict[str, tuple[float, int]] = {}  # per lane, shared by its exit depths
-        # (total, candidate, wait, compute): the fastest that does not fit, and the cheapest in
-        # CPU that fits but costs more than the share; a Decision is built only for the answer.
-        fastest: tuple[float, Candidate, float, float] | None = None
+        # The fastest that does not fit, ranked by its prediction without margin (predicted,
+        # candidate, wait, compute, margin); the cheapest in CPU that fits but costs more than the
+        # share (cost, candidate, wait, compute). A Decision is built only for the answer.
+        fastest: tuple[float, Candidate, float, float, float] | None = None
         cheapest: tuple[float, Candidate, float, float] | None = None
         sum_ms = self.latency.sum_ms
         for c in pool:  # most accurate first: the first that fits is the answer
@@ -251,7 +252,7 @@ class Router:
             if cost * sd + overhead > skip_above:
                 # Cannot make it even with no wait and no margin: the layout is not needed.
                 if fastest is None or cost * sd + overhead < fastest[0]:
-                    fastest = (cost * sd + overhead, c, 0.0, cost * sd)
+                    fastest = (cost * sd + overhead, c, 0.0, cost * sd, 0.0)
                 continue
             if layouts is None:
                 layouts = self._plans(load, slowdown)
@@ -272,21 +273,22 @@ class Router:
                                     sd, now)
                 if cheapest is None or cost < cheapest[0]:
                     cheapest = (cost, c, wait, compute)
-            elif fastest is None or total < fastest[0]:
-                fastest = (total, c, wait, compute)
+            elif fastest is None or predicted < fastest[0]:
+                # Ranked without margin, as the skipped ones above: with the margin a candidate
+                # that would make it could lose to one whose compute alone cannot.
+                fastest = (predicted, c, wait, compute, total - predicted)
         if cheapest is not None:  # everything that fits costs more CPU than the rate allows
             _, c, wait, compute = cheapest
             predicted = wait + compute + overhead
             return Decision(c, wait, compute, overhead, self.margin_ms(c, predicted, now),
                             remaining, True, slowdown, now)
         assert fastest is not None and remaining is not None
-        total, c, wait, compute = fastest
-        margin = total - wait - compute - overhead
+        predicted, c, wait, compute, margin = fastest
         slowdown = slowdown if c.device == CPU else accel
         # Nothing fits with its margin. The margin buys certainty when choosing among candidates;
         # refusing is another matter: the fastest still runs while it is more likely than not to
         # make it (predicted without margin), and only what would probably miss is shed.
-        if self.on_miss == "best-effort" or wait + compute + overhead <= remaining:
+        if self.on_miss == "best-effort" or predicted <= remaining:
             return Decision(c, wait, compute, overhead, margin, remaining, False, slowdown, now)
         raise Shed(remaining, c.name, wait, compute, overhead, margin)
 

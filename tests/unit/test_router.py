@@ -263,6 +263,20 @@ def test_the_margin_picks_among_candidates_but_only_a_probable_miss_is_shed(
         r.choose(deadline=clock.deadline_in(0.9), batch=1, load=IDLE)
 
 
+def test_with_wide_margins_the_fallback_is_the_fastest_prediction_not_a_skipped_candidate(
+        clock: FakeClock) -> None:
+    """Margins of 9x the prediction (a host where answers ran late): nothing fits with its margin.
+    The fallback must still be the candidate predicted fastest — `fast`, 1 ms for a 2 ms budget —
+    not `mid`, skipped for its 3 ms of compute before any margin was added (an unfair comparison
+    that shed nearly every request of the demo at 2x load)."""
+    r = _router(VARIANTS, clock)
+    r.reset_calibration(10.0)
+    d = r.choose(deadline=clock.deadline_in(2.0), batch=1, load=IDLE)
+    assert d.candidate.name == "fast" and not d.fits
+    with pytest.raises(Shed, match="'fast' would need 1\\.000 ms"):  # and a doomed one names it
+        r.choose(deadline=clock.deadline_in(0.9), batch=1, load=IDLE)
+
+
 # --- placement: the same variants on a GPU lane ---------------------------------------------------
 
 def _placed_router(clock: FakeClock, gpu_ms: float, **kw: object) -> Router:
