@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
-# Packages of the `build` extra: a command that needs one says how to install it.
 # The gRPC port `serve` listens on and the client commands' default --target use when set: one
 # setting for both, so a container's health check follows the server to another port.
 PORT_ENV = "ADAPTIVE_INFERENCE_PORT"
 DEFAULT_PORT = 8001
-
+# Packages of the `build` extra: a command that needs one says how to install it.
 BUILD_ONLY = ("torch", "torch_pruning", "onnxscript", "safetensors", "tqdm", "matplotlib")
 
 

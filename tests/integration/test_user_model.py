@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from client import AdaptiveClient
 from compression import export
@@ -23,7 +22,7 @@ from compression.core.family import load_family
 from compression.core.ort import session
 from compression.models import build_model
 from server.app import ServeOptions
-from tests.build_configs import build_family, config_toml, variant
+from tests.build_configs import build_family, config_toml, one_torch_thread, variant
 from tests.harness import serve_in_thread
 
 pytestmark = pytest.mark.slow
@@ -67,13 +66,10 @@ def images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.uint8), y
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and lose a lot to a busy shared host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module", name="one_torch_thread")
+def _one_torch_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from compression.methods import (
 from compression.models import DEFAULT_CNN, build_model, fold_batchnorm
 from compression.registry import BuildContext, Built
 from compression.train import TrainConfig, TrainResult, accuracy, logits, seed_everything, train
-from tests.build_configs import build_family, config_toml, variant
+from tests.build_configs import build_family, config_toml, one_torch_thread, variant
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {**DEFAULT_CNN, "stages": [{"channels": 8, "depth": 1, "pool": False},
@@ -68,11 +68,8 @@ def _tiny(num_classes: int = 4) -> nn.Module:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """These models are tiny: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ from compression.methods.low_rank import (
 )
 from compression.models import StagedCNN, build_model
 from compression.train import TrainConfig
-from tests.build_configs import SMALL_CNN, build_family, config_toml, variant
+from tests.build_configs import SMALL_CNN, build_family, config_toml, one_torch_thread, variant
 
 TINY = {"kind": "cnn", "input": [1, 28, 28], "num_classes": 10,
         "stages": [{"channels": 4, "depth": 1}, {"channels": 8, "depth": 2, "pool": True},
@@ -390,14 +390,10 @@ TINY_FAMILY = config_toml(
               variant("early-exit", frozen_epochs=1, joint_epochs=1)])
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a shared 2-core host OpenMP's
-    spinning threads made this build 4x slower (109 s against 26 s) when other jobs ran."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(name="one_torch_thread")
+def _one_torch_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from compression.models import build_model
 from compression.registry import BuildContext, Built, Knob, MethodOutput
 from compression.train import TrainConfig, seed_everything, train
 from server.app import within_max_drop
-from tests.build_configs import build_family, config_toml, variant
+from tests.build_configs import build_family, config_toml, one_torch_thread, variant
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "quick.toml"
@@ -249,13 +249,10 @@ def real_config(npz: Path) -> str:
         ])
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Small models: a second thread gains nothing and spins against other jobs on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(name="one_torch_thread")
+def _one_torch_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from compression.methods import pruned_neurons as pn
 from compression.models import build_model
 from compression.registry import BuildContext, Built
 from compression.train import TrainConfig, seed_everything
-from tests.build_configs import build_family, config_toml, variant
+from tests.build_configs import build_family, config_toml, one_torch_thread, variant
 
 SHAPE = (3, 16, 16)
 RESNET = {"kind": "user", "factory": "tests.fixtures_models:resnet",
@@ -33,10 +33,8 @@ UNTRACEABLE = {**RESNET, "factory": "tests.fixtures_models:untraceable", "args":
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _splits(n: int = 96) -> Splits:
