@@ -18,6 +18,9 @@ the workers. Every figure is the median of ``--repeats`` rounds; the rounds visi
 rotating order so drift in the machine's load does not favour one. The worker servers are also
 driven by one client process alone (the default of `adaptive-inference bench`: one process,
 `client.loadgen.CONNECTIONS` connections), the case in which more workers must not be slower.
+``--stream`` also drives each server over ModelStreamInfer: every call in flight is a stream of
+its own that sends its next request when the last one's answer arrived (a stream message costs
+gRPC far less than a unary call).
 
     .venv/bin/python bench/ceiling.py [--family families/mnist5k] [--workers-list 1,2]
         [--clients 4] [--images 1] [--json FILE]
@@ -38,7 +41,7 @@ import multiprocessing.connection
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,11 @@ from protos.generated import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+# A ModelStreamInferResponse whose first field is error_message (field 1, length-delimited) starts
+# with this byte; an answer starts with its infer_response (field 2). Fields are serialised in
+# field-number order, so one byte tells an error from an answer without parsing.
+STREAM_ERROR_TAG = 0x0A
 
 
 # --- the client processes -----------------------------------------------------------------------
@@ -92,6 +100,8 @@ async def _drive(job: Job) -> Drive:
     # Each channel on its own TCP connection: channels with equal arguments share a subchannel.
     options = [*wire.channel_options(), ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(job.target, options) for _ in range(job.channels)]
+    if job.method == STREAM_METHOD:
+        return await _drive_streams(job, channels)
     # No serializers: bytes out, bytes in, the same client work for the echo and the server.
     calls = [ch.unary_unary(job.method) for ch in channels]
     for call in calls:  # connect every channel, and check what answers
@@ -112,6 +122,50 @@ async def _drive(job: Job) -> Drive:
                 answers += 1
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
+
+    tasks = [asyncio.create_task(loop(calls[i % len(calls)])) for i in range(job.concurrency)]
+    await asyncio.sleep(max(job.start_at - time.time(), 0.0))
+    n0, cpu0, t0 = answers, time.process_time(), time.monotonic()
+    await asyncio.sleep(max(job.stop_at - time.time(), 0.0))
+    out = Drive(answers - n0, time.monotonic() - t0, time.process_time() - cpu0)
+    running = False
+    await asyncio.gather(*tasks)
+    for ch in channels:
+        await ch.close()
+    out.errors = dict(errors)
+    return out
+
+
+async def _drive_streams(job: Job, channels: list[grpc.aio.Channel]) -> Drive:
+    """`_drive` over ModelStreamInfer: each of the ``concurrency`` calls in flight is a stream of
+    its own, writing the next request once the last one's answer came back."""
+    calls = [ch.stream_stream(job.method) for ch in channels]
+    for call in calls:  # connect every channel, and check what answers
+        stream = call()
+        await stream.write(job.payload)
+        got = pb.ModelStreamInferResponse.FromString(await stream.read())
+        await stream.done_writing()
+        answered = got.error_message or got.infer_response.model_version
+        if answered != job.variant:
+            raise RuntimeError(f"stream answered {answered!r}, not the pinned {job.variant!r}")
+    answers = 0
+    errors: collections.Counter[str] = collections.Counter()
+    running = True
+
+    async def loop(call: Any) -> None:
+        nonlocal answers
+        stream = call()
+        try:
+            while running:
+                await stream.write(job.payload)
+                answer = await stream.read()
+                if answer[0] == STREAM_ERROR_TAG:
+                    errors["stream error_message"] += 1
+                else:
+                    answers += 1
+            await stream.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] += 1
 
     tasks = [asyncio.create_task(loop(calls[i % len(calls)])) for i in range(job.concurrency)]
     await asyncio.sleep(max(job.start_at - time.time(), 0.0))
@@ -277,6 +331,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="measured window")
     ap.add_argument("--warmup", type=float, default=1.0, help="load before each window, s")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; figures are their medians")
+    ap.add_argument("--stream", action="store_true",
+                    help="also drive each server over ModelStreamInfer (each call in flight a "
+                         "stream of its own; the client library's infer_stream)")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
     family_dir = Path(args.family) if Path(args.family).is_absolute() else ROOT / args.family
@@ -301,13 +358,16 @@ def main() -> None:
             infer = ch.unary_unary(INFER_METHOD)
             # The echo's canned answer is as long as the server's answer to the same request.
             echoes = {b: echo(len(infer(requests[b], timeout=30)), stack) for b in images}
+        if args.stream:
+            servers += [replace(s, label=f"{s.label}, stream", method=STREAM_METHOD)
+                        for s in servers]
         passes = [(s, b, args.clients) for b in images for s in (echoes[b], *servers)]
         passes += [(s, b, 1) for b in images for s in servers]  # the bench's single client
         for r in range(args.repeats):
             for server, b, count in passes[r % len(passes):] + passes[:r % len(passes)]:
                 runs[(server.label, b, count)].append(measure(
                     clients, server, requests[b],
-                    fastest if server.method == INFER_METHOD else None, count=count, args=args))
+                    None if server.label == "echo" else fastest, count=count, args=args))
     rows = {key: median_row(v) for key, v in runs.items()}
     report(rows, fam.name, fastest, workers_list, args, host_start, time.monotonic() - began)
 
@@ -321,7 +381,7 @@ def report(rows: dict[tuple[str, int, int], dict[str, Any]], family: str, varian
           f"(and 1) × {args.concurrency} in flight over {args.channels} connections each; "
           f"{args.seconds:g} s windows, median of {args.repeats}; {host['cpus']} cores, "
           f"load average {host_start['load_average'][0]:.2f} → {host['load_average'][0]:.2f}")
-    print(f"{'server':<12}{'img':>4}{'clients':>8}{'answers/s':>11}{'srv CPU ms':>11}"
+    print(f"{'server':<18}{'img':>4}{'clients':>8}{'answers/s':>11}{'srv CPU ms':>11}"
           f"{'cli CPU ms':>11}{'srv cores':>10}{'vs echo':>9}{'vs 1 wkr':>9}{'load':>6}  errors")
     figures: dict[str, Any] = {"family": family, "variant": variant, "host_start": host_start,
                                "host_end": host, "elapsed_s": round(elapsed_s, 1),
@@ -335,7 +395,7 @@ def report(rows: dict[tuple[str, int, int], dict[str, Any]], family: str, varian
                    if echo_row is not None and label != "echo" else None)
         vs_one = (row["answers_per_s"] / base["answers_per_s"]
                   if base is not None and label not in ("echo", one_worker) else None)
-        print(f"{label:<12}{b:>4}{count:>8}{row['answers_per_s']:>11.0f}"
+        print(f"{label:<18}{b:>4}{count:>8}{row['answers_per_s']:>11.0f}"
               f"{row['server_cpu_ms']:>11.3f}{row['client_cpu_ms']:>11.3f}"
               f"{row['server_cores']:>10.2f}"
               f"{'' if vs_echo is None else f'{vs_echo:.0%}':>9}"

@@ -19,6 +19,9 @@ QUEUE_MS_PARAM = "queue_ms"  # double: time the request waited for its batch
 COMPUTE_MS_PARAM = "compute_ms"  # double: time its batch computed
 RETRIED_FROM_PARAM = "retried_from"  # the variant that failed first; this answer is its retry
 DEVICE_PARAM = "device"  # where it ran, when not the CPU: "cuda" (a GPU lane)
+# On a ModelStreamInfer response that carries an error_message: the gRPC status code name the same
+# request would have failed with as a unary call ("DEADLINE_EXCEEDED"), so clients can type it.
+STATUS_PARAM = "status"
 
 # --- limits -------------------------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 64 << 20  # gRPC send/receive limit on both sides

@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from protos import wire
 from protos.generated import adaptive_pb2 as apb
 from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
 from protos.generated import grpc_service_pb2 as pb
-from protos.wire import MAX_REQUEST_BATCH
 from server.codec import ModelSpec, decode_infer, encode_infer
 from server.engine import Engine
 from server.errors import AdaptiveError, InvalidArgument, NotFound, Unavailable, shown
@@ -221,7 +221,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Triton's convention: a failed request is an error_message in the stream, not the end.
+        # Triton's convention: a failed request is an error_message in the stream, not the end
+        # (its status code rides along as the `status` parameter). Requests are answered one
+        # after another, in order: a client pipelines them and matches answers by position.
         async for request in request_iterator:
             admitted = not self.state.draining
             if admitted:
@@ -230,9 +232,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 resp = await self._infer(request, context.time_remaining())
                 yield pb.ModelStreamInferResponse(infer_response=resp)
             except Exception as exc:
-                _code, details = _status(exc)
+                code, details = _status(exc)
                 echo = (pb.ModelInferResponse() if isinstance(request, Malformed) else
                         pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                echo.parameters[wire.STATUS_PARAM].string_param = code.name
                 yield pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
             finally:  # the generator resumes after a yield once that message was sent
                 if admitted:
@@ -269,7 +272,7 @@ class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
         engine, spec = self.state.ready_engine()
         if request.name and request.name != spec.name:
             raise NotFound(f"name {shown(request.name)}: this server hosts {spec.name!r}")
-        batch = min(max(int(request.batch_size), 1), MAX_REQUEST_BATCH)
+        batch = min(max(int(request.batch_size), 1), wire.MAX_REQUEST_BATCH)
         resp = apb.ModelVariantsResponse(name=spec.name)
         for c, d, p95 in engine.table(batch):
             v = engine.family.variant(c.variant)

@@ -151,6 +151,29 @@ def test_stream_infer_answers_each_request_and_reports_errors(server: RunningSer
     assert [o.infer_response.id for o in out] == ["a", "b", "a"]
     assert [bool(o.error_message) for o in out] == [False, True, False]
     assert "inputs[0].datatype 'FP16'" in out[1].error_message
+    # the code a unary call would have failed with, for clients to type the error
+    assert out[1].infer_response.parameters["status"].string_param == "INVALID_ARGUMENT"
+    assert "status" not in out[0].infer_response.parameters
+
+
+def test_client_stream_answers_every_batch_in_order_with_typed_failures(
+        server: RunningServer, client: AdaptiveClient, images: np.ndarray) -> None:
+    poisoned = images[:2].copy()
+    poisoned[1, 0, 0, 0] = np.nan  # the client sends it; the server refuses it
+    batches = [images[:1], poisoned, images[1:4], images[3:4]]
+    out = list(client.infer_stream(batches, variant="slow", timeout=30))
+    assert [type(o).__name__ for o in out] == ["InferResult", "InvalidArgument", "InferResult",
+                                               "InferResult"]
+    assert "NaN" in str(out[1])
+    for batch, answer in zip(batches, out, strict=True):  # in order: each answer is its batch's
+        if not isinstance(answer, InvalidArgument):
+            unary = client.infer(batch, variant="slow", timeout=30)
+            assert answer.variant == "slow" and answer.latency_ms > 0
+            np.testing.assert_allclose(answer.outputs, unary.outputs, rtol=1e-5, atol=1e-6)
+    # a pin the server does not have: every request refused, each typed, the stream unharmed
+    refused = list(client.infer_stream([images[:1]] * 3, variant="huge", timeout=30))
+    assert len(refused) == 3 and all(isinstance(o, NotFound) for o in refused), refused
+    assert "'huge'" in str(refused[0])
 
 
 def test_reflection_lists_the_services(server: RunningServer) -> None:
