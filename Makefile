@@ -52,8 +52,9 @@ family: $(STAMP)
 # The benchmark report, docs/results.md (~15 minutes): router decision time, gRPC overhead, the
 # policy comparison on the default family with default serve flags (adaptive vs each pinned
 # static on the Pareto front, 0.5x-8x full's capacity, 3 repeats, and a time-varying load),
-# goodput past saturation with and without --backlog (one server on CPU 0, the load generator on
-# CPU 1: the rates suit a core of this 2-core machine), then the page itself. Raw figures under
+# the per-process ceiling (echo vs server, unary vs stream, 1 and 2 workers), goodput past
+# saturation with and without --backlog (one server on CPU 0, the load generator on CPU 1: the
+# rates suit a core of this 2-core machine), then the page itself. Raw figures under
 # results/bench/; bench/ceiling.py and bench/scaleout.py's 16-core runs are device runs, kept.
 BENCH_OUT := results/bench
 BENCH_FAMILY ?= families/mnist5k
@@ -63,6 +64,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/router.py --json $(BENCH_OUT)/router.json
 	$(BIN)/python bench/overhead.py --family $(BENCH_FAMILY) --requests 2000 --json $(BENCH_OUT)/overhead.json
 	$(BIN)/python bench/policies.py --family $(BENCH_FAMILY) --out $(BENCH_OUT)/policies
+	$(BIN)/python bench/ceiling.py --family $(BENCH_FAMILY) --workers-list 1,2 --stream \
+		--json $(BENCH_OUT)/ceiling-2core.json
 	$(BIN)/python bench/scaleout.py --family $(BENCH_FAMILY) --workers-list 1 --flags "" \
 		--flags "--backlog 8" --rates 250,500,1000,2000 --seconds 5 --clients 2 \
 		--server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/scaleout-2core.json

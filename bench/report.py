@@ -440,14 +440,19 @@ def _machine(host: dict[str, Any] | None) -> str:
             + (f", load average {load[0]:.1f} at the start" if load else ""))
 
 
-def throughput_section(ceiling: dict[str, Any] | None,
+def _cpus(cpus: Any) -> str:
+    return ", ".join(map(str, cpus)) if isinstance(cpus, list) else str(cpus)
+
+
+def throughput_section(ceilings: Sequence[dict[str, Any]],
                        scaleouts: Sequence[dict[str, Any]]) -> str:
-    """Echo vs server saturation and CPU per answer, 1 vs N workers, goodput past saturation."""
+    """Echo vs server saturation and CPU per answer, 1 vs N workers, unary vs stream, goodput
+    past saturation."""
     text = ["## Throughput and scale-out\n"]
-    if ceiling is None and not scaleouts:
+    if not ceilings and not scaleouts:
         text.append("Not measured in this run (`bench/ceiling.py`, `bench/scaleout.py`).\n")
         return "\n".join(text)
-    if ceiling is not None:
+    for ceiling in ceilings:
         cfg = ceiling.get("config", {})
         rows = []
         for r in ceiling.get("rows", []):
@@ -456,13 +461,16 @@ def throughput_section(ceiling: dict[str, Any] | None,
                          f"{r['server_cores']:.2f}",
                          "" if r.get("vs_echo") is None else f"{r['vs_echo']:.0%}",
                          "" if r.get("vs_one_worker") is None else f"{r['vs_one_worker']:.2f}x"])
+        streams = (" Rows marked *stream* drive the server over ModelStreamInfer instead (each "
+                   "call in flight a stream of its own, the next request sent when the last "
+                   "answer arrived: `AdaptiveClient.infer_stream`)." if cfg.get("stream") else "")
         text.append(
             f"**Per-process ceiling** (`bench/ceiling.py`, {_machine(ceiling.get('host_start'))}): "
             f"the bare `grpc.aio` echo server and `serve` (default flags but `--workers`) driven "
             f"closed-loop to saturation by {cfg.get('clients')} client processes × "
             f"{cfg.get('concurrency')} calls in flight, pinned to `{ceiling.get('variant')}`, no "
             f"budget; CPU per answer = the server's process tree's CPU seconds ÷ answers; median "
-            f"of {cfg.get('repeats')} rounds. Clients and servers share the machine."
+            f"of {cfg.get('repeats')} rounds. Clients and servers share the machine.{streams}"
             + (f" {ceiling['note']}" if ceiling.get("note") else "") + "\n\n"
             + markdown_table(["server", "images", "client procs", "answers/s",
                               "server CPU ms/answer", "server cores", "vs echo", "vs 1 worker"],
@@ -480,7 +488,8 @@ def throughput_section(ceiling: dict[str, Any] | None,
                          "not reached" if share is None else f"{share:.0%}", steps])
         cpus = run.get("cpus")
         pinned = ("" if not cpus or cpus.get("server") == "any" else
-                  f" The server ran on CPU {cpus['server']}, the clients on CPU {cpus['clients']}.")
+                  f" The server ran on CPU {_cpus(cpus['server'])}, the clients on CPU "
+                  f"{_cpus(cpus['clients'])}.")
         text.append(
             f"**Goodput past saturation** (`bench/scaleout.py`, {_machine(run.get('host'))}): "
             "`serve --device cpu --workers N`, routed, budgets uniform 5–20 ms, 8 test images per "
@@ -783,6 +792,9 @@ def main() -> None:
         path = results / name
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def present(*runs: dict[str, Any] | None) -> list[dict[str, Any]]:
+        return [r for r in runs if r is not None]
+
     summary = read("policies/summary.json")
     if summary is None:
         log.warning("%s: missing; the policy section says so", results / "policies/summary.json")
@@ -815,9 +827,8 @@ def main() -> None:
     parts = [header, compression_section((ROOT / args.family).resolve()),
              policy_section(summary, results, docs),
              overhead_section(read("router.json"), read("overhead.json")),
-             throughput_section(read("ceiling.json"),
-                                [r for r in (read("scaleout.json"), read("scaleout-2core.json"))
-                                 if r is not None]),
+             throughput_section(present(read("ceiling.json"), read("ceiling-2core.json")),
+                                present(read("scaleout.json"), read("scaleout-2core.json"))),
              gpu_section(read("gpu.json"), f"{args.results}/gpu.json")]
     (docs / "results.md").write_text("\n".join(parts))
     log.info("wrote %s", docs / "results.md")
