@@ -258,20 +258,29 @@ class AdaptiveClient:
         stream is answered by one worker thread of one server process at a time: open several
         (one per thread) for more. A request that fails (shed: `BudgetExceeded`, a bad batch:
         `InvalidArgument`) yields its typed error in its place and the stream goes on; a failure
-        of the stream itself is raised. ``budget_ms`` applies to each request from when the
-        server reads it (time queued in the stream before that does not count); ``timeout``:
-        the deadline of the whole stream. ``latency_ms``: from the request's send to its answer.
+        of the stream itself is raised, and so is a batch the client cannot send (wrong rank) or
+        an error of ``batches`` itself, after the answers to the batches before it.
+
+        ``budget_ms`` applies to each request from when the server reads it (time queued in the
+        stream before that does not count); ``timeout``: the deadline of the whole stream;
+        ``latency_ms`` of an answer: from its request's send to its arrival.
         """
         if budget_ms is not None and not budget_ms > 0:
             raise InvalidArgument(f"budget_ms {budget_ms!r}: must be positive")
         sent: collections.deque[float] = collections.deque()  # send times, oldest first
+        failed: list[Exception] = []  # what stopped the requests, raised after their answers
 
-        def requests() -> Iterator[pb.ModelInferRequest]:  # consumed on gRPC's own thread
-            for batch in batches:
-                req = build_request(self.model, as_batch(batch), budget_ms=budget_ms,
-                                    variant=variant, input_name=self._input_name)
-                sent.append(time.perf_counter())
-                yield req
+        def requests() -> Iterator[pb.ModelInferRequest]:
+            # Consumed on gRPC's own thread, where an exception would only cancel the stream:
+            # keep it for the caller and end the requests here instead.
+            try:
+                for batch in batches:
+                    req = build_request(self.model, as_batch(batch), budget_ms=budget_ms,
+                                        variant=variant, input_name=self._input_name)
+                    sent.append(time.perf_counter())
+                    yield req
+            except Exception as exc:
+                failed.append(exc)
 
         try:
             for answer in self._infer.ModelStreamInfer(requests(), timeout=timeout,
@@ -286,6 +295,8 @@ class AdaptiveClient:
                     yield parse_response(resp, latency_ms)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
+        if failed:
+            raise failed[0]
 
     # --- discovery -----------------------------------------------------------------------------
 

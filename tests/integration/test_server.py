@@ -174,6 +174,11 @@ def test_client_stream_answers_every_batch_in_order_with_typed_failures(
     refused = list(client.infer_stream([images[:1]] * 3, variant="huge", timeout=30))
     assert len(refused) == 3 and all(isinstance(o, NotFound) for o in refused), refused
     assert "'huge'" in str(refused[0])
+    # a batch the client cannot even send ends the stream after the answers before it
+    stream = client.infer_stream([images[:1], images[0, 0], images[:1]], variant="slow")
+    assert isinstance(next(stream), type(out[0]))
+    with pytest.raises(InvalidArgument, match=r"batch shape \[28, 28\]"):
+        next(stream)
 
 
 def test_reflection_lists_the_services(server: RunningServer) -> None:
