@@ -8,6 +8,10 @@ letting every request miss).
 
     python3 bench/scaleout.py --family families/mnist5k --workers-list 1,8 --json OUT.json
 
+``--flags '--backlog 8'`` (repeatable) ramps one more server per worker count with those serve
+flags; ``--server-cpus 0 --client-cpus 1`` pins the server and the load generator apart (on a
+small host the clients would otherwise take the server's cores).
+
 About 2 minutes with the defaults on 16 cores; nothing but 127.0.0.1. Shares `bench/gpu.py`'s
 spawned client pool, server start-up and JSON-per-phase plumbing.
 """
