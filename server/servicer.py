@@ -13,6 +13,7 @@ shutdown (`ServingState.draining`) new inference requests are refused with UNAVA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -30,10 +31,15 @@ from protos.generated import grpc_service_pb2 as pb
 from server.codec import ModelSpec, decode_infer, encode_infer
 from server.engine import Engine
 from server.errors import AdaptiveError, InvalidArgument, NotFound, Unavailable, shown
+from server.streams import ordered
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "adaptive-inference"
+# How far ModelStreamInfer reads ahead of its answers: requests (a batch's worth at the default
+# --max-batch) and payload bytes (one largest request, beyond which it reads one at a time).
+STREAM_WINDOW = 32
+STREAM_WINDOW_BYTES = wire.MAX_MESSAGE_BYTES
 EXTENSIONS = ["model_metadata", "adaptive_latency_budget"]
 
 try:
@@ -222,24 +228,31 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Triton's convention: a failed request is an error_message in the stream, not the end
-        # (its status code rides along as the `status` parameter). Requests are answered one
-        # after another, in order: a client pipelines them and matches answers by position.
-        async for request in request_iterator:
-            admitted = not self.state.draining
-            if admitted:
-                self.state.admit()
+        # (its status code rides along as the `status` parameter). Answers come in request
+        # order; the requests are read ahead and computed concurrently (`server.streams`), so a
+        # client pipelining one stream gets them batched together.
+        async def answer(request: pb.ModelInferRequest | Malformed) -> pb.ModelStreamInferResponse:
             try:
-                resp = await self._infer(request, context.time_remaining())
-                yield pb.ModelStreamInferResponse(infer_response=resp)
+                return pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, context.time_remaining()))
             except Exception as exc:
                 code, details = _status(exc)
                 echo = (pb.ModelInferResponse() if isinstance(request, Malformed) else
                         pb.ModelInferResponse(model_name=request.model_name, id=request.id))
                 echo.parameters[wire.STATUS_PARAM].string_param = code.name
-                yield pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
-            finally:  # the generator resumes after a yield once that message was sent
-                if admitted:
-                    self.state.answered_one()
+                return pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
+
+        def admit() -> bool:  # counted until its answer is sent; refused ones are not waited for
+            if self.state.draining:
+                return False
+            self.state.admit()
+            return True
+
+        async with contextlib.aclosing(ordered(
+                request_iterator, answer, window=STREAM_WINDOW, max_bytes=STREAM_WINDOW_BYTES,
+                size=_size, admit=admit, done=self.state.answered_one)) as answers:
+            async for response in answers:
+                yield response
 
     async def _infer(self, request: pb.ModelInferRequest | Malformed,
                      time_remaining: float | None) -> pb.ModelInferResponse:
@@ -283,6 +296,10 @@ class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
                 size_bytes=v.size_bytes, macs=v.macs)
             resp.load_factor = d.slowdown
         return resp
+
+
+def _size(request: pb.ModelInferRequest | Malformed) -> int:
+    return request.size if isinstance(request, Malformed) else request.ByteSize()
 
 
 def _known_version(version_: str, versions: list[str]) -> bool:

@@ -181,6 +181,40 @@ def test_client_stream_answers_every_batch_in_order_with_typed_failures(
         next(stream)
 
 
+def _batches(server: RunningServer, variant: str) -> float:
+    """How many batches the server has run on ``variant`` (its batch-size histogram's count)."""
+    metric = server.server.engine.metrics.batch_size
+    return sum(s.value for m in metric.collect() for s in m.samples
+               if s.name.endswith("_count") and s.labels.get("variant") == variant)
+
+
+def test_one_stream_reads_ahead_so_its_requests_batch_together(
+        server: RunningServer, client: AdaptiveClient, images: np.ndarray) -> None:
+    """A stream's requests are computed while the next ones are read (in order all the same):
+    a client pipelining one stream gets them batched, fewer batches than requests."""
+    before = _batches(server, "slow")
+    out = list(client.infer_stream([images[:1]] * 200, variant="slow", timeout=60))
+    assert len(out) == 200 and all(r.variant == "slow" for r in out)  # type: ignore[union-attr]
+    batches = _batches(server, "slow") - before
+    assert 0 < batches < 200, batches
+
+
+def test_a_stream_cancelled_midway_leaves_nothing_counted_in_flight(
+        server: RunningServer, images: np.ndarray) -> None:
+    """Requests read ahead and not answered when the client cancels are dropped and uncounted:
+    a drain waiting for in-flight answers would otherwise wait for ever."""
+    req = build_request("servetest", images[:1], variant="slow")
+    with grpc.insecure_channel(server.target) as ch:
+        stream = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(
+            iter([req] * 500), timeout=30)
+        assert not next(stream).error_message
+        stream.cancel()
+    deadline = time.monotonic() + 10
+    while server.server.state.answering and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.server.state.answering == 0
+
+
 def test_reflection_lists_the_services(server: RunningServer) -> None:
     with grpc.insecure_channel(server.target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
