@@ -253,10 +253,10 @@ class AdaptiveClient:
         batch, in order.
 
         For throughput: the requests go out as fast as gRPC's flow control lets them, without
-        waiting for answers, and the server answers them one after another on this stream, for
-        less than half the server CPU of a unary call each (docs/serving.md, "Streams"). A
-        stream is answered by one worker thread of one server process at a time: open several
-        (one per thread) for more. A request that fails (shed: `BudgetExceeded`, a bad batch:
+        waiting for answers; the server reads ahead, batches them and answers in order, for
+        less than half the server CPU of a unary call each (docs/serving.md, "Streams"). One
+        stream is served by one server process: open several (one per thread) to spread over
+        ``--workers``. A request that fails (shed: `BudgetExceeded`, a bad batch:
         `InvalidArgument`) yields its typed error in its place and the stream goes on; a failure
         of the stream itself is raised, and so is a batch the client cannot send (wrong rank) or
         an error of ``batches`` itself, after the answers to the batches before it.
