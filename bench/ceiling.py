@@ -41,6 +41,7 @@ import multiprocessing.connection
 import os
 import statistics
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -96,88 +97,83 @@ class Drive:
     errors: dict[str, int] = field(default_factory=dict)  # gRPC status name → count
 
 
+@dataclass
+class _Tally:
+    """What a client process's calls count, shared by them (one event loop: no locks)."""
+
+    answers: int = 0
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    running: bool = True
+
+
+Caller = Callable[[], Coroutine[None, None, None]]
+
+
 async def _drive(job: Job) -> Drive:
     # Each channel on its own TCP connection: channels with equal arguments share a subchannel.
     options = [*wire.channel_options(), ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(job.target, options) for _ in range(job.channels)]
-    if job.method == STREAM_METHOD:
-        return await _drive_streams(job, channels)
-    # No serializers: bytes out, bytes in, the same client work for the echo and the server.
-    calls = [ch.unary_unary(job.method) for ch in channels]
-    for call in calls:  # connect every channel, and check what answers
-        answer = await call(job.payload, timeout=30)
-        if job.variant is not None:
-            got = pb.ModelInferResponse.FromString(answer).model_version
-            if got != job.variant:
-                raise RuntimeError(f"answered by {got!r}, not the pinned {job.variant!r}")
-    answers = 0
-    errors: collections.Counter[str] = collections.Counter()
-    running = True
+    tally = _Tally()
+    caller = _stream_caller if job.method == STREAM_METHOD else _unary_caller
+    callers = [await caller(ch, job, tally) for ch in channels]  # connected and checked
+    tasks = [asyncio.create_task(callers[i % len(callers)]()) for i in range(job.concurrency)]
+    await asyncio.sleep(max(job.start_at - time.time(), 0.0))
+    n0, cpu0, t0 = tally.answers, time.process_time(), time.monotonic()
+    await asyncio.sleep(max(job.stop_at - time.time(), 0.0))
+    out = Drive(tally.answers - n0, time.monotonic() - t0, time.process_time() - cpu0)
+    tally.running = False
+    await asyncio.gather(*tasks)
+    for ch in channels:
+        await ch.close()
+    out.errors = dict(tally.errors)
+    return out
 
-    async def loop(call: Any) -> None:
-        nonlocal answers
-        while running:
+
+async def _unary_caller(channel: grpc.aio.Channel, job: Job, tally: _Tally) -> Caller:
+    """One call in flight at a time on ``channel``, each answer followed by the next call."""
+    # No serializers: bytes out, bytes in, the same client work for the echo and the server.
+    call = channel.unary_unary(job.method)
+    answer = await call(job.payload, timeout=30)  # connect, and check what answers
+    if job.variant is not None:
+        got = pb.ModelInferResponse.FromString(answer).model_version
+        if got != job.variant:
+            raise RuntimeError(f"answered by {got!r}, not the pinned {job.variant!r}")
+
+    async def run() -> None:
+        while tally.running:
             try:
                 await call(job.payload, timeout=30)
-                answers += 1
+                tally.answers += 1
             except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += 1
-
-    tasks = [asyncio.create_task(loop(calls[i % len(calls)])) for i in range(job.concurrency)]
-    await asyncio.sleep(max(job.start_at - time.time(), 0.0))
-    n0, cpu0, t0 = answers, time.process_time(), time.monotonic()
-    await asyncio.sleep(max(job.stop_at - time.time(), 0.0))
-    out = Drive(answers - n0, time.monotonic() - t0, time.process_time() - cpu0)
-    running = False
-    await asyncio.gather(*tasks)
-    for ch in channels:
-        await ch.close()
-    out.errors = dict(errors)
-    return out
+                tally.errors[exc.code().name] += 1
+    return run
 
 
-async def _drive_streams(job: Job, channels: list[grpc.aio.Channel]) -> Drive:
-    """`_drive` over ModelStreamInfer: each of the ``concurrency`` calls in flight is a stream of
-    its own, writing the next request once the last one's answer came back."""
-    calls = [ch.stream_stream(job.method) for ch in channels]
-    for call in calls:  # connect every channel, and check what answers
-        stream = call()
-        await stream.write(job.payload)
-        got = pb.ModelStreamInferResponse.FromString(await stream.read())
-        await stream.done_writing()
-        answered = got.error_message or got.infer_response.model_version
-        if answered != job.variant:
-            raise RuntimeError(f"stream answered {answered!r}, not the pinned {job.variant!r}")
-    answers = 0
-    errors: collections.Counter[str] = collections.Counter()
-    running = True
+async def _stream_caller(channel: grpc.aio.Channel, job: Job, tally: _Tally) -> Caller:
+    """A ModelStreamInfer stream of its own per call in flight, writing the next request once
+    the last one's answer came back."""
+    call = channel.stream_stream(job.method)
+    stream = call()  # connect, and check what answers
+    await stream.write(job.payload)
+    got = pb.ModelStreamInferResponse.FromString(await stream.read())
+    await stream.done_writing()
+    answered = got.error_message or got.infer_response.model_version
+    if answered != job.variant:
+        raise RuntimeError(f"stream answered {answered!r}, not the pinned {job.variant!r}")
 
-    async def loop(call: Any) -> None:
-        nonlocal answers
+    async def run() -> None:
         stream = call()
         try:
-            while running:
+            while tally.running:
                 await stream.write(job.payload)
-                answer = await stream.read()
-                if answer[0] == STREAM_ERROR_TAG:
-                    errors["stream error_message"] += 1
+                if (await stream.read())[0] == STREAM_ERROR_TAG:
+                    tally.errors["stream error_message"] += 1
                 else:
-                    answers += 1
+                    tally.answers += 1
             await stream.done_writing()
         except grpc.aio.AioRpcError as exc:
-            errors[exc.code().name] += 1
-
-    tasks = [asyncio.create_task(loop(calls[i % len(calls)])) for i in range(job.concurrency)]
-    await asyncio.sleep(max(job.start_at - time.time(), 0.0))
-    n0, cpu0, t0 = answers, time.process_time(), time.monotonic()
-    await asyncio.sleep(max(job.stop_at - time.time(), 0.0))
-    out = Drive(answers - n0, time.monotonic() - t0, time.process_time() - cpu0)
-    running = False
-    await asyncio.gather(*tasks)
-    for ch in channels:
-        await ch.close()
-    out.errors = dict(errors)
-    return out
+            tally.errors[exc.code().name] += 1
+    return run
 
 
 def _client_main(conn: multiprocessing.connection.Connection) -> None:
