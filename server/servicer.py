@@ -62,9 +62,14 @@ class ServingState:
     answering: int = 0
     _answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
-    def admit(self) -> None:
+    def admit(self) -> bool:
+        """Count a call whose answer the drain must wait for; False (not counted) once the
+        drain began: such a call is refused, and a refusal needs no waiting."""
+        if self.draining:
+            return False
         self.answering += 1
         self._answered.clear()
+        return True
 
     def answered_one(self, *_context: object) -> None:
         self.answering -= 1
@@ -161,8 +166,7 @@ def _mapped(fn: Handler[T]) -> Handler[T]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            if not self.state.draining:  # runs on the loop, so no drain starts in between
-                self.state.admit()
+            if self.state.admit():  # runs on the loop, so no drain starts in between
                 context.add_done_callback(self.state.answered_one)  # once the status is sent
             if isinstance(request, Malformed):
                 raise request.error()
@@ -242,15 +246,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 echo.parameters[wire.STATUS_PARAM].string_param = code.name
                 return pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
 
-        def admit() -> bool:  # counted until its answer is sent; refused ones are not waited for
-            if self.state.draining:
-                return False
-            self.state.admit()
-            return True
-
         async with contextlib.aclosing(ordered(
                 request_iterator, answer, window=STREAM_WINDOW, max_bytes=STREAM_WINDOW_BYTES,
-                size=_size, admit=admit, done=self.state.answered_one)) as answers:
+                size=_size, admit=self.state.admit, done=self.state.answered_one)) as answers:
             async for response in answers:
                 yield response
 
