@@ -337,7 +337,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
                         "past it, new calls are refused on arrival (CANCELLED) at almost no "
                         "cost, which keeps goodput past saturation for clients with budgets. "
                         "Clients keeping many calls in flight without budgets get refused too "
-                        "(default 0: unbounded; see docs/serving.md, Overload)")
+                        "(default 0: gRPC's own default; see docs/serving.md, Overload)")
     s.add_argument("--batch-timeout-ms", type=float, default=1000.0,
                    help="a batch running longer than max(this, 10 x its predicted p95) fails; its "
                         "requests are retried on another variant (default 1000)")

@@ -66,7 +66,7 @@ class ServeOptions:
     settings: Settings = field(default_factory=Settings)
     grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger: RESOURCE_EXHAUSTED from gRPC itself
-    backlog: int = 0  # calls gRPC's core holds unread before refusing new ones; 0: unbounded
+    backlog: int = 0  # calls gRPC's core holds unread before refusing new ones; 0: gRPC's default
     tls_cert: str | None = None  # PEM paths; cert + key: TLS, plus client CA: mutual TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -283,7 +283,7 @@ async def _load(family: str | Path | Family, options: ServeOptions, state: Any, 
 
 def backlog_options(backlog: int) -> list[tuple[str, int]]:
     """gRPC core options bounding the calls it holds for this process before the event loop
-    has taken them (``--backlog``); none for 0, gRPC's own unbounded queue.
+    has taken them (``--backlog``); none for 0, which leaves gRPC's own default queue.
 
     The event loop takes one call per turn, so past saturation calls wait in gRPC's core in
     arrival order, and reach the handler with their deadline nearly spent: the loop then pays
