@@ -155,6 +155,11 @@ class Batcher:
         return (self._clock() - started) * 1e3 if self._running and started is not None else 0.0
 
     @property
+    def executing(self) -> bool:
+        """A dispatched batch is computing on a worker thread now."""
+        return bool(self._running) and self._started_at is not None
+
+    @property
     def waiting(self) -> bool:
         """The dispatched batch still waits in the pool for a free worker thread."""
         return bool(self._running) and self._started_at is None

@@ -149,6 +149,7 @@ class Engine:
                              lane_max_queue={n: ln.settings.max_queue
                                              for n, ln in self.lanes.items()})
         self.batchers: dict[str, Batcher] = {}
+        self._cpu_batchers: tuple[Batcher, ...] = ()  # the CPU lanes' (`load` counts them)
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
                                           max_s=settings.quarantine_max_s), self._probe, metrics)
@@ -208,6 +209,8 @@ class Engine:
                                           _LaneCosts(self, name), clock=self.clock,
                                           settings=lane.settings, listener=self)
             self.batchers[name].start()
+        self._cpu_batchers = tuple(b for name, b in self.batchers.items()
+                                   if self.lanes[name].device == CPU)
 
     async def stop(self) -> None:
         self.breaker.stop()
@@ -228,12 +231,11 @@ class Engine:
     # --- load ----------------------------------------------------------------------------------
 
     def load(self) -> Load:
+        """The host and queues now (twice per request: routing, and the batch's answer)."""
         host = self.monitor.latest
-        lanes = self.lanes
         accel = self.accelerator
         return Load(cores=host.cores, cpu_other=host.cpu_other,
-                    executing=sum(1 for name, b in self.batchers.items()
-                                  if b.running and not b.waiting and lanes[name].device == CPU),
+                    executing=sum(1 for b in self._cpu_batchers if b.executing),
                     threads=self.threads, queues=self.batchers,
                     accel_threads=accel.threads if accel is not None else 1,
                     accel_slowdown=self._accel_slowdown)

@@ -150,7 +150,7 @@ class LatencyModel:
         point.mean += self.alpha * err
         point.dev += self.alpha * (abs(err) - point.dev)
         point.samples += 1
-        self._forget(unit)
+        self._forget(unit, batch)
 
     # --- predictions ---------------------------------------------------------------------------
 
@@ -184,10 +184,21 @@ class LatencyModel:
             hit = by_batch[batch] = (p50, p95)
         return hit
 
-    def _forget(self, unit: str) -> None:
-        """Drop what was memoised from ``unit``'s estimates (they just changed)."""
-        self._cache[unit] = {}
-        self._curves.pop(unit, None)
+    def _forget(self, unit: str, batch: int | None = None) -> None:
+        """Drop what was memoised from ``unit``'s estimates (they just changed). ``batch``: only
+        that measured point moved, so its curve is patched in place instead of rebuilt (every
+        answered batch lands here: the rebuild was a sort and two list builds per request)."""
+        self._cache.setdefault(unit, {}).clear()
+        curve = self._curves.get(unit)
+        if curve is not None and batch is not None:
+            sizes, p50, p95 = curve
+            i = bisect.bisect_left(sizes, batch)
+            if i < len(sizes) and sizes[i] == batch:
+                p50[i], p95[i] = self._estimate(self._points[unit][batch])
+            else:  # a batch size the curve does not have yet
+                del self._curves[unit]
+        else:
+            self._curves.pop(unit, None)
         for sums in self._dependents.get(unit, ()):
             sums.clear()
 
@@ -208,10 +219,15 @@ class LatencyModel:
         if curve is None:
             points = self._points[unit]
             sizes = sorted(points)
-            p50 = [max(points[b].mean, MIN_MS) for b in sizes]
-            p95 = [m + self.dev_k * max(points[b].dev, 0.0) for m, b in zip(p50, sizes, strict=True)]
-            curve = self._curves[unit] = (sizes, p50, p95)
+            estimates = [self._estimate(points[b]) for b in sizes]
+            curve = self._curves[unit] = (sizes, [e[0] for e in estimates],
+                                          [e[1] for e in estimates])
         return curve
+
+    def _estimate(self, point: _Point) -> tuple[float, float]:
+        """(p50, p95) of one measured batch size."""
+        p50 = max(point.mean, MIN_MS)
+        return p50, p50 + self.dev_k * max(point.dev, 0.0)
 
     def _interpolate(self, unit: str, batch: int) -> tuple[float, float]:
         sizes, p50, p95 = self._curve(unit)

@@ -51,6 +51,27 @@ def test_new_batch_size_starts_from_the_interpolated_guess() -> None:
     assert m.predict("a", 20).p50 == pytest.approx(10.0)
 
 
+def test_memoised_predictions_follow_every_observation_like_a_fresh_model() -> None:
+    """Observations patch the memoised curve in place (the hot path); every prediction, at
+    measured, interpolated, new and extrapolated batch sizes, must equal the model's own
+    predictions with nothing memoised."""
+    m = LatencyModel(alpha=0.3)
+    m.seed("a", TABLE)
+    m.seed("b", {"1": {"p50": 0.5, "p95": 0.6}})
+    sizes = (1, 3, 8, 20, 32, 64)
+    for i, (batch, ms) in enumerate([(1, 2.0), (8, 3.0), (20, 11.0), (32, 30.0), (1, 0.001),
+                                     (5, 2.5), (64, 40.0), (8, 9.0)]):
+        before = {b: m.predict_sum(("a", "b"), b) for b in sizes}  # memoise everything
+        assert before  # (read, so the next observation has caches to patch)
+        m.observe("a", batch, ms)
+        got = {b: m.predict_sum(("a", "b"), b) for b in sizes}
+        m._curves.clear()  # forget everything memoised
+        for memo in (*m._cache.values(), *m._sums.values()):
+            memo.clear()
+        fresh = {b: m.predict_sum(("a", "b"), b) for b in sizes}
+        assert got == fresh, f"after observation {i} ({batch}, {ms})"
+
+
 def test_cpu_contention_scales_predictions_and_observations_are_stored_uncontended() -> None:
     m = LatencyModel(alpha=1.0)
     m.seed("a", TABLE)
