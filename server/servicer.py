@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,10 +37,10 @@ from server.streams import ordered
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "adaptive-inference"
-# How far ModelStreamInfer reads ahead of its answers: requests (a batch's worth at the default
-# --max-batch) and payload bytes (one largest request, beyond which it reads one at a time).
+# How far ModelStreamInfer reads ahead of its answers: at most this many requests, and payload
+# bytes for a batch's worth of samples (`_stream_window_bytes`; beyond it, one at a time).
 STREAM_WINDOW = 32
-STREAM_WINDOW_BYTES = wire.MAX_MESSAGE_BYTES
+STREAM_ENVELOPE_BYTES = 512  # a request's bytes besides its pixels: names, id, shape, parameters
 EXTENSIONS = ["model_metadata", "adaptive_latency_budget"]
 
 try:
@@ -247,7 +248,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
 
         async with contextlib.aclosing(ordered(
-                request_iterator, answer, window=STREAM_WINDOW, max_bytes=STREAM_WINDOW_BYTES,
+                request_iterator, answer, window=STREAM_WINDOW,
+                max_bytes=_stream_window_bytes(self.state),
                 size=_size, admit=self.state.admit, done=self.state.answered_one)) as answers:
             async for response in answers:
                 yield response
@@ -294,6 +296,18 @@ class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):
                 size_bytes=v.size_bytes, macs=v.macs)
             resp.load_factor = d.slowdown
         return resp
+
+
+def _stream_window_bytes(state: ServingState) -> int:
+    """One stream's read-ahead in payload bytes: ``--max-batch`` FP32 samples (UINT8 ones are a
+    quarter the size), so that a pipelining client fills a batch but never a variant's queue on
+    its own: 32 requests of 256 samples would put 8,192 samples against ``--max-queue``'s 1,024,
+    and the client would be refused RESOURCE_EXHAUSTED for its own read-ahead."""
+    engine, spec = state.engine, state.spec
+    if engine is None or spec is None:  # still loading: every request is answered UNAVAILABLE
+        return wire.MAX_MESSAGE_BYTES
+    pixels = engine.settings.max_batch * math.prod(spec.input_shape) * 4
+    return min(pixels + STREAM_WINDOW * STREAM_ENVELOPE_BYTES, wire.MAX_MESSAGE_BYTES)
 
 
 def _size(request: pb.ModelInferRequest | Malformed) -> int:

@@ -1,7 +1,9 @@
 """Bad input against a real `serve` process: every malformed request gets a status naming the bad
 field (INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED), a property-based fuzz of 10,000+ random
 requests and raw non-protobuf bodies never hangs or crashes it, valid requests keep getting the
-right answers, and its RSS stays bounded.
+right answers, and its RSS stays bounded. ModelStreamInfer gets the same inputs, named and fuzzed,
+mixed with valid requests on each stream: every request is answered once, in order, a bad one by
+an in-stream error carrying the unary call's status, and the stream stays open.
 
 The attack classes covered by name and in the fuzz: wrong fields and values, non-protobuf bodies,
 attacker-sized repeated fields (a shape of a million dims, 90,000 outputs, 40,000 parameters: each
@@ -11,6 +13,7 @@ batches larger than the queue can ever hold; a valid request is answered while t
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
@@ -34,6 +37,7 @@ from client.synthetic import SHAPE
 from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
+from protos.wire import STATUS_PARAM
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ MODEL = "servetest"
 SAMPLE = math.prod(SHAPE)
 MAX_MESSAGE_MB = 1
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 # What bad input may end in; anything else (INTERNAL, UNKNOWN, a client-side DEADLINE_EXCEEDED,
 # i.e. a hang) is a server bug.
 # DEADLINE_EXCEEDED: a fuzzed budget too small for any variant is shed at once.
@@ -58,12 +63,14 @@ class Fuzzer:
     channel: grpc.Channel
     reference: np.ndarray  # logits of `images` on the pinned `fast` variant, computed by ORT
     images: np.ndarray
+    server_log: io.StringIO = field(default_factory=io.StringIO)  # the server's stderr so far
     sent: int = 0
     codes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.raw = self.channel.unary_unary(INFER)  # identity (de)serializers: bytes in and out
+        self.raw_stream = self.channel.stream_stream(STREAM)  # bytes too, either way
 
     def send(self, call: Callable[[], object]) -> grpc.RpcError | None:
         self.sent += 1
@@ -101,8 +108,10 @@ class Fuzzer:
 
 @pytest.fixture(scope="module")
 def fuzzer(serving_family: Path) -> Iterator[Fuzzer]:
+    server_log = io.StringIO()
     proc = ServerProcess([str(serving_family), "--port", "0", "--metrics-port", "-1",
-                          "--threads", "2", "--max-message-mb", str(MAX_MESSAGE_MB)])
+                          "--threads", "2", "--max-message-mb", str(MAX_MESSAGE_MB)],
+                         log=server_log)
     try:
         port = proc.port()
         proc.wait_for(SERVING)
@@ -111,7 +120,7 @@ def fuzzer(serving_family: Path) -> Iterator[Fuzzer]:
                                     providers=["CPUExecutionProvider"])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             yield Fuzzer(f"127.0.0.1:{port}", proc.proc.pid, ch,
-                         sess.run(None, {"input": images})[0], images)
+                         sess.run(None, {"input": images})[0], images, server_log)
     finally:
         proc.stop()
 
@@ -495,3 +504,224 @@ def test_fuzzed_requests_all_end_in_a_status_and_memory_stays_bounded(
     # both kinds of outcome were exercised, not only rejections
     assert fuzzer.codes.get("OK", 0) >= 20 and fuzzer.codes.get("INVALID_ARGUMENT", 0) >= 500
     assert growth <= 0.10, f"server RSS grew {growth:.1%} over the fuzz"
+
+
+# --- the stream: ModelStreamInfer gets the same inputs, each answered in its place ----------------
+
+STREAM_TIMEOUT_S = 60.0  # a whole stream's deadline; a hang is far longer than this
+REFUSED = {c.name for c in ALLOWED - {grpc.StatusCode.OK}}  # what a failed answer's status may be
+# Decided by the input alone, so a stream must answer exactly as a unary call does; the other
+# refusals (a budget shed, a full queue) depend on the load at that moment.
+DECIDED = {"INVALID_ARGUMENT", "NOT_FOUND"}
+MALFORMED = "bytes are not a valid inference.ModelInferRequest protobuf"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One body on a stream, and what its answer must be."""
+
+    body: bytes
+    id: str  # what the answer echoes: "" for a body that is no protobuf
+    code: str = ""  # "OK" or a status name; "": whatever the unary call answers (fuzzed)
+    fragment: str = ""  # in the error message
+    reference: bool = False  # `Fuzzer.images` on `fast`: answered with the ORT reference logits
+
+
+def _sent(body: bytes, code: str = "", fragment: str = "") -> Sent:
+    try:
+        request_id = pb.ModelInferRequest.FromString(body).id
+    except Exception:  # DecodeError: the server answers it as Malformed, echoing nothing
+        request_id = ""
+    return Sent(body, request_id, code, fragment)
+
+
+def _reference(fuzzer: Fuzzer, k: int) -> Sent:
+    req = build_request(MODEL, fuzzer.images, variant="fast", request_id=f"ref-{k}")
+    return Sent(req.SerializeToString(), req.id, "OK", reference=True)
+
+
+def _stream(fuzzer: Fuzzer, sent: list[Sent], seen: dict[str, int] | None = None) -> None:
+    """Send ``sent`` on one stream, as fast as gRPC takes them, and check every answer: one per
+    request, in order, each as ``Sent`` says; the stream itself ends OK."""
+    call = fuzzer.raw_stream(iter([s.body for s in sent]), timeout=STREAM_TIMEOUT_S)
+    answers = [pb.ModelStreamInferResponse.FromString(b) for b in call]  # raises if it failed
+    assert call.code() is grpc.StatusCode.OK, call.details()
+    assert len(answers) == len(sent), f"{len(sent)} requests, {len(answers)} answers"
+    classes = fuzzer.reference.shape[1]
+    for k, (s, a) in enumerate(zip(sent, answers, strict=True)):
+        resp, where = a.infer_response, f"answer {k} of {len(sent)}"
+        assert resp.id == s.id, f"{where}: id {resp.id!r}, expected {s.id!r} (out of order?)"
+        params = resp.parameters
+        status = params[STATUS_PARAM].string_param if STATUS_PARAM in params else ""
+        if a.error_message:
+            assert status in REFUSED, f"{where}: status {status!r}: {a.error_message}"
+            # the message stays short even when the bad value is huge
+            assert len(a.error_message) < 1000, a.error_message[:200]
+            code = status
+        else:
+            assert not status, f"{where}: status {status!r} without an error_message"
+            n = pb.ModelInferRequest.FromString(s.body).inputs[0].shape[0]
+            assert [list(o.shape) for o in resp.outputs] == [[n, classes]], (where, resp.outputs)
+            logits = np.frombuffer(resp.raw_output_contents[0], "<f4")
+            assert logits.size == n * classes and np.isfinite(logits).all(), (where, logits[:10])
+            code = "OK"
+        if seen is not None:
+            seen[code] = seen.get(code, 0) + 1
+        if s.code:
+            assert code == s.code, f"{where}: {code} {a.error_message!r}, expected {s.code}"
+            assert s.fragment in a.error_message, (where, a.error_message, s.fragment)
+        else:  # fuzzed: whatever the unary call answers, where the input alone decides it
+            try:
+                fuzzer.raw(s.body, timeout=CALL_TIMEOUT_S)
+                unary, details = "OK", ""
+            except grpc.RpcError as exc:
+                unary, details = exc.code().name, exc.details() or ""
+            if code in DECIDED or unary in DECIDED:
+                assert (code, a.error_message) == (unary, details), where
+        if s.reference:
+            np.testing.assert_allclose(logits.reshape(len(fuzzer.images), -1), fuzzer.reference,
+                                       rtol=1e-4, atol=1e-5, err_msg=where)
+
+
+def _still_serving(fuzzer: Fuzzer, since: int) -> None:
+    """A unary call is answered, correctly; the server process lives and logged no traceback."""
+    fuzzer.check_valid()
+    assert psutil.Process(fuzzer.pid).status() != psutil.STATUS_ZOMBIE
+    logged = fuzzer.server_log.getvalue()[since:]
+    assert "Traceback" not in logged and "unhandled error" not in logged, logged[-3000:]
+
+
+def test_stream_answers_each_bad_input_in_place_and_stays_open(fuzzer: Fuzzer) -> None:
+    """Every named bad input of the unary table, each followed by a valid request, then bodies
+    that are no protobuf, on one stream (longer than its read-ahead window): each bad one gets
+    the unary status and message fragment, each valid one the reference logits, all in order,
+    and the stream ends OK."""
+    since = len(fuzzer.server_log.getvalue())
+    sent = [_reference(fuzzer, 0)]
+    for k, (_name, mutate, code, fragment) in enumerate(CASES):
+        req = _valid()
+        req.id = f"bad-{k}"
+        mutate(req)
+        sent += [_sent(req.SerializeToString(), code, fragment), _reference(fuzzer, k + 1)]
+    sent += [_sent(b"\xff\xff\xff\xff\x0f", "INVALID_ARGUMENT", f"5 {MALFORMED}"),
+             _sent(bytes(range(256)) * 64, "INVALID_ARGUMENT", f"16384 {MALFORMED}"),
+             _reference(fuzzer, len(CASES) + 1)]
+    _stream(fuzzer, sent)
+    # a stream of nothing but refusals, then one of a single request: each answered all the same
+    _stream(fuzzer, sent[1:-1:2])
+    _stream(fuzzer, sent[:1])
+    _stream(fuzzer, [])  # and one the client half-closes at once: no answer, and OK
+    _still_serving(fuzzer, since)
+
+
+def test_stream_with_an_oversized_message_fails_alone(fuzzer: Fuzzer) -> None:
+    """A message over --max-message-mb is refused by gRPC itself before the server reads it, and
+    that ends its stream (RESOURCE_EXHAUSTED, as a unary call): no other stream or call feels it."""
+    since = len(fuzzer.server_log.getvalue())
+    big = _valid()
+    big.id = "x" * (MAX_MESSAGE_MB << 20)
+    call = fuzzer.raw_stream(iter([_reference(fuzzer, 0).body, big.SerializeToString(),
+                                   _reference(fuzzer, 1).body]), timeout=STREAM_TIMEOUT_S)
+    answers: list[pb.ModelStreamInferResponse] = []
+    with pytest.raises(grpc.RpcError) as info:
+        answers.extend(pb.ModelStreamInferResponse.FromString(b) for b in call)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert "larger than max" in (info.value.details() or "")
+    assert len(answers) <= 1 and all(not a.error_message for a in answers), answers
+    _stream(fuzzer, [_reference(fuzzer, 2)])
+    _still_serving(fuzzer, since)
+
+
+def test_streams_abandoned_midway_leave_the_server_serving(fuzzer: Fuzzer) -> None:
+    """A client that cancels a stream it keeps writing to (requests read ahead, some refused,
+    some computing), and one whose deadline passes while it holds the stream open: the server
+    drops both, and the next stream and unary call are answered."""
+    since = len(fuzzer.server_log.getvalue())
+    bad = _valid()
+    bad.inputs[0].datatype = "FP16"
+    big = build_request(MODEL, np.full((64, *SHAPE), 0.5, np.float32), request_id="big")
+    bodies_ = itertools.cycle([_reference(fuzzer, 0).body, bad.SerializeToString(),
+                               big.SerializeToString()])
+    call = fuzzer.raw_stream(bodies_, timeout=STREAM_TIMEOUT_S)  # never half-closes
+    first = [pb.ModelStreamInferResponse.FromString(b) for b in itertools.islice(call, 4)]
+    assert [a.infer_response.id for a in first] == ["ref-0", "fuzz", "big", "ref-0"]
+    assert [bool(a.error_message) for a in first] == [False, True, False, False]
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() is grpc.StatusCode.CANCELLED
+
+    release = threading.Event()
+
+    def hold_open() -> Iterator[bytes]:
+        yield _reference(fuzzer, 1).body
+        release.wait(STREAM_TIMEOUT_S)  # never half-closes: the deadline ends the stream
+
+    call = fuzzer.raw_stream(hold_open(), timeout=1.5)
+    answers: list[pb.ModelStreamInferResponse] = []
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            answers.extend(pb.ModelStreamInferResponse.FromString(b) for b in call)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        # its one request answered (unless the machine is too busy to answer in 1.5 s)
+        assert [a.infer_response.id for a in answers] in (["ref-1"], []), answers
+        assert not any(a.error_message for a in answers), answers
+    finally:
+        release.set()
+    _stream(fuzzer, [_reference(fuzzer, 2), _sent(bad.SerializeToString(), "INVALID_ARGUMENT",
+                                                   "inputs[0].datatype 'FP16'"),
+                     _reference(fuzzer, 3)])
+    _still_serving(fuzzer, since)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[bytes]:
+    """A stream's bodies: fuzzed requests, each with its place in the stream prefixed to its id
+    (so that an answer out of order shows), and raw bodies, one in four."""
+    out = []
+    for k in range(draw(st.integers(1, 10))):
+        if draw(st.integers(0, 3)):
+            req = draw(requests())
+            req.id = f"{k}:{req.id}"
+            body = req.SerializeToString()
+        else:
+            body = draw(bodies())
+        if len(body) <= MAX_MESSAGE_MB << 20:  # a larger one ends its stream: tested above
+            out.append(body)
+    return out
+
+
+def test_fuzzed_streams_answer_every_request_in_order(fuzzer: Fuzzer,
+                                                      record: Callable[..., None]) -> None:
+    """Streams of fuzzed requests and raw bodies, a valid request after every third and at the
+    end: every request answered once, in order, ids echoed; each refusal names a status the unary
+    call would also answer (the same status and message where the input alone decides it); each
+    valid request the reference logits; the stream ends OK, and the server logs no traceback."""
+    since = len(fuzzer.server_log.getvalue())
+    seen: dict[str, int] = {}
+    count = [0, 0]  # streams, requests
+
+    @settings(FUZZ, max_examples=100)
+    @given(streams())
+    def fuzzed(bodies_: list[bytes]) -> None:
+        sent = []
+        for k, body in enumerate(bodies_):
+            sent.append(_sent(body))
+            if k % 3 == 2:
+                sent.append(_reference(fuzzer, k))
+        sent.append(_reference(fuzzer, len(bodies_)))
+        _stream(fuzzer, sent, seen)
+        count[0] += 1
+        count[1] += len(sent)
+
+    t0 = time.perf_counter()
+    fuzzed()
+    seconds = time.perf_counter() - t0
+    _still_serving(fuzzer, since)
+    log.warning("stream fuzz: %d streams, %d requests in %.1f s, answers %s", *count, seconds,
+                seen)
+    record("fuzz-streams", streams=count[0], requests=count[1], seconds=round(seconds, 1),
+           codes=seen, codes_text=", ".join(f"{c} {n:,}" for c, n in sorted(seen.items())))
+    assert count[0] >= 100 and seen.get("INVALID_ARGUMENT", 0) >= 100
+    assert seen.get("OK", 0) >= count[0]  # at least the reference request ending each stream

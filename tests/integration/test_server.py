@@ -199,6 +199,18 @@ def test_one_stream_reads_ahead_so_its_requests_batch_together(
     assert 0 < batches < 200, batches
 
 
+def test_a_stream_of_large_batches_reads_ahead_within_the_queue_limit(
+        client: AdaptiveClient, images: np.ndarray) -> None:
+    """The read-ahead holds a batch's worth of samples, not 32 requests of any size: a client
+    pipelining 256-sample batches must get every one answered, as it would sending them one
+    by one, not RESOURCE_EXHAUSTED for the 8,192 samples its own read-ahead queued."""
+    batch = np.repeat(images[:1], 256, axis=0)
+    out = list(client.infer_stream([batch] * 40, variant="slow", timeout=120))
+    errors = [r for r in out if isinstance(r, Exception)]
+    assert not errors, f"{len(errors)} of 40 failed, first: {errors[0]!r}"
+    assert len(out) == 40 and all(r.outputs.shape[0] == 256 for r in out)  # type: ignore[union-attr]
+
+
 def test_a_stream_cancelled_midway_leaves_nothing_counted_in_flight(
         server: RunningServer, images: np.ndarray) -> None:
     """Requests read ahead and not answered when the client cancels are dropped and uncounted:
