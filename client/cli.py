@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from server.settings import Settings  # pure data: the serve flags' defaults
+
 Handler = Callable[[argparse.Namespace], int]
 # The gRPC port `serve` listens on and the client commands' default --target use when set: one
 # setting for both, so a container's health check follows the server to another port.
@@ -61,7 +63,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import ServeOptions, main
-    from server.settings import Settings
 
     opts = ServeOptions(
         host=args.host, port=args.port, metrics_host=args.metrics_host,
@@ -321,10 +322,11 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
     s.add_argument("--intra-op-threads", type=int, default=1,
                    help="ORT threads per batch (default 1)")
-    s.add_argument("--inline-below-ms", type=float, default=0.1,
+    s.add_argument("--inline-below-ms", type=float, default=Settings.inline_below_ms,
                    help="run a batch on the event loop instead of the thread pool when it is "
                         "predicted under this many ms: the hand-off to a thread and back costs "
-                        "more than a tiny model (default 0.1; 0: always the pool)")
+                        f"more than a small batch (default {Settings.inline_below_ms}; 0: always "
+                        "the pool)")
     s.add_argument("--deadline-margin-ms", type=float, default=0.5,
                    help="kept back from the gRPC deadline for the reply (default 0.5)")
     s.add_argument("--grace-s", type=float, default=10.0,
