@@ -21,8 +21,8 @@ class Settings:
     deadline_margin_ms: float = 0.5
     # Batches predicted under this (ms) run on the event loop, not the pool. A hand-off to the
     # pool and back costs more than it frees the loop for small batches: 0.3 against 0.1 spent
-    # 11 % (1 image) and 20 % (8 images) less server CPU per answer at saturation, with 16 % and
-    # 27 % more answers/s (bench/ceiling.py's load, 2 cores, 2026-11-28).
+    # 6 % (1 image) and 12 % (8 images) less server CPU per answer at saturation, with 7 % and
+    # 11 % more answers/s (bench/ceiling.py's load, 5 paired rounds, 2 cores, 2026-11-28).
     inline_below_ms: float = 0.3
     batch_timeout_ms: float = 1000.0  # a batch fails after max(this, 10 × its predicted p95)
     quarantine_s: float = 2.0  # first re-probe of a failed variant; doubles per failed probe
