@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +23,7 @@ from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
 from protos.wire import channel_options
+from server.app import GRPC_LOGGER
 from server.latency import Load, QueueState
 from server.settings import Settings
 from tests.harness import RunningServer, serve_in_thread
@@ -225,6 +227,24 @@ def test_a_stream_cancelled_midway_leaves_nothing_counted_in_flight(
     while server.server.state.answering and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.server.state.answering == 0
+
+
+def test_an_answer_to_an_abandoned_call_is_one_debug_line_not_a_traceback(
+        server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    """gRPC's own report of an answer it could not send (the client's deadline passed while it
+    was computed), as gRPC logs it: routine under overload, so no ERROR and no traceback."""
+    grpc_log = logging.getLogger(GRPC_LOGGER)
+    with caplog.at_level(logging.DEBUG):
+        try:
+            raise RuntimeError("Failed \"execute_batch\"")  # gRPC logs from an except block
+        except RuntimeError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]",
+                               "/inference.GRPCInferenceService/ModelInfer")
+        grpc_log.error("something else")  # other gRPC errors still get through
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["something else"]
+    assert any("its client had given up" in r.getMessage() and "ModelInfer" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.DEBUG)
 
 
 def test_reflection_lists_the_services(server: RunningServer) -> None:
