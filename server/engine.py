@@ -87,7 +87,7 @@ class Accelerator:
     max_batch: int = 256  # a GPU computes 256 images in about the time the CPU does one
     # re-measured validation accuracy by candidate name (fp16/bf16 change the numbers)
     accuracy: Mapping[str, float] = field(default_factory=dict)
-    # A small batch on an idle GPU lane runs on the event loop: a graph replay and a wait on the
+    # A small batch on a GPU lane runs on the event loop: a graph replay and a wait on the
     # device (the GIL released) cost less than the hand-off to a worker thread and back, which
     # took 0.2 ms of a 1.0 ms batch-1 round trip on the CPU lanes.
     inline_below_ms: float = 0.3
@@ -442,7 +442,7 @@ class _LaneCosts:
     def inline(self, n: int) -> bool:
         """Typical (p50) cost under the lane's inline threshold: run it on the event loop.
         Uncontended: contention slows the hand-off to a thread this saves as much as the batch
-        (and the batcher asks per request, so this reads no load)."""
+        (and the batcher asks per batch, so this reads no load)."""
         return self._may_inline and (
             self._engine.latency.sum_ms(self._deepest.units, max(n, 1))[0] <= self._inline_ms)
 

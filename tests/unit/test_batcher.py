@@ -87,6 +87,36 @@ def test_requests_queued_behind_a_running_batch_share_the_next_one() -> None:
     _run(test)
 
 
+class InlineCosts(FakeCosts):
+    """A variant small enough that every batch runs on the event loop."""
+
+    def inline(self, n: int) -> bool:
+        return True
+
+
+def test_requests_arriving_in_one_loop_turn_share_one_batch_on_the_loop() -> None:
+    """An idle lane whose batches run on the event loop still batches: what arrives in the same
+    turn of the loop (a busy stream delivers many requests per turn) is one runner call, on the
+    loop's own thread, not one call per request."""
+    threads: list[int] = []
+
+    def runner(items: list[Item]) -> BatchOutput:
+        threads.append(threading.get_ident())
+        return FakeRunner()(items)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, InlineCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=8))
+        b.start()
+        out = await asyncio.gather(*(b.submit(_x(1, float(i)), deadline=None) for i in range(5)))
+        assert [float(r.logits[0, 0]) for r in out] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert threads == [threading.get_ident()]  # one batch, on the loop's thread
+        assert {r.batch_size for r in out} == {5}
+        await b.stop()
+
+    _run(test)
+
+
 def test_queue_delay_waits_for_company() -> None:
     runner = FakeRunner()
 
