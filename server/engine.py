@@ -149,7 +149,7 @@ class Engine:
                              lane_max_queue={n: ln.settings.max_queue
                                              for n, ln in self.lanes.items()})
         self.batchers: dict[str, Batcher] = {}
-        self._cpu_batchers: tuple[Batcher, ...] = ()  # the CPU lanes' (`load` counts them)
+        self._cpu_batchers: tuple[Batcher, ...] = ()  # the CPU lanes' batchers, which `load` counts
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
                                           max_s=settings.quarantine_max_s), self._probe, metrics)
