@@ -14,7 +14,9 @@ Security: ``root_certificates`` (the server's CA, PEM bytes or a path) turns TLS
 ``authorization: Bearer <token>`` on every call. Several servers: a ``dns:///name:port`` target (a
 headless Service) or ``ipv4:HOST1:P1,HOST2:P2`` with ``load_balancing="round_robin"`` spreads
 requests over all of them; calls refused with UNAVAILABLE (a replica shutting down, or gone) are
-retried on the next one by gRPC's retry policy (inference is idempotent).
+retried on the next one by gRPC's retry policy (inference is idempotent). One server with
+``serve --workers N``: ``connections=M`` opens M TCP connections and sends round-robin over them
+(the workers share the port and the kernel spreads connections, not requests, over them).
 """
 
 from __future__ import annotations
@@ -199,7 +201,10 @@ class AdaptiveClient:
                  client_cert: bytes | str | Path | None = None,
                  client_key: bytes | str | Path | None = None,
                  token: str | None = None, tls: bool | None = None,
-                 load_balancing: str | None = None, retry_unavailable: bool = True) -> None:
+                 load_balancing: str | None = None, retry_unavailable: bool = True,
+                 connections: int = 1) -> None:
+        if connections < 1:
+            raise InvalidArgument(f"connections {connections!r}: at least 1")
         self.target = target
         if load_balancing is None and target.startswith("dns:"):
             load_balancing = "round_robin"  # a headless Service resolves to every replica
@@ -208,20 +213,28 @@ class AdaptiveClient:
             # server's to say (serve --max-message-mb), and it answers RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ("grpc.service_config", service_config(load_balancing, retry_unavailable)),
+            # Channels with equal arguments share one subchannel, so one TCP connection: each
+            # of several connections needs a subchannel pool of its own.
+            *([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []),
             *(options or [])]
         if (client_cert is None) != (client_key is None):
             raise InvalidArgument("client_cert and client_key go together (mutual TLS)")
         if tls or root_certificates is not None or client_cert is not None:
             creds = grpc.ssl_channel_credentials(_pem(root_certificates), _pem(client_key),
                                                  _pem(client_cert))
-            self._channel = grpc.secure_channel(target, creds, options=opts)
+            self._channels = [grpc.secure_channel(target, creds, options=opts)
+                              for _ in range(connections)]
         else:
-            self._channel = grpc.insecure_channel(target, options=opts)
+            self._channels = [grpc.insecure_channel(target, options=opts)
+                              for _ in range(connections)]
+        self._channel = self._channels[0]  # discovery and health
         # Sent as plain metadata (not call credentials, which gRPC sends only over TLS), so a
         # token also works over a loopback plaintext channel.
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ())
-        self._infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infers = [grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch) for ch in self._channels]
+        self._infer = self._infers[0]
+        self._turn = itertools.count()  # next() on it is atomic: threads may share the client
         self._adaptive = adaptive_pb2_grpc.AdaptiveServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model = model
@@ -240,8 +253,8 @@ class AdaptiveClient:
                             input_name=self._input_name)
         t0 = time.perf_counter()
         try:
-            resp = self._infer.ModelInfer(req, timeout=deadline_s(budget_ms, timeout),
-                                          metadata=self._metadata)
+            resp = self._next().ModelInfer(req, timeout=deadline_s(budget_ms, timeout),
+                                           metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return parse_response(resp, (time.perf_counter() - t0) * 1e3)
@@ -255,8 +268,8 @@ class AdaptiveClient:
         For throughput: the requests go out as fast as gRPC's flow control lets them, without
         waiting for answers; the server reads ahead, batches them and answers in order, for
         less than half the server CPU of a unary call each (docs/serving.md, "Streams"). One
-        stream is served by one server process: open several (one per thread) to spread over
-        ``--workers``. A request that fails (shed: `BudgetExceeded`, a bad batch:
+        stream is served by one server process: to spread over ``--workers``, open several (one
+        per thread) on a client with ``connections`` (each takes the next connection). A request that fails (shed: `BudgetExceeded`, a bad batch:
         `InvalidArgument`) yields its typed error in its place and the stream goes on; a failure
         of the stream itself is raised, and so is a batch the client cannot send (wrong rank) or
         an error of ``batches`` itself, after the answers to the batches before it.
@@ -283,8 +296,8 @@ class AdaptiveClient:
                 failed.append(exc)
 
         try:
-            for answer in self._infer.ModelStreamInfer(requests(), timeout=timeout,
-                                                       metadata=self._metadata):
+            for answer in self._next().ModelStreamInfer(requests(), timeout=timeout,
+                                                        metadata=self._metadata):
                 latency_ms = (time.perf_counter() - sent.popleft()) * 1e3
                 resp = answer.infer_response
                 if answer.error_message:
@@ -337,7 +350,8 @@ class AdaptiveClient:
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the server reports SERVING (streams health, no polling loop)."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            for channel in self._channels:  # every connection, so each worker has its share
+                grpc.channel_ready_future(channel).result(timeout=timeout)
             stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""),
                                         timeout=timeout, metadata=self._metadata)
             for resp in stream:
@@ -353,6 +367,10 @@ class AdaptiveClient:
 
     # --- plumbing ------------------------------------------------------------------------------
 
+    def _next(self) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
+        """The next connection's stub, round-robin."""
+        return self._infers[next(self._turn) % len(self._infers)]
+
     def _call(self, method: Any, request: Any, timeout: float = 10.0) -> Any:
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
@@ -360,7 +378,8 @@ class AdaptiveClient:
             raise error_from(exc) from None
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> AdaptiveClient:
         return self

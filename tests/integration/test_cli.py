@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import AdaptiveClient
+from client import AdaptiveClient, InvalidArgument
 from client.cli import main as cli_main
 from client.process import METRICS, SERVING, WORKERS, ServerProcess
 from tests.harness import RunningServer
@@ -53,6 +54,27 @@ def test_serve_with_two_workers_shares_port_and_metrics(serve_workers: ServerPro
     acc = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
            if s.name == "adaptive_variant_accuracy_ratio" and s.labels.get("variant") == "slow"]
     assert acc == [pytest.approx(0.99)]  # gauges of both workers merged into one series
+    assert serve_workers.stop() == 0
+
+
+def test_a_client_with_several_connections_reaches_every_worker(serve_workers: ServerProcess,
+                                                                images: np.ndarray) -> None:
+    """The workers share one port and the kernel spreads connections, not requests: a client
+    with ``connections=16`` holds 16 TCP connections (not one shared subchannel) and sends
+    round-robin over them, so both workers serve it (all 16 on one worker: 1 in 32,768)."""
+    port = serve_workers.port(WORKERS)
+    serve_workers.wait_for(SERVING, count=2)
+    with AdaptiveClient(f"127.0.0.1:{port}", connections=16) as c:
+        c.wait_ready(timeout=30)
+        answers = [c.infer(images[:1], budget_ms=500) for _ in range(32)]
+        streamed = list(c.infer_stream([images[:1]] * 4))
+        held = {w.pid: sum(1 for k in w.net_connections("tcp")
+                           if k.status == psutil.CONN_ESTABLISHED and k.laddr.port == port)
+                for w in psutil.Process(serve_workers.proc.pid).children()}
+    assert all(a.variant == "slow" for a in answers) and len(streamed) == 4
+    assert len(held) == 2 and sum(held.values()) == 16 and min(held.values()) > 0, held
+    with pytest.raises(InvalidArgument, match="connections 0"):
+        AdaptiveClient(f"127.0.0.1:{port}", connections=0)
     assert serve_workers.stop() == 0
 
 
