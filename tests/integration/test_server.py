@@ -23,7 +23,7 @@ from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
 from protos.wire import channel_options
-from server.app import GRPC_LOGGER
+from server.app import GRPC_LOGGER, ServeOptions
 from server.latency import Load, QueueState
 from server.settings import Settings
 from tests.harness import RunningServer, serve_in_thread
@@ -245,6 +245,37 @@ def test_an_answer_to_an_abandoned_call_is_one_debug_line_not_a_traceback(
     assert [r.getMessage() for r in errors] == ["something else"]
     assert any("its client had given up" in r.getMessage() and "ModelInfer" in r.getMessage()
                for r in caplog.records if r.levelno == logging.DEBUG)
+
+
+def _requests(server: RunningServer, variant: str, status: str) -> float:
+    metric = server.server.engine.metrics.requests
+    return sum(x.value for m in metric.collect() for x in m.samples
+               if x.name.endswith("_total") and x.labels.get("variant") == variant
+               and x.labels.get("status") == status)
+
+
+def test_a_call_whose_deadline_passed_before_it_was_read_is_refused_uncomputed(
+        serving_family: Path, images: np.ndarray) -> None:
+    """Past saturation calls reach the handler with their deadline spent: each is refused
+    DEADLINE_EXCEEDED and counted, never routed or computed (its caller has gone), even where
+    late answers are wanted (best-effort). A 50 ms reply margin makes a 30 ms deadline one that
+    is spent on arrival."""
+    opts = ServeOptions(threads=2, settings=Settings(deadline_margin_ms=50.0,
+                                                     on_miss="best-effort"))
+    with serve_in_thread(serving_family, options=opts, metrics=False) as running, \
+            grpc.insecure_channel(running.target) as ch:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        req = build_request("servetest", images[:1], variant="slow")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req, timeout=0.03)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5  # the client's own deadline may have ended it first
+        while not _requests(running, "none", "DEADLINE_EXCEEDED") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _requests(running, "none", "DEADLINE_EXCEEDED") == 1
+        assert _batches(running, "slow") == 0  # not computed
+        assert stub.ModelInfer(req, timeout=5).model_version == "slow"  # with time to spare
+        assert _batches(running, "slow") == 1
 
 
 def test_reflection_lists_the_services(server: RunningServer) -> None:
