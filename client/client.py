@@ -269,10 +269,11 @@ class AdaptiveClient:
         waiting for answers; the server reads ahead, batches them and answers in order, for
         less than half the server CPU of a unary call each (docs/serving.md, "Streams"). One
         stream is served by one server process: to spread over ``--workers``, open several (one
-        per thread) on a client with ``connections`` (each takes the next connection). A request that fails (shed: `BudgetExceeded`, a bad batch:
-        `InvalidArgument`) yields its typed error in its place and the stream goes on; a failure
-        of the stream itself is raised, and so is a batch the client cannot send (wrong rank) or
-        an error of ``batches`` itself, after the answers to the batches before it.
+        per thread) on a client with ``connections`` (each takes the next connection). A
+        request that fails (shed: `BudgetExceeded`, a bad batch: `InvalidArgument`) yields its
+        typed error in its place and the stream goes on; a failure of the stream itself is
+        raised, and so is a batch the client cannot send (wrong rank) or an error of
+        ``batches`` itself, after the answers to the batches before it.
 
         ``budget_ms`` applies to each request from when the server reads it (time queued in the
         stream before that does not count); ``timeout``: the deadline of the whole stream;
