@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -107,8 +108,11 @@ def test_workers_parent_stays_bounded_and_serves_the_aggregate(serving_family: P
         mport = p.port(METRICS)
         p.wait_for(SERVING, count=2)
         url = f"http://[::1]:{mport}/metrics"
-        with pytest.raises(OSError):  # --metrics-host: not on the gRPC host's address
-            socket.create_connection(("127.0.0.1", mport), timeout=5).close()
+        # --metrics-host: listening on that address only. (Not "connecting to 127.0.0.1 fails":
+        # IPv4 and IPv6 ports are separate, and another server may hold that number on IPv4.)
+        listening = {c.laddr.ip for c in psutil.Process(p.proc.pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == mport}
+        assert listening == {"::1"}, listening
 
         def threads() -> int:
             status = Path(f"/proc/{p.proc.pid}/status").read_text()
