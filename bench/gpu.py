@@ -66,6 +66,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -83,7 +84,7 @@ from client.loadgen import (
     closed_loop,
     run_open_loop,
 )
-from client.process import LISTENING, SERVING, WORKERS, ServerProcess
+from client.process import LISTENING, METRICS, SERVING, WORKERS, ServerProcess
 from protos import wire
 
 # A sibling under bench/ (a script's own folder is on sys.path), not a package.
@@ -445,18 +446,21 @@ class Served:
     proc: ServerProcess
     target: str  # 127.0.0.1:PORT
     label: str
+    metrics_url: str | None = None  # http://127.0.0.1:PORT/metrics, where asked for
 
 
 def start_server(stack: contextlib.ExitStack, run: Run, family_dir: Path, flags: Sequence[str],
-                 *, label: str, workers: int, logs: Path, timeout: float) -> Served:
+                 *, label: str, workers: int, logs: Path, timeout: float,
+                 metrics: bool = False) -> Served:
     """``adaptive-inference serve`` on a free loopback port until ``stack`` closes, its log in
     ``logs/gpu-serve-LABEL.log`` (its tail also kept in the JSON); returns once every worker
-    said SERVING and the health service agrees."""
+    said SERVING and the health service agrees. ``metrics``: also its /metrics endpoint."""
     from client.client import AdaptiveClient
 
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"gpu-serve-{label}.log"
-    args = [str(family_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+    args = [str(family_dir), "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", "0" if metrics else "-1",
             "--workers", str(workers), "--grace-s", "2", *flags]
     servers = run.data.setdefault("servers", {})
     info: dict[str, Any] = {"args": args, "log": str(log_path)}
@@ -471,6 +475,8 @@ def start_server(stack: contextlib.ExitStack, run: Run, family_dir: Path, flags:
     t = time.monotonic()
     proc = stack.enter_context(ServerProcess(args, log=log_file, cwd=ROOT))
     port = int(proc.wait_for(WORKERS if workers > 1 else LISTENING, timeout=timeout)[0].group(1))
+    metrics_url = (f"http://127.0.0.1:{int(proc.wait_for(METRICS, timeout=timeout)[0].group(1))}"
+                   f"/metrics" if metrics else None)
     proc.wait_for(SERVING, count=workers, timeout=max(10.0, timeout - (time.monotonic() - t)))
     target = f"127.0.0.1:{port}"
     with AdaptiveClient(target) as client:
@@ -478,7 +484,7 @@ def start_server(stack: contextlib.ExitStack, run: Run, family_dir: Path, flags:
     info["ready_s"] = round(time.monotonic() - t, 1)
     run.say(f"  serve {label}: SERVING on {target} after {info['ready_s']} s "
             f"({shlex.join(args[1:])})")
-    return Served(proc, target, label)
+    return Served(proc, target, label, metrics_url)
 
 
 def stop_process(proc: subprocess.Popen[str]) -> None:
@@ -770,6 +776,29 @@ def placement_images(family_dir: Path, shape: Sequence[int]) -> TestData:
                                   "why": f"{type(exc).__name__}: {exc}"[:300]})
 
 
+ROUTER_GAUGES = ("adaptive_router_safety_factor", "adaptive_router_margin_seconds",
+                 "adaptive_router_miss_ratio", "adaptive_router_overhead_seconds",
+                 "adaptive_router_cpu_share_seconds")
+
+
+def router_state(metrics_url: str) -> dict[str, Any]:
+    """The router's calibration after a run (its margins decide by how much a GPU candidate
+    must beat a CPU one), the requests it shed and the late answers per lane, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out: dict[str, Any] = {"shed": 0.0, "misses": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ROUTER_GAUGES:
+                out[sample.name.removeprefix("adaptive_router_")] = sample.value
+            elif sample.name == "adaptive_shed_total":
+                out["shed"] += sample.value
+            elif sample.name == "adaptive_budget_misses_total" and sample.value:
+                out["misses"][sample.labels["variant"]] = sample.value
+    return out
+
+
 def open_figures(clients: Clients, server: Served, model: str, data: TestData, cfg: RunConfig,
                  sample_gpu: bool) -> dict[str, Any]:
     """One open loop against ``server``: `summarize_run`'s figures plus answers per device."""
@@ -846,7 +875,8 @@ def phase_placement(run: Run, args: argparse.Namespace, clients: Clients, family
             try:
                 server = start_server(stack, run, family_dir, device_flags(args, label),
                                       label=f"placement-{label}", workers=1, logs=args.logs,
-                                      timeout=min(plan.start_timeout, max(30.0, run.left())))
+                                      timeout=min(plan.start_timeout, max(30.0, run.left())),
+                                      metrics=True)
             except Exception as exc:  # the other server is still measured
                 place.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:3000]
                 run.say(f"  serve --device {label}: ERROR {str(exc)[:600]}")
@@ -858,6 +888,10 @@ def phase_placement(run: Run, args: argparse.Namespace, clients: Clients, family
                                     sample_gpu=args.accelerator == "cuda")
 
             attempt(place["runs"], label, measured)
+            if server.metrics_url is not None and "error" not in place["runs"][label]:
+                # Why the router placed what it did: the next device session reads this.
+                attempt(place["runs"][label], "router",
+                        lambda url=server.metrics_url: router_state(url))
         fig = place["runs"][label]
         if "attainment" in fig:
             run.say(f"  open loop {rate:.0f}/s against --device {label}: in budget "

@@ -740,7 +740,7 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
         for label, r in (place.get("runs") or {}).items():
             if "error" in r:
                 rows.append([f"`--device {label}`", "-", f"failed: {r['error'][:160]}",
-                             *[""] * 6])
+                             *[""] * 7])
                 continue
             lat_ms = r.get("latency_ms") or {}
             share = _at(r, "devices", "share") or {}
@@ -751,7 +751,7 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
                          f"{_ms(lat_ms.get('p50'), 2)} / {_ms(lat_ms.get('p99'), 2)}",
                          percent(gpu_share), percent(share.get("cpu")),
                          ", ".join(f"{k} {v}" for k, v in (r.get("errors_by_code") or {}).items())
-                         or "none"])
+                         or "none", _router_after(r.get("router") or {})])
         ref = _at(place, "reference_capacity", "requests_per_s")
         ramp = place.get("ramp") or []
         how = (f" The rate: {place.get('rate_rule')}; `--device cpu` without budgets answered "
@@ -765,9 +765,11 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
             f"`{place.get('budget')}` ms, {place.get('images')} test images per request, gRPC "
             f"deadline = budget.{how} *In budget*: answers back within their budget, as a share "
             "of the requests offered; *on GPU*: answers from a GPU lane (a `cuda:` "
-            "candidate).\n\n"
+            "candidate); *router after*: its safety factor and additive margin at the end of the "
+            "run (they bound how late it expects an answer to be) and the requests it shed.\n\n"
             + markdown_table(["server", "offered/s", "in budget", "answered", "accuracy",
-                              "p50 / p99 ms", "on GPU", "on CPU", "errors"], rows) + "\n")
+                              "p50 / p99 ms", "on GPU", "on CPU", "errors", "router after"],
+                             rows) + "\n")
 
     trouble = [f"`{name}` {p['status']}: {p.get('error') or p.get('reason') or ''}".strip()
                for name, p in (data.get("phases") or {}).items() if p.get("status") != "ok"]
@@ -776,6 +778,14 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
     if trouble:
         out.append("Phases that did not finish: " + "; ".join(t[:300] for t in trouble) + ".\n")
     return "\n".join(out)
+
+
+def _router_after(router: dict[str, Any]) -> str:
+    """`bench/gpu.py`'s `router_state` of a placement run, in one cell (older runs: '-')."""
+    if "safety_factor" not in router:
+        return "-"
+    return (f"x{router['safety_factor']:.1f}, +{_ms(router['margin_seconds'] * 1e3, 1)} ms, "
+            f"shed {router.get('shed', 0):,.0f}")
 
 
 def main() -> None:

@@ -142,3 +142,15 @@ def test_a_cpu_run_is_labelled_and_evaluates_nothing(change: dict[str, Any], why
 def test_no_json_says_no_gpu() -> None:
     text = gpu_section(None, "results/bench/gpu.json")
     assert "Not measured: no GPU in this run" in text and "results/bench/gpu.json" in text
+
+
+def test_placement_rows_show_the_router_state_a_run_ended_with() -> None:
+    """The router's margins at the end of a placement run, or '-' for a run that has none."""
+    data = gpu_run()
+    data["placement"]["runs"]["auto"]["router"] = {
+        "safety_factor": 10.52, "margin_seconds": 0.00976, "shed": 187.0, "misses": {}}
+    section = gpu_section(data)
+    auto = next(line for line in section.splitlines() if line.startswith("| `--device auto` |"))
+    cpu = next(line for line in section.splitlines() if line.startswith("| `--device cpu` |"))
+    assert auto.endswith("| x10.5, +9.8 ms, shed 187 |"), auto
+    assert cpu.endswith("| - |"), cpu
