@@ -113,7 +113,9 @@ def main() -> None:
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
                                           "(on a small host: the load generator then does not "
                                           "take the server's cores)")
-    ap.add_argument("--json", type=Path, default=Path("results/bench/scaleout.json"))
+    # No default: results/bench/scaleout.json holds the 16-core device run that docs/results.md
+    # renders, and a run on another machine must not silently replace it.
+    ap.add_argument("--json", type=Path, required=True, help="where the figures go")
     ap.add_argument("--logs", type=Path, help="servers' logs (default: beside --json)")
     ap.add_argument("--max-seconds", type=float, default=300.0)
     args = ap.parse_args()
