@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -183,11 +184,15 @@ def test_client_stream_answers_every_batch_in_order_with_typed_failures(
         next(stream)
 
 
+def _sample_sum(metric: Any, suffix: str, **labels: str) -> float:
+    """The sum of ``metric``'s samples named ``…suffix`` that carry these label values."""
+    return sum(s.value for m in metric.collect() for s in m.samples
+               if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def _batches(server: RunningServer, variant: str) -> float:
     """How many batches the server has run on ``variant`` (its batch-size histogram's count)."""
-    metric = server.server.engine.metrics.batch_size
-    return sum(s.value for m in metric.collect() for s in m.samples
-               if s.name.endswith("_count") and s.labels.get("variant") == variant)
+    return _sample_sum(server.server.engine.metrics.batch_size, "_count", variant=variant)
 
 
 def test_one_stream_reads_ahead_so_its_requests_batch_together(
@@ -248,10 +253,9 @@ def test_an_answer_to_an_abandoned_call_is_one_debug_line_not_a_traceback(
 
 
 def _requests(server: RunningServer, variant: str, status: str) -> float:
-    metric = server.server.engine.metrics.requests
-    return sum(x.value for m in metric.collect() for x in m.samples
-               if x.name.endswith("_total") and x.labels.get("variant") == variant
-               and x.labels.get("status") == status)
+    """Requests the server counted as answered by ``variant`` with ``status``."""
+    return _sample_sum(server.server.engine.metrics.requests, "_total", variant=variant,
+                       status=status)
 
 
 def test_a_call_whose_deadline_passed_before_it_was_read_is_refused_uncomputed(
