@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from server.settings import Settings  # pure data: the serve flags' defaults
+from server.settings import ServeOptions, Settings  # pure data: the serve flags' defaults
 
 Handler = Callable[[argparse.Namespace], int]
 # The gRPC port `serve` listens on and the client commands' default --target use when set: one
@@ -62,9 +62,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import ServeOptions, main
+    from server.app import main
 
-    opts = ServeOptions(
+    return main(args.family, serve_options(args))
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """`serve`'s flags as the server's options."""
+    return ServeOptions(
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, workers=args.workers,
         backend=args.backend, device=args.device, gpu_dtype=args.gpu_dtype,
@@ -83,7 +88,6 @@ def _serve(args: argparse.Namespace) -> int:
         backlog=args.backlog,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file, faults=tuple(args.inject_fault))
-    return main(args.family, opts)
 
 
 def _client_security(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,73 +283,86 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
                            "adaptive-inference serve families/demo --workers 2 --on-miss "
                            "best-effort"))
     s.add_argument("family", help="family directory (from build)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    # Every default below is ServeOptions' or Settings' own (server/settings.py): written once.
+    so, st = ServeOptions(), Settings()
+    s.add_argument("--host", default=so.host, help=f"address to listen on (default {so.host})")
     s.add_argument("--port", type=int, default=port,
                    help=f"gRPC port (default ${PORT_ENV}, else {DEFAULT_PORT}; now {port}; 0: any)")
-    s.add_argument("--metrics-port", type=int, default=8002,
-                   help="Prometheus /metrics port (default 8002; 0: any; -1: off)")
+    s.add_argument("--metrics-port", type=int, default=so.metrics_port,
+                   help=f"Prometheus /metrics port (default {so.metrics_port}; 0: any; -1: off)")
     s.add_argument("--metrics-host", help="address for /metrics (default: --host)")
-    s.add_argument("--workers", type=int, default=1,
-                   help="processes sharing the port (SO_REUSEPORT), metrics aggregated")
-    s.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime",
+    s.add_argument("--workers", type=int, default=so.workers,
+                   help="processes sharing the port (SO_REUSEPORT), metrics aggregated "
+                        f"(default {so.workers})")
+    s.add_argument("--backend", choices=["onnxruntime", "torch"], default=so.backend,
                    help="what runs the CPU lanes: ONNX Runtime, or torch (the same graphs "
-                        "converted; int8 stays on ONNX Runtime)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where variants run. auto (default): on the CPU, and also on the GPU "
-                        "when torch sees one, the router choosing per request; cuda: on the GPU "
-                        "(the CPU only for variants without a GPU form); cpu: CPU only")
-    s.add_argument("--gpu-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        f"converted; int8 stays on ONNX Runtime) (default {so.backend})")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=so.device,
+                   help="where variants run. auto: on the CPU, and also on the GPU when torch "
+                        "sees one, the router choosing per request; cuda: on the GPU (the CPU "
+                        "only for variants without a GPU form); cpu: CPU only "
+                        f"(default {so.device})")
+    s.add_argument("--gpu-dtype", choices=["fp32", "fp16", "bf16"], default=so.gpu_dtype,
                    help="precision of the GPU lanes; fp16/bf16 re-measure each candidate's "
-                        "accuracy on the family's validation sample (default fp32)")
-    s.add_argument("--gpu-max-batch", type=int, default=256,
+                        f"accuracy on the family's validation sample (default {so.gpu_dtype})")
+    s.add_argument("--gpu-max-batch", type=int, default=so.gpu_max_batch,
                    help="samples per batch on a GPU lane, one CUDA graph per power of two up "
-                        "to it (default 256)")
-    s.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
+                        f"to it (default {so.gpu_max_batch})")
+    s.add_argument("--accelerator", choices=["cuda", "cpu"], default=so.accelerator,
                    help="torch device of the GPU lanes; cpu runs their code on the CPU, for "
-                        "tests and CI on machines without a GPU (default cuda)")
-    s.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        f"tests and CI on machines without a GPU (default {so.accelerator})")
+    s.add_argument("--event-loop", choices=["asyncio", "uvloop"], default=so.event_loop,
                    help="the serving event loop: uvloop spends ~9%% less CPU per request but "
-                        "keeps more memory after very large messages (default asyncio)")
-    s.add_argument("--max-batch", type=int, default=32, help="samples per batch (default 32)")
-    s.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                        f"keeps more memory after very large messages (default {so.event_loop})")
+    s.add_argument("--max-batch", type=int, default=st.max_batch,
+                   help=f"samples per batch (default {st.max_batch})")
+    s.add_argument("--max-queue-delay-ms", type=float, default=st.max_queue_delay_ms,
                    help="hold a request up to this long for a fuller batch, never past what its "
-                        "deadline allows (default 0: batch only what queued meanwhile)")
-    s.add_argument("--max-queue", type=int, default=1024,
-                   help="samples queued per variant before RESOURCE_EXHAUSTED (default 1024)")
-    s.add_argument("--on-miss", choices=["shed", "best-effort"], default="shed",
+                        f"deadline allows (default {st.max_queue_delay_ms:g}; 0: batch only what "
+                        "queued meanwhile)")
+    s.add_argument("--max-queue", type=int, default=st.max_queue,
+                   help=f"samples queued per variant before RESOURCE_EXHAUSTED (default "
+                        f"{st.max_queue})")
+    s.add_argument("--on-miss", choices=["shed", "best-effort"], default=st.on_miss,
                    help="when not even the fastest candidate can finish inside a request's "
                         "budget under the load now: fail it at once with DEADLINE_EXCEEDED "
-                        "(shed, default), or run the fastest anyway (best-effort)")
-    s.add_argument("--target-miss-rate", type=float, default=0.005,
+                        f"(shed), or run the fastest anyway (best-effort) (default {st.on_miss})")
+    s.add_argument("--target-miss-rate", type=float, default=st.target_miss_rate,
                    help="share of budgeted requests allowed to finish late; the router's "
-                        "safety margin adapts to hold it (default 0.005)")
+                        f"safety margin adapts to hold it (default {st.target_miss_rate:g})")
     s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
-    s.add_argument("--intra-op-threads", type=int, default=1,
-                   help="ORT threads per batch (default 1)")
-    s.add_argument("--inline-below-ms", type=float, default=Settings.inline_below_ms,
+    s.add_argument("--intra-op-threads", type=int, default=st.intra_op_threads,
+                   help=f"ORT threads per batch (default {st.intra_op_threads})")
+    s.add_argument("--inline-below-ms", type=float, default=st.inline_below_ms,
                    help="run a batch on the event loop instead of the thread pool when it is "
                         "predicted under this many ms: the hand-off to a thread and back costs "
-                        f"more than a small batch (default {Settings.inline_below_ms}; 0: always "
+                        f"more than a small batch (default {st.inline_below_ms:g}; 0: always "
                         "the pool)")
-    s.add_argument("--deadline-margin-ms", type=float, default=0.5,
-                   help="kept back from the gRPC deadline for the reply (default 0.5)")
-    s.add_argument("--grace-s", type=float, default=10.0,
+    s.add_argument("--deadline-margin-ms", type=float, default=st.deadline_margin_ms,
+                   help="kept back from the gRPC deadline for the reply (default "
+                        f"{st.deadline_margin_ms:g})")
+    s.add_argument("--grace-s", type=float, default=so.grace_s,
                    help="on SIGTERM: health NOT_SERVING, new requests refused, in-flight ones get "
-                        "this long to finish (default 10)")
-    s.add_argument("--max-message-mb", type=float, default=64.0,
-                   help="largest request accepted, MiB (default 64; larger: RESOURCE_EXHAUSTED)")
-    s.add_argument("--backlog", type=int, default=0,
+                        f"this long to finish (default {so.grace_s:g})")
+    message_mb = so.max_message_bytes / (1 << 20)
+    s.add_argument("--max-message-mb", type=float, default=message_mb,
+                   help=f"largest request accepted, MiB (default {message_mb:g}; larger: "
+                        "RESOURCE_EXHAUSTED)")
+    s.add_argument("--backlog", type=int, default=so.backlog,
                    help="calls gRPC may hold for each process before the server has read them; "
                         "past it, new calls are refused on arrival (CANCELLED) at almost no "
                         "cost, which keeps goodput past saturation for clients with budgets. "
                         "Clients keeping many calls in flight without budgets get refused too "
-                        "(default 0: gRPC's own default; see docs/serving.md, Overload)")
-    s.add_argument("--batch-timeout-ms", type=float, default=1000.0,
+                        f"(default {so.backlog}: gRPC's own default; see docs/serving.md, "
+                        "Overload)")
+    s.add_argument("--batch-timeout-ms", type=float, default=st.batch_timeout_ms,
                    help="a batch running longer than max(this, 10 x its predicted p95) fails; its "
-                        "requests are retried on another variant (default 1000)")
-    s.add_argument("--quarantine-s", type=float, default=2.0,
+                        f"requests are retried on another variant (default "
+                        f"{st.batch_timeout_ms:g})")
+    s.add_argument("--quarantine-s", type=float, default=st.quarantine_s,
                    help="a failed variant is skipped and re-probed after this long, doubling per "
-                        "failed probe up to 60 s (default 2)")
+                        f"failed probe up to {st.quarantine_max_s:g} s (default "
+                        f"{st.quarantine_s:g})")
     s.add_argument("--tls-cert", help="server certificate chain PEM (TLS; with --tls-key)")
     s.add_argument("--tls-key", help="server private key PEM")
     s.add_argument("--tls-client-ca", help="CA PEM that client certificates must be signed by "

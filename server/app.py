@@ -27,14 +27,13 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from compression.core.family import Family, load_family
-from protos.wire import MAX_MESSAGE_BYTES
 from server.errors import InvalidArgument
-from server.settings import Settings
+from server.settings import ServeOptions
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +43,6 @@ log = logging.getLogger(__name__)
 # The lane name of the GPU lanes' code run on the CPU by ``--accelerator cpu`` (tests, CI).
 TORCH_CPU = "torch-cpu"
 DRAIN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Everything `adaptive-inference serve` configures besides the family."""
-
-    host: str = "127.0.0.1"
-    port: int = 8001
-    metrics_host: str | None = None  # default: host
-    metrics_port: int | None = 8002  # None: no metrics endpoint
-    workers: int = 1
-    backend: str = "onnxruntime"
-    device: str = "auto"  # cpu | cuda | auto (GPU lanes beside the CPU's when a GPU is usable)
-    gpu_dtype: str = "fp32"  # fp16 / bf16: accuracy re-measured on the validation sample
-    gpu_max_batch: int = 256
-    accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
-    event_loop: str = "asyncio"  # or "uvloop": less CPU per request, more memory kept
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
-    monitor_interval_s: float = 0.5
-    settings: Settings = field(default_factory=Settings)
-    grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish
-    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger: RESOURCE_EXHAUSTED from gRPC itself
-    backlog: int = 0  # calls gRPC's core holds unread before refusing new ones; 0: gRPC's default
-    tls_cert: str | None = None  # PEM paths; cert + key: TLS, plus client CA: mutual TLS
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_token_file: str | None = None  # bearer token required on all but the health service
-    faults: tuple[str, ...] = ()  # --inject-fault VARIANT:raise|hang[:RATE] (tests only)
 
 
 class AdaptiveServer:

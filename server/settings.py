@@ -1,9 +1,14 @@
-"""The serving knobs of one server process (the flags of `adaptive-inference serve` that shape
-routing, batching and failure handling). Pure data, imported by every room of `server/`."""
+"""What `adaptive-inference serve` configures: `Settings`, the knobs of one server process that
+shape routing, batching and failure handling, and `ServeOptions`, everything else a server is
+started with. Pure data, free of gRPC: every room of `server/` imports it, and the CLI takes the
+serve flags' defaults from here, so a default is written once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+from protos.wire import MAX_MESSAGE_BYTES
 
 ON_MISS = ("shed", "best-effort")
 
@@ -33,3 +38,31 @@ class Settings:
             raise ValueError(f"on_miss must be one of {ON_MISS}, got {self.on_miss!r}")
         if not 0.0 < self.target_miss_rate < 1.0:
             raise ValueError(f"target_miss_rate must lie in (0, 1), got {self.target_miss_rate!r}")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything `adaptive-inference serve` configures besides the family."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_host: str | None = None  # default: host
+    metrics_port: int | None = 8002  # None: no metrics endpoint
+    workers: int = 1
+    backend: str = "onnxruntime"
+    device: str = "auto"  # cpu | cuda | auto (GPU lanes beside the CPU's when a GPU is usable)
+    gpu_dtype: str = "fp32"  # fp16 / bf16: accuracy re-measured on the validation sample
+    gpu_max_batch: int = 256
+    accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
+    event_loop: str = "asyncio"  # or "uvloop": less CPU per request, more memory kept
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
+    monitor_interval_s: float = 0.5
+    settings: Settings = field(default_factory=Settings)
+    grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger: RESOURCE_EXHAUSTED from gRPC itself
+    backlog: int = 0  # calls gRPC's core holds unread before refusing new ones; 0: gRPC's default
+    tls_cert: str | None = None  # PEM paths; cert + key: TLS, plus client CA: mutual TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None  # bearer token required on all but the health service
+    faults: tuple[str, ...] = ()  # --inject-fault VARIANT:raise|hang[:RATE] (tests only)

@@ -54,8 +54,8 @@ from server.loop import run
 from server.monitor import as_worker_of
 
 if TYPE_CHECKING:
-    from server.app import ServeOptions
     from server.metrics import WorkerCounts
+    from server.settings import ServeOptions
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from compression.core.family import Family
-from server.app import AdaptiveServer, ServeOptions, create_server
+from server.app import AdaptiveServer, create_server
+from server.settings import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where `record` writes; bench/docs.py renders docs/*.md's measured blocks from it.

@@ -10,8 +10,7 @@ import pytest
 
 from client import AdaptiveClient
 from client.synthetic import SHAPE, serving_family_at
-from server.app import ServeOptions
-from server.settings import Settings
+from server.settings import ServeOptions, Settings
 from tests.harness import RunningServer, serve_in_thread
 
 

@@ -15,8 +15,8 @@ from compression.core.exits import StageChain, confidence, stage_io
 from compression.core.family import Exit, Variant, load_family, write_artifact
 from compression.export import to_onnx
 from compression.methods import int8
-from server.app import ServeOptions
 from server.runtime import OrtRunner
+from server.settings import ServeOptions
 from server.torch_runner import TorchGraphRunner, TorchStageChain
 from tests.harness import serve_in_thread
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import AdaptiveClient, InvalidArgument
 from client.cli import main as cli_main
 from client.process import METRICS, SERVING, WORKERS, ServerProcess
+from server.settings import ServeOptions, Settings
 from tests.harness import RunningServer
 
 CLI = [sys.executable, "-m", "client.cli"]
@@ -178,6 +180,27 @@ def test_every_subcommand_help_shows_examples_and_log_flags() -> None:
         text = sp.format_help()
         assert "\nexamples:\n  adaptive-inference " + name in text, name
         assert "--quiet" in text and "--verbose" in text, name
+
+
+def test_serve_without_flags_runs_with_the_servers_own_defaults() -> None:
+    """Every serve flag's default is ServeOptions' and Settings' (one place to change one), and
+    its help says that value."""
+    from client.cli import parser, serve_options
+
+    p = parser(port=8001)
+    opts = serve_options(p.parse_args(["serve", "/family"]))
+    assert opts == ServeOptions()
+    assert serve_options(p.parse_args(["serve", "/family", "--max-batch", "8", "--metrics-port",
+                                       "-1"])) == replace(ServeOptions(), metrics_port=None,
+                                                          settings=Settings(max_batch=8))
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["serve"].format_help().split())
+    for flag, value in (("--max-batch", Settings().max_batch),
+                        ("--inline-below-ms", Settings().inline_below_ms),
+                        ("--grace-s", ServeOptions().grace_s),
+                        ("--max-message-mb", ServeOptions().max_message_bytes >> 20)):
+        entry = text.split(flag, 2)[2].split(" --", 1)[0]  # its line under "options:"
+        assert f"(default {value:g}" in entry, (flag, entry)
 
 
 def test_one_port_setting_moves_the_server_and_the_clients_defaults(

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient
 from client.process import METRICS, SERVING, WORKERS, ServerProcess
-from server.app import ServeOptions
 from server.metrics_http import MAX_CONNECTIONS, MetricsHTTPServer
+from server.settings import ServeOptions
 from tests.harness import RunningServer, serve_in_thread
 
 HEAD = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # never the blank line that ends it

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from client import AdaptiveClient
-from server.app import TORCH_CPU, ServeOptions
+from server.app import TORCH_CPU
 from server.errors import AdaptiveError, NotFound
+from server.settings import ServeOptions
 from tests.harness import serve_in_thread
 
 OPTIONS = ServeOptions(port=0, metrics_port=None, device="auto", accelerator="cpu")

@@ -29,9 +29,8 @@ import pytest
 from deploy_checks import DEPLOY, alert_exprs, dashboard_queries, exported_series, names_in
 
 from client import AdaptiveClient, AdaptiveError
-from server.app import ServeOptions
 from server.metrics import LATENCY_BUCKETS
-from server.settings import Settings
+from server.settings import ServeOptions, Settings
 from tests.harness import RunningServer, serve_in_thread
 
 SCRAPE_S = 1.0

@@ -18,9 +18,8 @@ import pytest
 
 from client import AdaptiveClient, InferResult, Unavailable
 from client.synthetic import SHAPE
-from server.app import ServeOptions
 from server.faults import Fault
-from server.settings import Settings
+from server.settings import ServeOptions, Settings
 from tests.harness import RunningServer, serve_in_thread
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import pytest
 from client import AdaptiveClient, Unavailable
 from client.synthetic import SHAPE
 from compression.core.errors import FamilyError
-from server.app import ServeOptions
+from server.settings import ServeOptions
 from tests.harness import serve_in_thread
 
 

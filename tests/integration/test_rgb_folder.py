@@ -22,7 +22,7 @@ import pytest
 
 from compression import data
 from compression.core.family import load_family
-from server.app import ServeOptions
+from server.settings import ServeOptions
 from tests.build_configs import SMALL_CNN, build_family, config_toml, variant
 from tests.harness import serve_in_thread
 

@@ -29,7 +29,7 @@ from client.process import SERVING as PROCESS_SERVING
 from client.process import ServerProcess
 from client.synthetic import SHAPE, cnn, plain, write_family
 from server import security
-from server.app import ServeOptions
+from server.settings import ServeOptions
 from tests.harness import RunningServer, serve_in_thread
 
 TOKEN = "s3cret-token-0123456789"

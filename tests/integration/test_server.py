@@ -24,9 +24,9 @@ from compression.core.family import load_family
 from protos.generated import grpc_service_pb2 as pb
 from protos.generated import grpc_service_pb2_grpc
 from protos.wire import channel_options
-from server.app import GRPC_LOGGER, ServeOptions
+from server.app import GRPC_LOGGER
 from server.latency import Load, QueueState
-from server.settings import Settings
+from server.settings import ServeOptions, Settings
 from tests.harness import RunningServer, serve_in_thread
 
 CHEAPEST = {("fast", None), ("early-exit", 0)}  # (variant, exit) of the ~0.03 ms candidates

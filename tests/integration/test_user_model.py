@@ -21,7 +21,7 @@ from compression import export
 from compression.core.family import load_family
 from compression.core.ort import session
 from compression.models import build_model
-from server.app import ServeOptions
+from server.settings import ServeOptions
 from tests.build_configs import build_family, config_toml, one_torch_thread, variant
 from tests.harness import serve_in_thread
 
