@@ -28,6 +28,7 @@ from client.results import host_info
 from compression.core.family import load_family
 from compression.core.ort import session, time_ms
 from protos.generated import grpc_service_pb2_grpc
+from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +68,10 @@ def main() -> None:
     request = build_request(fam.name, x, variant=fastest, budget_ms=1000.0)
 
     serve = [str(family_dir), "--port", "0", "--metrics-port", "-1"]
-    # The thread pool for every batch, and tiny batches on the event loop (the default runs
-    # batches under 0.1 ms there: `--inline-below-ms`).
+    # The thread pool for every batch, and the defaults: small batches on the event loop
+    # (`--inline-below-ms`).
     procs = {"pool": ServerProcess([*serve, "--inline-below-ms", "0"]),
-             "inline": ServerProcess([*serve, "--inline-below-ms", "0.2"])}
+             "inline": ServerProcess(serve)}
     ports = {k: p.port() for k, p in procs.items()}
     for p in procs.values():
         p.wait_for(SERVING)
@@ -116,9 +117,10 @@ def main() -> None:
         "family": fam.name, "variant": fastest, "requests": args.requests,
         "cores": host["cpus"], "load_average": host["load_average"][0],
         "ort_p50_ms": round(ort_ms, 4), "echo_p50_ms": round(echo_p50, 4),
-        "echo_p99_ms": round(float(np.percentile(times["echo"], 99) * 1e3), 4)}
+        "echo_p99_ms": round(float(np.percentile(times["echo"], 99) * 1e3), 4),
+        "inline_below_ms": Settings().inline_below_ms}
     for k, label in (("pool", "server, --inline-below-ms 0"),
-                     ("inline", "server, --inline-below-ms 0.2")):
+                     ("inline", f"server, defaults ({Settings().inline_below_ms:g})")):
         p50 = float(np.percentile(times[k], 50) * 1e3)
         overhead = p50 - ort_ms
         print(f"  {label:<30}{p50:8.3f} ms  (p99 {np.percentile(times[k], 99) * 1e3:.3f} ms)"

@@ -417,7 +417,8 @@ def overhead_section(router: dict[str, Any] | None, overhead: dict[str, Any] | N
                  f"{o[k]['overhead_ms']:.3f}", f"{o[k]['ratio']:.2f}x",
                  "✔" if o[k]["ratio"] <= 1.5 else "✘"]
                 for k, label in (("pool", "server, thread pool (`--inline-below-ms 0`)"),
-                                 ("inline", "server, `--inline-below-ms 0.2`"))]
+                                 ("inline", "server, default flags (`--inline-below-ms "
+                                            f"{o.get('inline_below_ms', 0.2):g}`)"))]
         text.append(
             f"**Serving overhead** (`bench/overhead.py`): family `{o['family']}`, variant "
             f"`{o['variant']}`, batch 1, {o['requests']:,} sequential requests per server, blocks "
