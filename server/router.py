@@ -25,7 +25,8 @@ It then picks
 2. if none fits with its margin: the fastest, while it is predicted to make it without the
    margin; otherwise `Shed` (DEADLINE_EXCEEDED) at once (``on_miss="shed"``, the default: doomed
    work would only delay others), or the fastest anyway (``on_miss="best-effort"``);
-3. with no deadline: the most accurate candidate (requests without a budget are never shed).
+3. with no deadline: the most accurate candidate within the CPU share (requests without a
+   budget are never shed), without laying out the queues: nothing waits on that prediction.
 
 Candidates of ``exclude``d variants (quarantined after failures) and of variants whose queue
 cannot take the request (``max_queue``) are skipped; when that leaves nothing the request is
@@ -86,7 +87,7 @@ class Decision:
     """The router's answer, with the predictions it was based on (reported to the caller)."""
 
     candidate: Candidate
-    queue_ms: float  # predicted wait before the batch starts
+    queue_ms: float  # predicted wait before the batch starts (0 without a deadline: not laid out)
     compute_ms: float  # predicted compute (p50) of the batch it joins, CPU slowdown included
     overhead_ms: float  # predicted time outside the model
     margin_ms: float  # the calibrated safety margin added on top
@@ -235,6 +236,8 @@ class Router:
             self.refresh_calibration(now)
         pooled, calibrations = self.calibration, self._calibrations
         share = self.cpu.share_ms(now) if not pin else float("inf")
+        if remaining is None:
+            return self._unbudgeted(pool, batch, slowdown, accel, overhead, share, now)
         # Shedding: a candidate whose own compute cannot fit is skipped before any layout.
         skip_above = remaining if remaining is not None and self.on_miss == "shed" else math.inf
         layouts: dict[str, Plan] | None = None  # per device, once the first candidate might fit
@@ -267,7 +270,7 @@ class Router:
                 cal = pooled
             bound = (cal.factor - 1.0) * predicted  # inline `Calibration.margin_ms`: hot loop
             total = predicted + (cal.additive_ms if cal.additive_ms < bound else bound)
-            if remaining is None or total <= remaining:
+            if total <= remaining:
                 if cost <= share or not on_cpu:  # a GPU lane's compute is not the CPU's
                     return Decision(c, wait, compute, overhead, total - predicted, remaining, True,
                                     sd, now)
@@ -291,6 +294,26 @@ class Router:
         if self.on_miss == "best-effort" or predicted <= remaining:
             return Decision(c, wait, compute, overhead, margin, remaining, False, slowdown, now)
         raise Shed(remaining, c.name, wait, compute, overhead, margin)
+
+    def _unbudgeted(self, pool: Sequence[Candidate], batch: int, slowdown: float, accel: float,
+                    overhead: float, share: float, now: float) -> Decision:
+        """A request without a deadline: the most accurate candidate whose compute stays within
+        the CPU share (else the cheapest), never shed. Nothing waits on when it would finish, so
+        the queues are not laid out (that schedule is most of what a decision costs) and the
+        decision predicts no wait."""
+        sum_ms = self.latency.sum_ms
+        cheapest: tuple[float, Candidate] | None = None
+        for c in pool:
+            cost = sum_ms(c.units, batch)[0]
+            if cost <= share or c.device != CPU:
+                break
+            if cheapest is None or cost < cheapest[0]:
+                cheapest = (cost, c)
+        else:
+            assert cheapest is not None  # the pool is never empty
+            cost, c = cheapest
+        sd = slowdown if c.device == CPU else accel
+        return Decision(c, 0.0, cost * sd, overhead, 0.0, None, True, sd, now)
 
     def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
                 outside_ms: float | None = None) -> None:

@@ -69,6 +69,30 @@ def test_no_budget_gets_the_most_accurate_variant(clock: FakeClock) -> None:
     assert _router(VARIANTS, clock).choose(deadline=None, batch=1, load=IDLE).candidate.name == "slow"
 
 
+def test_a_request_without_a_deadline_is_never_laid_out_and_never_shed(
+        clock: FakeClock) -> None:
+    """No deadline, nothing to fit: the queues are not scheduled (that layout is most of what a
+    decision costs, and a stream of unbudgeted requests keeps them busy), the most accurate
+    candidate answers however long its queue, and the CPU share still applies."""
+    r = _router(VARIANTS, clock, max_batch=8)
+
+    def no_layout(*args: object) -> None:
+        raise AssertionError("laid out the queues for a request without a deadline")
+
+    r._plans = no_layout  # type: ignore[method-assign,assignment]
+    backlog = Load(cores=4, threads=4, queues={
+        name: QueueState(queued=64, running=8) for name in ("fast", "mid", "slow")})
+    d = r.choose(deadline=None, batch=1, load=backlog)
+    assert d.candidate.name == "slow" and d.queue_ms == 0.0 and d.remaining_ms is None
+    r.cpu.share_ms = lambda now: 4.0  # type: ignore[method-assign]
+    assert r.choose(deadline=None, batch=1, load=backlog).candidate.name == "mid"
+    r.cpu.share_ms = lambda now: 0.1  # type: ignore[method-assign]  # nothing that cheap
+    assert r.choose(deadline=None, batch=1, load=backlog).candidate.name == "fast"
+    assert r.choose(deadline=None, batch=1, load=backlog, pin="slow").candidate.name == "slow"
+    with pytest.raises(AssertionError, match="laid out"):  # a deadline still lays them out
+        r.choose(deadline=clock.deadline_in(500.0), batch=1, load=backlog)
+
+
 def test_time_passing_on_the_clock_shrinks_the_budget(clock: FakeClock) -> None:
     r = _router(VARIANTS, clock)
     deadline = clock.deadline_in(12.0)
