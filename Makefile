@@ -52,7 +52,8 @@ family: $(STAMP)
 # The benchmark report, docs/results.md (~15 minutes): router decision time, gRPC overhead, the
 # policy comparison on the default family with default serve flags (adaptive vs each pinned
 # static on the Pareto front, 0.5x-8x full's capacity, 3 repeats, and a time-varying load),
-# the per-process ceiling (echo vs server, unary vs stream, 1 and 2 workers), goodput past
+# the per-process ceiling (echo vs server, unary vs stream, 1 and 2 workers; and with the server
+# on CPU 0, the clients on CPU 1, whose rounds agree to a few %), goodput past
 # saturation with and without --backlog (one server on CPU 0, the load generator on CPU 1: the
 # rates suit a core of this 2-core machine), then the page itself. Raw figures under
 # results/bench/; bench/ceiling.py and bench/scaleout.py's 16-core runs are device runs, kept.
@@ -66,6 +67,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/policies.py --family $(BENCH_FAMILY) --out $(BENCH_OUT)/policies
 	$(BIN)/python bench/ceiling.py --family $(BENCH_FAMILY) --workers-list 1,2 --stream \
 		--json $(BENCH_OUT)/ceiling-2core.json
+	$(BIN)/python bench/ceiling.py --family $(BENCH_FAMILY) --workers-list 1 --stream --clients 2 \
+		--repeats 5 --server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/ceiling-2core-pinned.json
 	$(BIN)/python bench/scaleout.py --family $(BENCH_FAMILY) --workers-list 1 --flags "" \
 		--flags "--backlog 8" --rates 250,500,1000,2000 --seconds 5 --clients 2 \
 		--server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/scaleout-2core.json

@@ -471,7 +471,10 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
             f"closed-loop to saturation by {cfg.get('clients')} client processes × "
             f"{cfg.get('concurrency')} calls in flight, pinned to `{ceiling.get('variant')}`, no "
             f"budget; CPU per answer = the server's process tree's CPU seconds ÷ answers; median "
-            f"of {cfg.get('repeats')} rounds. Clients and servers share the machine.{streams}"
+            f"of {cfg.get('repeats')} rounds. "
+            + (f"Every server process ran on CPU {cfg['server_cpus']}, the clients on CPU "
+               f"{cfg.get('client_cpus') or 'any'}." if cfg.get("server_cpus") else
+               "Clients and servers share the machine.") + streams
             + (f" {ceiling['note']}" if ceiling.get("note") else "") + "\n\n"
             + markdown_table(["server", "images", "client procs", "answers/s",
                               "server CPU ms/answer", "server cores", "vs echo", "vs 1 worker"],
@@ -838,7 +841,8 @@ def main() -> None:
     parts = [header, compression_section((ROOT / args.family).resolve()),
              policy_section(summary, results, docs),
              overhead_section(read("router.json"), read("overhead.json")),
-             throughput_section(present(read("ceiling.json"), read("ceiling-2core.json")),
+             throughput_section(present(read("ceiling.json"), read("ceiling-2core.json"),
+                                        read("ceiling-2core-pinned.json")),
                                 present(read("scaleout.json"), read("scaleout-2core.json"))),
              gpu_section(read("gpu.json"), f"{args.results}/gpu.json")]
     (docs / "results.md").write_text("\n".join(parts))

@@ -25,12 +25,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 # Siblings under bench/ (a script's own folder is on sys.path), not a package.
 from gpu import Clients, Run, open_figures, placement_images, start_server
 
 from client.loadgen import BudgetSpec, RunConfig
+from client.process import cpu_set, pin_tree
 from client.results import host_info
 from compression.core.family import load_family
 
@@ -76,26 +75,6 @@ def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str
         out["goodput_at_2x_share_of_peak"] = round(past[0]["goodput_rps"]
                                                    / max(peak["goodput_rps"], 1e-9), 3)
     return out
-
-
-def pin_tree(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` and of its children onto ``cpus`` (threads started later inherit
-    it from the thread that starts them)."""
-    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        for thread in proc.threads():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(thread.id, cpus)
-
-
-def cpu_set(text: str | None) -> set[int] | None:
-    """``"0"``, ``"0,1"`` or ``"2-7"`` → a set of CPU numbers (None stays None)."""
-    if text is None:
-        return None
-    cpus: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def main() -> None:

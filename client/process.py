@@ -1,4 +1,5 @@
-"""`adaptive-inference serve` as a child process: start it, learn its ports from its log, stop it.
+"""`adaptive-inference serve` as a child process: start it, learn its ports from its log, stop it;
+and, for benchmarks on a small host, pin a process tree to CPUs apart from its load generator.
 
 The demo and the benchmarks run the server in its own process (as in production: no GIL shared
 with the load generator); the tests use the same helper to exercise the real command.
@@ -7,6 +8,7 @@ with the load generator); the tests use the same helper to exercise the real com
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import signal
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+import psutil
 
 from server.errors import Unavailable
 
@@ -113,3 +117,25 @@ def start_serving(stack: contextlib.ExitStack, family_dir: str | Path, flags: Se
     with AdaptiveClient(target) as client:
         client.wait_ready(timeout=ready_timeout)
     return Serving(target, metrics_url, log_file.name)
+
+
+# --- CPU placement (benchmarks on a small host) -------------------------------------------------
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its children onto ``cpus`` (threads started later inherit
+    it from the thread that starts them)."""
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        for thread in proc.threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(thread.id, cpus)
+
+
+def cpu_set(text: str | None) -> set[int] | None:
+    """``"0"``, ``"0,1"`` or ``"2-7"`` → a set of CPU numbers (None stays None)."""
+    if text is None:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
