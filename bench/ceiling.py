@@ -354,7 +354,10 @@ def main() -> None:
     host_start = host_info()
     began = time.monotonic()
     runs: dict[tuple[str, int, int], list[dict[str, Any]]] = collections.defaultdict(list)
-    server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
+    try:
+        server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
+    except ValueError as exc:
+        ap.error(str(exc))
     with contextlib.ExitStack() as stack:
         everywhere = os.sched_getaffinity(0)
         if client_cpus is not None:

@@ -106,7 +106,10 @@ def main() -> None:
     workers = [int(w) for w in args.workers_list.split(",")]
     flag_sets = [shlex.split(f) for f in args.flags or [""]]
     logs = args.logs or args.json.parent
-    server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
+    try:
+        server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
+    except ValueError as exc:
+        ap.error(str(exc))
     if client_cpus is not None:
         os.sched_setaffinity(0, client_cpus)  # the client processes spawned next inherit it
     run.data["cpus"] = {"server": sorted(server_cpus) if server_cpus else "any",

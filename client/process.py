@@ -131,11 +131,16 @@ def pin_tree(pid: int, cpus: set[int]) -> None:
 
 
 def cpu_set(text: str | None) -> set[int] | None:
-    """``"0"``, ``"0,1"`` or ``"2-7"`` → a set of CPU numbers (None stays None)."""
+    """``"0"``, ``"0,1"`` or ``"2-7"`` → a set of CPU numbers (None stays None); ValueError
+    naming the list otherwise."""
     if text is None:
         return None
     cpus: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"CPU list {text!r}: expected numbers and ranges, e.g. 0 or 0,2-3") \
+            from None
     return cpus

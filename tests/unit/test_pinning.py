@@ -48,5 +48,5 @@ def test_pin_tree_moves_every_thread_of_a_process_and_its_children() -> None:
 
 @pytest.mark.parametrize("text", ["", "a", "0,x"])
 def test_a_bad_cpu_list_is_a_value_error(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"CPU list {text!r}: expected numbers"):
         cpu_set(text)
