@@ -49,7 +49,7 @@ lint: $(STAMP)
 family: $(STAMP)
 	$(BIN)/adaptive-inference build configs/mnist5k.toml --out families/mnist5k
 
-# The benchmark report, docs/results.md (~15 minutes): router decision time, gRPC overhead, the
+# The benchmark report, docs/results.md (~17 minutes): router decision time, gRPC overhead, the
 # policy comparison on the default family with default serve flags (adaptive vs each pinned
 # static on the Pareto front, 0.5x-8x full's capacity, 3 repeats, and a time-varying load),
 # the per-process ceiling (echo vs server, unary vs stream, 1 and 2 workers; and with the server
