@@ -231,7 +231,7 @@ class Engine:
     # --- load ----------------------------------------------------------------------------------
 
     def load(self) -> Load:
-        """The host and queues now (twice per request: routing, and the batch's answer)."""
+        """The host and queues now (read per routing decision, and per batch answered)."""
         host = self.monitor.latest
         accel = self.accelerator
         return Load(cores=host.cores, cpu_other=host.cpu_other,

@@ -234,12 +234,12 @@ class Router:
         overhead = self.overhead.ms
         if now - self._refreshed > 1.0:  # answers refresh the margins; time must too (expiry)
             self.refresh_calibration(now)
-        pooled, calibrations = self.calibration, self._calibrations
         share = self.cpu.share_ms(now) if not pin else float("inf")
         if remaining is None:
             return self._unbudgeted(pool, batch, slowdown, accel, overhead, share, now)
+        pooled, calibrations = self.calibration, self._calibrations
         # Shedding: a candidate whose own compute cannot fit is skipped before any layout.
-        skip_above = remaining if remaining is not None and self.on_miss == "shed" else math.inf
+        skip_above = remaining if self.on_miss == "shed" else math.inf
         layouts: dict[str, Plan] | None = None  # per device, once the first candidate might fit
         starts: dict[str, tuple[float, int]] = {}  # per lane, shared by its exit depths
         # The fastest that does not fit, ranked by its prediction without margin (predicted,
@@ -285,7 +285,7 @@ class Router:
             predicted = wait + compute + overhead
             return Decision(c, wait, compute, overhead, self.margin_ms(c, predicted, now),
                             remaining, True, slowdown, now)
-        assert fastest is not None and remaining is not None
+        assert fastest is not None
         predicted, c, wait, compute, margin = fastest
         slowdown = slowdown if c.device == CPU else accel
         # Nothing fits with its margin. The margin buys certainty when choosing among candidates;
