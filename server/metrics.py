@@ -8,8 +8,10 @@ parent serves the aggregate; gauges say how they aggregate (``multiprocess_mode`
 
 from __future__ import annotations
 
+import glob
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from server.monitor import HostSample
 
@@ -203,6 +206,24 @@ class WorkersCollector:
         yield GaugeMetricFamily("adaptive_workers", "", value=0)
         yield GaugeMetricFamily("adaptive_workers_configured", "", value=0)
         yield CounterMetricFamily("adaptive_worker_restarts", "", value=0)
+
+
+class WorkerFilesCollector(MultiProcessCollector):
+    """The workers' metric files, summed (prometheus_client's multiprocess collector), skipping a
+    file that is still empty: a starting worker creates each file and only then sizes it, and
+    one empty file made the whole exposition fail (a 500 for every scrape in that window, e.g.
+    while a killed worker was being restarted). An empty file holds no values yet, so skipping
+    it loses nothing."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for f in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(f):  # files only grow: sized now, readable from here on
+                    files.append(f)
+            except FileNotFoundError:  # a dead worker's live gauges, removed meanwhile
+                continue
+        return self.merge(files, accumulate=True)
 
 
 def serve_http(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, int]:

@@ -447,12 +447,12 @@ def serve_workers(family: Family, options: ServeOptions, serve: ServeOne) -> int
     def start_metrics(s: _Supervisor) -> Any:
         if options.metrics_port is None:
             return None
-        from prometheus_client import CollectorRegistry, multiprocess
+        from prometheus_client import CollectorRegistry
 
-        from server.metrics import WorkersCollector, serve_http
+        from server.metrics import WorkerFilesCollector, WorkersCollector, serve_http
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=mp_dir)
+        WorkerFilesCollector(registry, path=mp_dir)
         registry.register(WorkersCollector(s.counts))
         httpd, _ = serve_http(options.metrics_port, options.metrics_host or options.host,
                               registry)
