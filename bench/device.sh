@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The device checks of issues 12 and 13 as one command for the lent GPU machine (one H200, 16
-# cores, no network), inside 8 minutes: bench/gpu.py (bare model, served GPU lanes, placement),
-# then bench/ceiling.py with streams (1 and 8 workers) and bench/scaleout.py with and without
+# cores, no network), inside 8 minutes: bench/gpu.py (bare model, served GPU lanes with a py-spy
+# profile where py-spy travels, placement with 1 worker), placement again with 8 workers (8
+# event loops: the CPU lanes, not one loop, are then what saturates first), then
+# bench/ceiling.py with streams (1 and 8 workers) and bench/scaleout.py with and without
 # --backlog 8 (1 and 8 workers). JSON and the servers' logs go to $OUT, as at most 8 files.
 #
 # Here, once:  make family && ../shared/device/pack-wheels.sh .whl   (.whl is git-ignored)
@@ -17,17 +19,19 @@ export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then  # the packages the machine's image lacks (../shared/device/pack-wheels.sh)
     site=$(mktemp -d)
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
-    export PYTHONPATH="$site:$PWD"
+    export PYTHONPATH="$site:$PWD" PATH="$site/bin:$PATH"  # py-spy's wheel holds a binary
 fi
 py=${PYTHON:-python3}
 family=${FAMILY:-families/mnist5k}
 if [ -n "${QUICK:-}" ]; then  # the same steps, seconds each, the GPU lanes' code on the CPU
-    gpu=(--quick --accelerator cpu)
+    gpu=(--quick --accelerator cpu --profile)
+    placement=(--quick --accelerator cpu --placement-workers 2)
     ceiling=(--workers-list 1,2 --clients 2 --seconds 1 --warmup 0.5 --repeats 1)
     scaleout=(--workers-list 1,2 --rates 100,200 --seconds 1 --clients 2)
 else
-    gpu=(--max-seconds 200)
-    ceiling=(--workers-list 1,8 --clients 8 --seconds 2 --warmup 1 --repeats 2)
+    gpu=(--max-seconds 200 --profile --workers-list 1,8)
+    placement=(--max-seconds 100 --placement-workers 8 --clients 8)
+    ceiling=(--workers-list 1,8 --clients 8 --seconds 2 --warmup 1 --repeats 1)
     scaleout=(--workers-list 1,8 --rates 800,1600,3200,6400,12800 --seconds 3 --clients 8)
 fi
 failed=0
@@ -39,6 +43,8 @@ step() {  # a failed step is reported and the next one still runs
     echo "== $name: $((SECONDS - t)) s"
 }
 step gpu "$py" bench/gpu.py --family "$family" --json "$out/gpu.json" --logs "$logs" "${gpu[@]}"
+step placement-w8 "$py" bench/gpu.py --family "$family" --phases host,placement \
+    --json "$out/gpu-placement-w8.json" --logs "$logs/w8" "${placement[@]}"
 step ceiling "$py" bench/ceiling.py --family "$family" --stream --json "$out/ceiling.json" \
     "${ceiling[@]}"
 step scaleout "$py" bench/scaleout.py --family "$family" --flags "" --flags "--backlog 8" \

@@ -595,7 +595,8 @@ def _closed_job(job: ClosedJob) -> dict[str, Any]:
     r = asyncio.run(closed_loop(job.target, job.model, x, concurrency=job.concurrency,
                                 seconds=job.seconds, variant=job.variant,
                                 budget_ms=job.budget_ms, timeout_s=timeout))
-    return {"answered": r.answered, "errors": r.errors, "seconds": r.seconds}
+    return {"answered": r.answered, "errors": r.errors, "details": r.details,
+            "seconds": r.seconds}
 
 
 def _pid(_: int) -> int:
@@ -643,11 +644,15 @@ class Clients:
                           warm_s, start_at, seconds) for _ in range(n)]
         parts = self.pool.map_async(_closed_job, jobs, chunksize=1).get(timeout=warm_s + seconds + 120)
         errors: collections.Counter[str] = collections.Counter()
+        details: dict[str, str] = {}
         for p in parts:
             errors.update(p["errors"])
+            for code, text in p["details"].items():
+                details.setdefault(code, text)
         rps = sum(p["answered"] / p["seconds"] for p in parts if p["seconds"] > 0)
         return {"requests_per_s": round(rps, 2), "images_per_s": round(rps * images, 1),
                 "answered": sum(p["answered"] for p in parts), "errors": dict(errors),
+                "error_details": details,
                 "processes": n, "in_flight": n * concurrency, "seconds": seconds}
 
     def open(self, target: str, model: str, data: TestData, cfg: RunConfig) -> RunOutput:
@@ -723,6 +728,54 @@ def served_latency(run: Run, server: Served, model: str, lane: str, x1: np.ndarr
     return out
 
 
+@contextlib.contextmanager
+def profiled(run: Run, pid: int, path: Path) -> Iterator[bool]:
+    """py-spy samples ``pid`` while the block runs and writes them as collapsed stacks to
+    ``path``; yields False, profiling nothing, where py-spy is missing. Python frames only, and
+    without pausing the process: native unwinding stopped it for long enough to make a 4 s
+    batch-1 run last 80 s (2 cores here)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        run.say("  py-spy not found: nothing profiled")
+        yield False
+        return
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                             "--format", "raw", "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # attached before the load starts
+    try:
+        yield True
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        run.say(f"  py-spy -> {path.name}: {(err or '').strip().splitlines()[-1:]}")
+
+
+def profile_served(run: Run, clients: Clients, server: Served, model: str, lane: str,
+                   x1: np.ndarray, shape: Sequence[int], plan: Plan, logs: Path) -> dict[str, Any]:
+    """The server under py-spy: sequential batch-1 calls pinned to ``lane``, then a closed loop
+    of 256-image requests (figures of both are kept, but they are taken under the profiler)."""
+    from client.client import AdaptiveClient
+
+    out: dict[str, Any] = {}
+    pid = server.proc.proc.pid
+    with profiled(run, pid, logs / "profile-cuda-b1.txt"), AdaptiveClient(server.target) as c:
+        times: list[float] = []
+        stop = time.monotonic() + 3.0
+        while time.monotonic() < stop:
+            times.append(c.infer(x1, variant=lane).latency_ms)
+        out["b1_p50_ms"], out["b1_calls"] = float(np.median(times)), len(times)
+    with profiled(run, pid, logs / "profile-cuda-256.txt"):
+        out["256"] = clients.closed(server.target, model, images=256, shape=shape, variant=lane,
+                                    budget_ms=None, concurrency=plan.concurrency,
+                                    warm_s=plan.warm_seconds, seconds=3.0)
+    return out
+
+
 def served_throughput(run: Run, clients: Clients, server: Served, model: str, lane: str,
                       shape: Sequence[int], workers: int, plan: Plan, sample_gpu: bool) -> None:
     served = run.data.setdefault("served", {})
@@ -742,6 +795,8 @@ def served_throughput(run: Run, clients: Clients, server: Served, model: str, la
                     f"{row['images_per_s']:,.0f} images/s ({row['requests_per_s']:.1f} req/s, "
                     f"{row['processes']} client processes x {plan.concurrency} in flight, "
                     f"errors {row['errors'] or 'none'}, GPU {row['gpu']})")
+            for code, text in row["error_details"].items():
+                run.say(f"    first {code}: {text}")
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             run.say(f"  workers {workers}, {images} images/request: ERROR {row['error'][:400]}")
@@ -813,24 +868,25 @@ def open_figures(clients: Clients, server: Served, model: str, data: TestData, c
 
 
 def saturating_rate(run: Run, clients: Clients, server: Served, model: str, data: TestData,
-                    shape: Sequence[int], plan: Plan, place: dict[str, Any]) -> float:
+                    shape: Sequence[int], plan: Plan, place: dict[str, Any], images: int
+                    ) -> float:
     """A rate at which the CPU lanes fall behind: from the CPU-only server's capacity without
     budgets, doubled per open-loop step until fewer than `RAMP_STOP` of the requests end in
     budget. Open loops, not a closed loop with budgets: a closed loop against a server that
     sheds measures how fast it refuses (each refusal is at once the next arrival)."""
-    ref = clients.closed(server.target, model, images=PLACEMENT_IMAGES, shape=shape,
+    ref = clients.closed(server.target, model, images=images, shape=shape,
                          variant=None, budget_ms=None, concurrency=plan.capacity_concurrency,
                          warm_s=plan.warm_seconds, seconds=plan.capacity_seconds)
     place["reference_capacity"] = ref
     run.say(f"  --device cpu without budgets (the most accurate variant, never shed): "
-            f"{ref['requests_per_s']:.1f} requests/s ({PLACEMENT_IMAGES} images each)")
+            f"{ref['requests_per_s']:.1f} requests/s ({images} images each)")
     rate = ref["requests_per_s"]
     if not rate > 0:
         raise RuntimeError(f"--device cpu answered nothing without budgets: {ref}")
     ramp: list[dict[str, Any]] = place.setdefault("ramp", [])
     for step in range(plan.ramp_steps):
         cfg = RunConfig(rate=rate, seconds=plan.ramp_seconds,
-                        budget=BudgetSpec.parse(PLACEMENT_BUDGET), images=PLACEMENT_IMAGES,
+                        budget=BudgetSpec.parse(PLACEMENT_BUDGET), images=images,
                         seed=100 + step, deadline_is_budget=True)
         fig = open_figures(clients, server, model, data, cfg, sample_gpu=False)
         ramp.append({"rate_rps": round(rate, 2), "attainment": fig["attainment"],
@@ -848,7 +904,8 @@ def saturating_rate(run: Run, clients: Clients, server: Served, model: str, data
 def phase_placement(run: Run, args: argparse.Namespace, clients: Clients, family_dir: Path,
                     model: str, shape: Sequence[int], plan: Plan) -> None:
     data = placement_images(family_dir, shape)
-    place: dict[str, Any] = {"images": PLACEMENT_IMAGES, "budget": PLACEMENT_BUDGET,
+    images, workers = args.placement_images, args.placement_workers
+    place: dict[str, Any] = {"images": images, "workers": workers, "budget": PLACEMENT_BUDGET,
                              "data": data.description, "runs": {}}
     run.data["placement"] = place
     timeout = min(plan.start_timeout, max(30.0, run.left()))
@@ -859,22 +916,24 @@ def phase_placement(run: Run, args: argparse.Namespace, clients: Clients, family
         # overload leaves in a router (margins, rates) must not carry into them.
         with contextlib.ExitStack() as stack:
             ramp_server = start_server(stack, run, family_dir, device_flags(args, "cpu"),
-                                       label="placement-ramp", workers=1, logs=args.logs,
-                                       timeout=timeout)
-            rate = saturating_rate(run, clients, ramp_server, model, data, shape, plan, place)
+                                       label="placement-ramp", workers=workers,
+                                       logs=args.logs, timeout=timeout)
+            rate = saturating_rate(run, clients, ramp_server, model, data, shape, plan, place,
+                                   images)
         place["rate_rule"] = (f"the first rate of the ramp (x2 per {plan.ramp_seconds:g} s step "
                               f"from the CPU-only capacity without budgets) at which --device "
                               f"cpu kept fewer than {100 * RAMP_STOP:.0f}% in budget")
     place["rate_rps"] = round(rate, 2)
     cfg = RunConfig(rate=rate, seconds=plan.open_loop_seconds,
-                    budget=BudgetSpec.parse(PLACEMENT_BUDGET), images=PLACEMENT_IMAGES, seed=1,
+                    budget=BudgetSpec.parse(PLACEMENT_BUDGET), images=images, seed=1,
                     deadline_is_budget=True)
     # auto first: if the CPU-only run leaves the machine hot, it is the CPU-only side that pays.
     for label in ("auto", "cpu"):
         with contextlib.ExitStack() as stack:
             try:
                 server = start_server(stack, run, family_dir, device_flags(args, label),
-                                      label=f"placement-{label}", workers=1, logs=args.logs,
+                                      label=f"placement-{label}", workers=workers,
+                                      logs=args.logs,
                                       timeout=min(plan.start_timeout, max(30.0, run.left())),
                                       metrics=True)
             except Exception as exc:  # the other server is still measured
@@ -949,6 +1008,14 @@ def main() -> None:
     ap.add_argument("--clients", type=int, help="client processes (default 6; --quick 2)")
     ap.add_argument("--rate", type=float,
                     help="placement: requests/s offered (default 2 x the CPU-only capacity)")
+    ap.add_argument("--placement-images", type=int, default=PLACEMENT_IMAGES,
+                    help=f"placement: images per request (default {PLACEMENT_IMAGES})")
+    ap.add_argument("--placement-workers", type=int, default=1,
+                    help="placement: --workers of the three servers (default 1)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the batch-1 latency, py-spy (where installed) records the "
+                         "--device cuda server for a few seconds of batch-1 and of 256-image "
+                         "load: collapsed stacks in --logs (profile-*.txt)")
     ap.add_argument("--phases", default="host,bare,echo,cuda,placement,cuda-workers",
                     help="comma-separated subset of the phases to run")
     ap.add_argument("--max-seconds", type=float, default=390.0,
@@ -1029,6 +1096,9 @@ def main() -> None:
                     attempt(served, "latency_b1",
                             lambda: served_latency(run, server, model, lane, x1, echo, plan))
                     run.write()
+                if latency and args.profile:
+                    attempt(served, "profiled", lambda: profile_served(
+                        run, pool(), server, model, lane, x1, shape, plan, args.logs))
                 served_throughput(run, pool(), server, model, lane, shape, workers, plan,
                                   sample_gpu=args.accelerator == "cuda")
 

@@ -425,6 +425,7 @@ class ClosedLoopResult:
     answered: int
     errors: dict[str, int]  # gRPC status name → count
     seconds: float  # from the first request to the last answer
+    details: dict[str, str] = field(default_factory=dict)  # status name → its first message
 
     @property
     def rps(self) -> float:
@@ -440,6 +441,7 @@ async def closed_loop(target: str, model: str, x: np.ndarray, *, concurrency: in
     ``variant`` (or of the router) at saturation. Failed calls are counted, not raised."""
     answered = 0
     errors: collections.Counter[str] = collections.Counter()
+    details: dict[str, str] = {}
     request = build_request(model, x, budget_ms=budget_ms, variant=variant)
     timeout = deadline_s(budget_ms, timeout_s)
     async with connections(target) as stubs:
@@ -452,12 +454,14 @@ async def closed_loop(target: str, model: str, x: np.ndarray, *, concurrency: in
                     await stub.ModelInfer(request, timeout=timeout)
                     answered += 1
                 except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] += 1
+                    code = exc.code().name
+                    errors[code] += 1
+                    details.setdefault(code, (exc.details() or "")[:300])
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return ClosedLoopResult(answered, dict(errors), elapsed)
+    return ClosedLoopResult(answered, dict(errors), elapsed, details)
 
 
 def sequential_ms(client: AdaptiveClient, x: np.ndarray, n: int, *, variant: str | None = None,
