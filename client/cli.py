@@ -11,7 +11,16 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from server.settings import ServeOptions, Settings  # pure data: the serve flags' defaults
+from server.settings import (  # pure data: the serve flags' defaults and choices
+    ACCELERATORS,
+    BACKENDS,
+    DEVICES,
+    EVENT_LOOPS,
+    GPU_DTYPES,
+    ON_MISS,
+    ServeOptions,
+    Settings,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 # The gRPC port `serve` listens on and the client commands' default --target use when set: one
@@ -71,11 +80,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     """`serve`'s flags as the server's options."""
     return ServeOptions(
         host=args.host, port=args.port, metrics_host=args.metrics_host,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port, workers=args.workers,
+        metrics_port=None if args.metrics_port == -1 else args.metrics_port, workers=args.workers,
         backend=args.backend, device=args.device, gpu_dtype=args.gpu_dtype,
         gpu_max_batch=args.gpu_max_batch, accelerator=args.accelerator,
         event_loop=args.event_loop,
-        **({"threads": args.threads} if args.threads else {}),
+        **({"threads": args.threads} if args.threads is not None else {}),
         settings=Settings(max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
                           max_queue=args.max_queue, on_miss=args.on_miss,
                           target_miss_rate=args.target_miss_rate,
@@ -294,24 +303,24 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=so.workers,
                    help="processes sharing the port (SO_REUSEPORT), metrics aggregated "
                         f"(default {so.workers})")
-    s.add_argument("--backend", choices=["onnxruntime", "torch"], default=so.backend,
+    s.add_argument("--backend", choices=BACKENDS, default=so.backend,
                    help="what runs the CPU lanes: ONNX Runtime, or torch (the same graphs "
                         f"converted; int8 stays on ONNX Runtime) (default {so.backend})")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=so.device,
+    s.add_argument("--device", choices=DEVICES, default=so.device,
                    help="where variants run. auto: on the CPU, and also on the GPU when torch "
                         "sees one, the router choosing per request; cuda: on the GPU (the CPU "
                         "only for variants without a GPU form); cpu: CPU only "
                         f"(default {so.device})")
-    s.add_argument("--gpu-dtype", choices=["fp32", "fp16", "bf16"], default=so.gpu_dtype,
+    s.add_argument("--gpu-dtype", choices=GPU_DTYPES, default=so.gpu_dtype,
                    help="precision of the GPU lanes; fp16/bf16 re-measure each candidate's "
                         f"accuracy on the family's validation sample (default {so.gpu_dtype})")
     s.add_argument("--gpu-max-batch", type=int, default=so.gpu_max_batch,
                    help="samples per batch on a GPU lane, one CUDA graph per power of two up "
                         f"to it (default {so.gpu_max_batch})")
-    s.add_argument("--accelerator", choices=["cuda", "cpu"], default=so.accelerator,
+    s.add_argument("--accelerator", choices=ACCELERATORS, default=so.accelerator,
                    help="torch device of the GPU lanes; cpu runs their code on the CPU, for "
                         f"tests and CI on machines without a GPU (default {so.accelerator})")
-    s.add_argument("--event-loop", choices=["asyncio", "uvloop"], default=so.event_loop,
+    s.add_argument("--event-loop", choices=EVENT_LOOPS, default=so.event_loop,
                    help="the serving event loop: uvloop spends ~9%% less CPU per request but "
                         f"keeps more memory after very large messages (default {so.event_loop})")
     s.add_argument("--max-batch", type=int, default=st.max_batch,
@@ -323,7 +332,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=st.max_queue,
                    help=f"samples queued per variant before RESOURCE_EXHAUSTED (default "
                         f"{st.max_queue})")
-    s.add_argument("--on-miss", choices=["shed", "best-effort"], default=st.on_miss,
+    s.add_argument("--on-miss", choices=ON_MISS, default=st.on_miss,
                    help="when not even the fastest candidate can finish inside a request's "
                         "budget under the load now: fail it at once with DEADLINE_EXCEEDED "
                         f"(shed), or run the fastest anyway (best-effort) (default {st.on_miss})")

@@ -285,8 +285,6 @@ def backlog_options(backlog: int) -> list[tuple[str, int]]:
     sees CANCELLED. Early drop starts at half the bound (gRPC's random early detection) and
     every call past the bound is refused.
     """
-    if backlog < 0:
-        raise InvalidArgument(f"--backlog {backlog}: a number of calls, 0 (unbounded) or more")
     if backlog == 0:
         return []
     return [("grpc.server.max_pending_requests", backlog // 2),
@@ -388,7 +386,6 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
     from server.loop import check
 
     check(options.event_loop)  # --event-loop uvloop without uvloop: one line, exit 2
-    backlog_options(options.backlog)  # a negative --backlog likewise
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
     if options.workers > 1:

@@ -1,16 +1,47 @@
 """What `adaptive-inference serve` configures: `Settings`, the knobs of one server process that
 shape routing, batching and failure handling, and `ServeOptions`, everything else a server is
 started with. Pure data, free of gRPC: every room of `server/` imports it, and the CLI takes the
-serve flags' defaults from here, so a default is written once."""
+serve flags' defaults from here, so a default is written once. Each value is checked where it is
+made: an impossible one raises `InvalidArgument` naming its serve flag and value (the CLI prints
+that line and exits 2), before anything is loaded or bound."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
 from protos.wire import MAX_MESSAGE_BYTES
+from server.errors import InvalidArgument
 
 ON_MISS = ("shed", "best-effort")
+BACKENDS = ("onnxruntime", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+GPU_DTYPES = ("fp32", "fp16", "bf16")
+ACCELERATORS = ("cuda", "cpu")
+EVENT_LOOPS = ("asyncio", "uvloop")
+MAX_PORT = 65535
+
+
+def require(ok: bool, flag: str, value: object, rule: str) -> None:
+    """Refuse a setting in one line that names its flag, its value and what it must be."""
+    if not ok:
+        shown = repr(value) if isinstance(value, str) else value
+        raise InvalidArgument(f"{flag} {shown}: {rule}")
+
+
+def _count(flag: str, value: int, least: int, what: str) -> None:
+    require(value >= least, flag, value, f"{what}, {least} or more")
+
+
+def _duration(flag: str, value: float, what: str, *, zero: bool) -> None:
+    """A finite duration: 0 or more where ``zero`` is allowed, else more than 0 (NaN fails)."""
+    ok = math.isfinite(value) and (value >= 0.0 if zero else value > 0.0)
+    require(ok, flag, value, f"{what}, {'0 or more' if zero else 'more than 0'}")
+
+
+def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    require(value in choices, flag, value, f"one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -34,10 +65,20 @@ class Settings:
     quarantine_max_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.on_miss not in ON_MISS:
-            raise ValueError(f"on_miss must be one of {ON_MISS}, got {self.on_miss!r}")
-        if not 0.0 < self.target_miss_rate < 1.0:
-            raise ValueError(f"target_miss_rate must lie in (0, 1), got {self.target_miss_rate!r}")
+        _count("--max-batch", self.max_batch, 1, "samples per batch")
+        _count("--max-queue", self.max_queue, 1, "samples queued per variant")
+        _duration("--max-queue-delay-ms", self.max_queue_delay_ms, "milliseconds", zero=True)
+        _one_of("--on-miss", self.on_miss, ON_MISS)
+        _count("--intra-op-threads", self.intra_op_threads, 1, "threads per batch")
+        require(0.0 < self.target_miss_rate < 1.0, "--target-miss-rate", self.target_miss_rate,
+                "a share of requests, between 0 and 1 (both excluded)")
+        _duration("--deadline-margin-ms", self.deadline_margin_ms, "milliseconds", zero=True)
+        _duration("--inline-below-ms", self.inline_below_ms, "milliseconds", zero=True)
+        _duration("--batch-timeout-ms", self.batch_timeout_ms, "milliseconds", zero=False)
+        _duration("--quarantine-s", self.quarantine_s, "seconds", zero=False)
+        _duration("quarantine_max_s", self.quarantine_max_s, "seconds", zero=False)
+        require(self.quarantine_s <= self.quarantine_max_s, "--quarantine-s", self.quarantine_s,
+                f"at most the quarantine's cap, {self.quarantine_max_s:g} s")
 
 
 @dataclass(frozen=True)
@@ -66,3 +107,22 @@ class ServeOptions:
     tls_client_ca: str | None = None
     auth_token_file: str | None = None  # bearer token required on all but the health service
     faults: tuple[str, ...] = ()  # --inject-fault VARIANT:raise|hang[:RATE] (tests only)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= MAX_PORT, "--port", self.port, f"a port, 0 (any) to {MAX_PORT}")
+        require(self.metrics_port is None or 0 <= self.metrics_port <= MAX_PORT, "--metrics-port",
+                self.metrics_port, f"a port, 0 (any) to {MAX_PORT}, or -1 (no endpoint)")
+        _count("--workers", self.workers, 1, "processes")
+        _one_of("--backend", self.backend, BACKENDS)
+        _one_of("--device", self.device, DEVICES)
+        _one_of("--gpu-dtype", self.gpu_dtype, GPU_DTYPES)
+        _count("--gpu-max-batch", self.gpu_max_batch, 1, "samples per GPU batch")
+        _one_of("--accelerator", self.accelerator, ACCELERATORS)
+        _one_of("--event-loop", self.event_loop, EVENT_LOOPS)
+        _count("--threads", self.threads, 1, "worker threads")
+        _duration("monitor_interval_s", self.monitor_interval_s, "seconds", zero=False)
+        _duration("--grace-s", self.grace_s, "seconds", zero=True)
+        require(self.max_message_bytes > 0, "--max-message-mb", self.max_message_bytes / (1 << 20),
+                "MiB, more than 0")
+        require(self.backlog >= 0, "--backlog", self.backlog,
+                "a number of calls, 0 (unbounded) or more")
