@@ -236,6 +236,29 @@ def test_an_impossible_serve_flag_is_one_line_naming_it_and_exit_2(
     assert capsys.readouterr().err.strip() == f"error: INVALID_ARGUMENT: {message}"
 
 
+@pytest.mark.parametrize(("command", "message"), [
+    ("bench --rate 10 --images 0", "argument --images: 0: expected 1 or more"),
+    ("bench --rate 10 --images x", "argument --images: 'x': expected a whole number"),
+    ("bench --rate 10 --duration -1", "argument --duration: -1: expected a finite number > 0"),
+    ("bench --rate 10 --max-inflight 0", "argument --max-inflight: 0: expected 1 or more"),
+    ("bench --rate 10 --wait-ready -1",
+     "argument --wait-ready: -1: expected a finite number ≥ 0"),
+    ("infer x.npy --timeout 0", "argument --timeout: 0: expected a finite number > 0"),
+    ("health --timeout nan", "argument --timeout: nan: expected a finite number > 0"),
+    ("top --interval 0", "argument --interval: 0: expected a finite number > 0"),
+    ("demo --seconds inf", "argument --seconds: inf: expected a finite number > 0"),
+])
+def test_an_impossible_client_flag_is_a_usage_error_before_any_work(
+        command: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The client commands refuse a count below 1 or a duration that is not a positive number
+    while parsing: no dataset loaded, no connection tried, no wait for a server."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(command.split())
+    assert exit_.value.code == 2
+    name = command.split()[0]
+    assert capsys.readouterr().err.strip().endswith(f"adaptive-inference {name}: error: {message}")
+
+
 def test_the_options_refuse_what_the_flags_cannot_express() -> None:
     """A user building `ServeOptions` in Python gets the same checks as the CLI."""
     with pytest.raises(InvalidArgument, match=r"--device 'tpu': one of auto, cpu, cuda"):
