@@ -659,7 +659,8 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
     out = [title + f"{status} `bench/gpu.py` ({data.get('started', '?')}, "
            f"{data.get('seconds_total', 0):.0f} s), family `{_at(data, 'family', 'name')}`:\n\n"
            f"```bash\n{data.get('command', 'python3 bench/gpu.py')}\n```\n\n"
-           f"Machine: {machine}.\n",
+           f"Machine: {machine}.\n"
+           + (f"\n{data['note']}\n" if data.get("note") else ""),
            "### Targets\n\n" + markdown_table(
                ["target", "wanted", "measured", "met"],
                [[r["target"], r["wanted"], r["measured"], verdict[r["passed"]]] for r in targets])
