@@ -186,7 +186,7 @@ def _arg_type(parse: Callable[[str], object]) -> Callable[[str], object]:
     return convert
 
 
-def _count(least: int) -> Callable[[str], object]:
+def _count_arg(least: int) -> Callable[[str], object]:
     """argparse type: a whole number of at least ``least``."""
     def parse(text: str) -> int:
         try:
@@ -199,7 +199,7 @@ def _count(least: int) -> Callable[[str], object]:
     return _arg_type(parse)
 
 
-def _seconds(*, zero: bool = False) -> Callable[[str], object]:
+def _seconds_arg(*, zero: bool = False) -> Callable[[str], object]:
     """argparse type: a finite number of seconds (or ms), more than 0 (0 too where ``zero``)."""
     def parse(text: str) -> float:
         try:
@@ -419,7 +419,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     f.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     f.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
     f.add_argument("--variant", help="pin a variant (or VARIANT@EXIT) instead of routing")
-    f.add_argument("--timeout", type=_seconds(), help="gRPC deadline in seconds")
+    f.add_argument("--timeout", type=_seconds_arg(), help="gRPC deadline in seconds")
     _add_client_security(f)
     f.set_defaults(handler=_infer)
 
@@ -428,7 +428,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
                            "adaptive-inference health --target 127.0.0.1:8001 && echo up"))
     h.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     h.add_argument("--service", default="", help="service name (default: the whole server)")
-    h.add_argument("--timeout", type=_seconds(), default=3.0, help="seconds (default 3)")
+    h.add_argument("--timeout", type=_seconds_arg(), default=3.0, help="seconds (default 3)")
     _add_client_security(h)
     h.set_defaults(handler=_health)
 
@@ -442,7 +442,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     k.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     k.add_argument("--rate", required=True, type=_arg_type(_rates),
                    help="offered requests/s; R1,R2,... runs one after another")
-    k.add_argument("--duration", type=_seconds(), default=10.0, help="seconds per rate (default 10)")
+    k.add_argument("--duration", type=_seconds_arg(), default=10.0, help="seconds per rate (default 10)")
     k.add_argument("--budget-ms", default="none", type=_arg_type(_budget_spec),
                    help="per-request budget: MS, uniform:A:B, a mixture MS:WEIGHT,... "
                         "(e.g. 2:0.5,10:0.3,50:0.2), or none (default)")
@@ -453,16 +453,16 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     k.add_argument("--family", help="family dir: its manifest gives the dataset, seed and split")
     k.add_argument("--seed", type=int, default=0,
                    help="split seed without --family; also seeds arrivals and budgets")
-    k.add_argument("--images", type=_count(1), default=1, help="images per request (default 1)")
-    k.add_argument("--timeout", type=_seconds(),
+    k.add_argument("--images", type=_count_arg(1), default=1, help="images per request (default 1)")
+    k.add_argument("--timeout", type=_seconds_arg(),
                    help="gRPC deadline in seconds (default: 2 x budget + 50 ms, as AdaptiveClient)")
     k.add_argument("--deadline-is-budget", action="store_true",
                    help="gRPC deadline = each request's budget: the server also counts transport "
                         "and gRPC queueing against it; late answers end DEADLINE_EXCEEDED")
-    k.add_argument("--max-inflight", type=_count(1), default=4096,
+    k.add_argument("--max-inflight", type=_count_arg(1), default=4096,
                    help="unanswered requests before arrivals are dropped (counted as "
                         "client_dropped)")
-    k.add_argument("--wait-ready", type=_seconds(zero=True), default=30.0,
+    k.add_argument("--wait-ready", type=_seconds_arg(zero=True), default=30.0,
                    help="seconds to wait for the server to be SERVING (default 30)")
     k.add_argument("--out", default="results/bench", help="output dir (default results/bench)")
     k.add_argument("--no-plots", action="store_true", help="results.json and requests.csv only")
@@ -482,7 +482,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     d.add_argument("--config", default="configs/demo.toml", help="config to build it from")
     d.add_argument("--loads", type=_arg_type(_loads), default=[0.5, 1.0, 2.0, 3.0],
                    help="the ramp, in multiples of full's capacity (default 0.5,1,2,3)")
-    d.add_argument("--seconds", type=_seconds(), default=4.0, help="seconds per load (default 4)")
+    d.add_argument("--seconds", type=_seconds_arg(), default=4.0, help="seconds per load (default 4)")
     d.add_argument("--reference", default="full",
                    help="the variant the other server pins every request to (default full)")
     d.add_argument("--out", default="results/demo", help="where the plot goes "
@@ -504,7 +504,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     t.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
     t.add_argument("--metrics", default="http://127.0.0.1:8002/metrics",
                    help="the server's Prometheus URL (default http://127.0.0.1:8002/metrics)")
-    t.add_argument("--interval", type=_seconds(), default=1.0, help="seconds between frames "
+    t.add_argument("--interval", type=_seconds_arg(), default=1.0, help="seconds between frames "
                                                                "(default 1)")
     t.add_argument("--once", action="store_true", help="print one frame and exit")
     _add_client_security(t)

@@ -23,7 +23,7 @@ EVENT_LOOPS = ("asyncio", "uvloop")
 MAX_PORT = 65535
 
 
-def require(ok: bool, flag: str, value: object, rule: str) -> None:
+def _require(ok: bool, flag: str, value: object, rule: str) -> None:
     """Refuse a setting in one line that names its flag, its value and what it must be."""
     if not ok:
         shown = repr(value) if isinstance(value, str) else value
@@ -31,17 +31,17 @@ def require(ok: bool, flag: str, value: object, rule: str) -> None:
 
 
 def _count(flag: str, value: int, least: int, what: str) -> None:
-    require(value >= least, flag, value, f"{what}, {least} or more")
+    _require(value >= least, flag, value, f"{what}, {least} or more")
 
 
 def _duration(flag: str, value: float, what: str, *, zero: bool) -> None:
     """A finite duration: 0 or more where ``zero`` is allowed, else more than 0 (NaN fails)."""
     ok = math.isfinite(value) and (value >= 0.0 if zero else value > 0.0)
-    require(ok, flag, value, f"{what}, {'0 or more' if zero else 'more than 0'}")
+    _require(ok, flag, value, f"{what}, {'0 or more' if zero else 'more than 0'}")
 
 
 def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    require(value in choices, flag, value, f"one of {', '.join(choices)}")
+    _require(value in choices, flag, value, f"one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,14 @@ class Settings:
         _duration("--max-queue-delay-ms", self.max_queue_delay_ms, "milliseconds", zero=True)
         _one_of("--on-miss", self.on_miss, ON_MISS)
         _count("--intra-op-threads", self.intra_op_threads, 1, "threads per batch")
-        require(0.0 < self.target_miss_rate < 1.0, "--target-miss-rate", self.target_miss_rate,
+        _require(0.0 < self.target_miss_rate < 1.0, "--target-miss-rate", self.target_miss_rate,
                 "a share of requests, between 0 and 1 (both excluded)")
         _duration("--deadline-margin-ms", self.deadline_margin_ms, "milliseconds", zero=True)
         _duration("--inline-below-ms", self.inline_below_ms, "milliseconds", zero=True)
         _duration("--batch-timeout-ms", self.batch_timeout_ms, "milliseconds", zero=False)
         _duration("--quarantine-s", self.quarantine_s, "seconds", zero=False)
         _duration("quarantine_max_s", self.quarantine_max_s, "seconds", zero=False)
-        require(self.quarantine_s <= self.quarantine_max_s, "--quarantine-s", self.quarantine_s,
+        _require(self.quarantine_s <= self.quarantine_max_s, "--quarantine-s", self.quarantine_s,
                 f"at most the quarantine's cap, {self.quarantine_max_s:g} s")
 
 
@@ -109,8 +109,8 @@ class ServeOptions:
     faults: tuple[str, ...] = ()  # --inject-fault VARIANT:raise|hang[:RATE] (tests only)
 
     def __post_init__(self) -> None:
-        require(0 <= self.port <= MAX_PORT, "--port", self.port, f"a port, 0 (any) to {MAX_PORT}")
-        require(self.metrics_port is None or 0 <= self.metrics_port <= MAX_PORT, "--metrics-port",
+        _require(0 <= self.port <= MAX_PORT, "--port", self.port, f"a port, 0 (any) to {MAX_PORT}")
+        _require(self.metrics_port is None or 0 <= self.metrics_port <= MAX_PORT, "--metrics-port",
                 self.metrics_port, f"a port, 0 (any) to {MAX_PORT}, or -1 (no endpoint)")
         _count("--workers", self.workers, 1, "processes")
         _one_of("--backend", self.backend, BACKENDS)
@@ -122,7 +122,7 @@ class ServeOptions:
         _count("--threads", self.threads, 1, "worker threads")
         _duration("monitor_interval_s", self.monitor_interval_s, "seconds", zero=False)
         _duration("--grace-s", self.grace_s, "seconds", zero=True)
-        require(self.max_message_bytes > 0, "--max-message-mb", self.max_message_bytes / (1 << 20),
+        _require(self.max_message_bytes > 0, "--max-message-mb", self.max_message_bytes / (1 << 20),
                 "MiB, more than 0")
-        require(self.backlog >= 0, "--backlog", self.backlog,
+        _require(self.backlog >= 0, "--backlog", self.backlog,
                 "a number of calls, 0 (unbounded) or more")
