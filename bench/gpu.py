@@ -705,7 +705,7 @@ def served_latency(run: Run, server: Served, model: str, lane: str, x1: np.ndarr
     """Batch 1 pinned to ``lane``, sequential, alternating with the echo server."""
     import grpc
 
-    from client.client import build_request, parse_response
+    from client.client import AdaptiveClient, build_request, parse_response
     from protos import wire
     from protos.generated import grpc_service_pb2_grpc
 
@@ -723,8 +723,15 @@ def served_latency(run: Run, server: Served, model: str, lane: str, x1: np.ndarr
     if "echo" in times:
         paired = ms_stats(times["echo"])
         out["echo_paired_p50_ms"], out["echo_paired_p99_ms"] = paired["p50_ms"], paired["p99_ms"]
+    # Where the round trip goes: the server's own account of its queue wait and compute (the
+    # rest is gRPC, decoding, routing and encoding: what exceeds the echo is the server's path).
+    with AdaptiveClient(server.target) as client:
+        parts = [client.infer(x1, variant=lane) for _ in range(300)]
+    out["queue_ms_p50"] = round(float(np.median([p.queue_ms for p in parts])), 4)
+    out["compute_ms_p50"] = round(float(np.median([p.compute_ms for p in parts])), 4)
     run.say(f"  batch 1 pinned {lane} (answered by {answered_by}): p50 {out['p50_ms']:.4f} ms, "
-            f"p99 {out['p99_ms']:.4f} ms; echo alongside p50 {out.get('echo_paired_p50_ms')}")
+            f"p99 {out['p99_ms']:.4f} ms (the server's queue {out['queue_ms_p50']} + compute "
+            f"{out['compute_ms_p50']}); echo alongside p50 {out.get('echo_paired_p50_ms')}")
     return out
 
 

@@ -712,7 +712,10 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
                 f" {lat.get('requests')} sequential requests in blocks alternating with a bare "
                 f"`grpc.aio` echo server (bench/echo_server.py) of the same payload: p50 "
                 f"{_ms(lat['p50_ms'])} ms (p99 {_ms(lat.get('p99_ms'))}); echo alongside p50 "
-                f"{_ms(lat.get('echo_paired_p50_ms'))} ms.")
+                f"{_ms(lat.get('echo_paired_p50_ms'))} ms."
+                + (f" Of the round trip, the server reports {_ms(lat['queue_ms_p50'])} ms in the "
+                   f"queue and {_ms(lat['compute_ms_p50'])} ms computing (p50 of 300 more calls)."
+                   if lat.get("compute_ms_p50") is not None else ""))
         if echo.get("p50_ms") is not None:
             prose.append(f"The echo alone: p50 {_ms(echo['p50_ms'])} ms (p99 "
                          f"{_ms(echo.get('p99_ms'))}), {echo.get('requests')} sequential calls.")
