@@ -29,12 +29,16 @@ what it measured; ``--max-seconds`` (default 390) skips phases that no longer fi
    `full` (``cuda:full``, found in the server's candidate table), sequential, in blocks that
    alternate with the echo server so both see the same machine; then served images/s at 32 and
    256 images per request pinned to that lane, closed loop from ``--clients`` client processes
-   (spawned once, each with its own connections: `client.loadgen.closed_loop`).
+   (spawned once, each with its own connections: `client.loadgen.closed_loop`; each error
+   code's first message is kept). The server's own queue and compute p50 split the batch-1
+   round trip. ``--profile``: py-spy records the server through 3 s of batch-1 calls and 3 s
+   of 256-image load (``profile-cuda-*.txt`` in ``--logs``, collapsed stacks).
 5. ``placement``: a rate that saturates the CPU lanes (``--rate``, else: on a ``serve --device
    cpu`` of its own, its capacity without budgets, then open loops doubling from there until
    fewer than 75 % of the requests end in budget); then fresh ``serve --device auto`` and
-   ``serve --device cpu`` (default flags otherwise), the same open loop against each (Poisson,
-   budgets uniform 5-20 ms, 8 test images per request, gRPC deadline = budget;
+   ``serve --device cpu`` (default flags otherwise; ``--placement-workers`` processes each),
+   the same open loop against each (Poisson, budgets uniform 5-20 ms,
+   ``--placement-images`` test images per request (8), gRPC deadline = budget;
    `client.loadgen.run_open_loop` in as many client processes as the rate needs): in-budget
    share, accuracy and the share of answers per device (a ``cuda:`` candidate answered on a GPU
    lane).

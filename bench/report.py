@@ -768,7 +768,9 @@ def gpu_section(data: dict[str, Any] | None, source: str = "results/bench/gpu.js
                + "." if ramp else f" The rate: {place.get('rate_rule', '-')}.")
         out.append(
             "### Placement under load\n\n"
-            f"Two fresh servers with default flags but `--device`, the same Poisson open loop "
+            "Two fresh servers with default flags but `--device`"
+            + (f" and `--workers {place['workers']}`" if (place.get("workers") or 1) > 1 else "")
+            + ", the same Poisson open loop "
             f"against each: {_per_s(place.get('rate_rps'))} requests/s, budgets "
             f"`{place.get('budget')}` ms, {place.get('images')} test images per request, gRPC "
             f"deadline = budget.{how} *In budget*: answers back within their budget, as a share "
