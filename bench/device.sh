@@ -9,7 +9,8 @@
 # Here, once:  make family && ../shared/device/pack-wheels.sh .whl   (.whl is git-ignored)
 # Then:        run(command="bash bench/device.sh", carry=[".whl", "families/mnist5k"],
 #                  timeout_s=590)
-# And back here: copy the JSON files into results/bench/ and run bench/report.py.
+# And back here: copy the JSON files into results/bench/ and run bench/report.py; the py-spy
+# profiles in logs.tgz: bench/profile_summary.py logs/profile-cuda-b1.txt --through run_forever
 # On a CPU, to check the script itself in ~3 minutes:  OUT=/tmp/out QUICK=1 bash bench/device.sh
 set -uo pipefail
 out=${OUT:?set OUT: where the figures go}

@@ -763,7 +763,8 @@ def profiled(run: Run, pid: int, path: Path) -> Iterator[bool]:
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-        run.say(f"  py-spy -> {path.name}: {(err or '').strip().splitlines()[-1:]}")
+        last = (err or "").strip().splitlines()[-1:] or ["done"]
+        run.say(f"  py-spy -> {path.name}: {last[0]}")
 
 
 def profile_served(run: Run, clients: Clients, server: Served, model: str, lane: str,
