@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -18,16 +17,18 @@ from server.settings import (  # pure data: the serve flags' defaults and choice
     DEVICES,
     EVENT_LOOPS,
     GPU_DTYPES,
+    MAX_PORT,
     ON_MISS,
     ServeOptions,
     Settings,
+    is_duration,
 )
 
 Handler = Callable[[argparse.Namespace], int]
 # The gRPC port `serve` listens on and the client commands' default --target use when set: one
 # setting for both, so a container's health check follows the server to another port.
 PORT_ENV = "ADAPTIVE_INFERENCE_PORT"
-DEFAULT_PORT = 8001
+DEFAULT_PORT = ServeOptions.port  # the server's own default, written once
 # Packages of the `build` extra: a command that needs one says how to install it.
 BUILD_ONLY = ("torch", "torch_pruning", "onnxscript", "safetensors", "tqdm", "matplotlib")
 
@@ -206,7 +207,7 @@ def _seconds_arg(*, zero: bool = False) -> Callable[[str], object]:
             value = float(text)
         except ValueError:
             raise ValueError(f"{text!r}: expected a number") from None
-        if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        if not is_duration(value, zero=zero):
             raise ValueError(f"{text}: expected a finite number {'≥' if zero else '>'} 0")
         return value
     return _arg_type(parse)
@@ -277,8 +278,8 @@ def default_port(environ: Mapping[str, str] = os.environ) -> int:
         port = int(text)
     except ValueError:
         port = -1
-    if not 0 <= port <= 65535:
-        raise ValueError(f"${PORT_ENV} {text!r}: expected a port number (0-65535)")
+    if not 0 <= port <= MAX_PORT:
+        raise ValueError(f"${PORT_ENV} {text!r}: expected a port number (0-{MAX_PORT})")
     return port
 
 

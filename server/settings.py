@@ -34,10 +34,14 @@ def _count(flag: str, value: int, least: int, what: str) -> None:
     _require(value >= least, flag, value, f"{what}, {least} or more")
 
 
+def is_duration(value: float, *, zero: bool) -> bool:
+    """A finite duration: 0 or more where ``zero`` is allowed, else more than 0 (NaN is not)."""
+    return math.isfinite(value) and (value >= 0.0 if zero else value > 0.0)
+
+
 def _duration(flag: str, value: float, what: str, *, zero: bool) -> None:
-    """A finite duration: 0 or more where ``zero`` is allowed, else more than 0 (NaN fails)."""
-    ok = math.isfinite(value) and (value >= 0.0 if zero else value > 0.0)
-    _require(ok, flag, value, f"{what}, {'0 or more' if zero else 'more than 0'}")
+    _require(is_duration(value, zero=zero), flag, value,
+             f"{what}, {'0 or more' if zero else 'more than 0'}")
 
 
 def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
