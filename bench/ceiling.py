@@ -46,6 +46,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Coroutine
@@ -240,15 +241,20 @@ class Server:
     workers: int  # processes that answer (1 for the echo)
 
 
-def serve(family_dir: Path, workers: int, stack: contextlib.ExitStack) -> Server:
+def serve(family_dir: Path, workers: int, stack: contextlib.ExitStack,
+          compare: tuple[str, list[str]] | None = None) -> Server:
     """`adaptive-inference serve` with default flags but ``--workers``, on the CPU lanes only,
     SERVING, until ``stack`` closes. (On a GPU host the default ``--device auto`` would also
-    start GPU lanes in every worker, which the pinned CPU variant never uses.)"""
+    start GPU lanes in every worker, which the pinned CPU variant never uses.) ``compare``
+    (label, flags) adds flags to measure against the defaults in the same rounds."""
+    flags = compare[1] if compare else []
     sp = stack.enter_context(ServerProcess([str(family_dir), "--port", "0", "--metrics-port",
-                                            "-1", "--device", "cpu", "--workers", str(workers)]))
+                                            "-1", "--device", "cpu", "--workers", str(workers),
+                                            *flags]))
     port = sp.port(WORKERS if workers > 1 else LISTENING)
     sp.wait_for(SERVING, count=workers)
-    return Server(f"{workers} worker{'s' if workers > 1 else ''}", sp.proc.pid,
+    label = f"{workers} worker{'s' if workers > 1 else ''}"
+    return Server(f"{label}, {compare[0]}" if compare else label, sp.proc.pid,
                   f"127.0.0.1:{port}", INFER_METHOD, workers)
 
 
@@ -339,8 +345,17 @@ def main() -> None:
                          "stream of its own; the client library's infer_stream)")
     ap.add_argument("--server-cpus", help="pin every server process to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1")
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL=FLAGS",
+                    help="also serve with these flags, in the same rounds (an A/B), e.g. "
+                         "'uvloop=--event-loop uvloop'; repeatable")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
+    compares: list[tuple[str, list[str]] | None] = [None]
+    for c in args.compare:
+        label, sep, flags = c.partition("=")
+        if not sep or not label:
+            ap.error(f"--compare {c!r}: expected LABEL=FLAGS")
+        compares.append((label, shlex.split(flags)))
     family_dir = Path(args.family) if Path(args.family).is_absolute() else ROOT / args.family
     if not (family_dir / "manifest.json").is_file():
         raise SystemExit(f"no family in {family_dir} (build it: make family)")
@@ -366,7 +381,7 @@ def main() -> None:
         os.sched_setaffinity(0, everywhere)
         stack.callback(clients.close)
         # One after another: each warms up and re-measures its variants on a quiet machine.
-        servers = [serve(family_dir, n, stack) for n in workers_list]
+        servers = [serve(family_dir, n, stack, c) for n in workers_list for c in compares]
         with grpc.insecure_channel(servers[0].target, wire.channel_options()) as ch:
             infer = ch.unary_unary(INFER_METHOD)
             # The echo's canned answer is as long as the server's answer to the same request.

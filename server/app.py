@@ -383,17 +383,15 @@ def main(family_dir: str | Path, options: ServeOptions) -> int:
 
     return_freed_memory()  # before any large buffer: the family's graphs are the first
     accelerator_device(options)  # --device cuda without a usable GPU: one line, exit 2
-    from server.loop import check
+    from server.loop import resolve, run
 
-    check(options.event_loop)  # --event-loop uvloop without uvloop: one line, exit 2
+    resolve(options.event_loop)  # --event-loop uvloop without uvloop: one line, exit 2
     family = load_family(family_dir)  # fail fast (exit 2 in the CLI) before binding anything
     check_faults(family, options.faults)
     if options.workers > 1:
         from server.workers import serve_workers
 
         return serve_workers(family, options, serve)
-    from server.loop import run
-
     run(serve(family, options, reuse_port=False, metrics=True), options.event_loop)  # ends it
 
 

@@ -195,8 +195,14 @@ class Batcher:
     # --- requests ------------------------------------------------------------------------------
 
     async def submit(self, x: np.ndarray, *, deadline: float | None,
-                     max_exit: int | None = None) -> Result:
-        """Queue ``x`` and wait for its share of a batch. Cancelling the caller drops the item."""
+                     max_exit: int | None = None, alone: bool = False) -> Result:
+        """Queue ``x`` and wait for its share of a batch. Cancelling the caller drops the item.
+
+        ``alone``: the caller knows nothing else arrives with it in this turn of the loop (a
+        unary call: gRPC's aio server hands the loop one new call per turn). Then an idle lane
+        whose batch would run on the loop runs it here and now: waiting a turn for company would
+        find none, and the hand-off to the batching task costs two task switches and a future
+        (4 % of the server's CPU per unary answer, bench/ceiling.py, 2 cores)."""
         if self._task is None:
             raise Unavailable(f"variant {self.name!r} is not running")
         if self._wedged is not None:
@@ -206,10 +212,14 @@ class Batcher:
                              f"limit {self.max_queue})")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         item = Item(x, deadline, max_exit, self._clock(), future)
-        # Always through the queue, even to an idle lane whose batch would run on the loop: the
-        # batching task takes it on the loop's next turn, with every request that arrived in
-        # this one (a busy stream delivers many per turn). Running it here and now, alone, cost
-        # 40 % more server CPU per answer over streams (bench/ceiling.py --stream, 2 cores).
+        if (alone and not self._queue and not self._running and self.max_delay_s <= 0
+                and self._costs.inline(item.n)):
+            self._run_inline([item], item.n)
+            return future.result()  # set by now: an answer, or the batch's failure
+        # Otherwise through the queue, even to an idle lane whose batch would run on the loop:
+        # the batching task takes it on the loop's next turn, with every request that arrived
+        # in this one (a busy stream delivers many per turn). Running each stream request at
+        # once, alone, cost 40 % more server CPU per answer (bench/ceiling.py --stream, 2 cores).
         self._queue.append(item)
         self._queued += item.n
         item.counted = True

@@ -246,8 +246,9 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def infer(self, call: Call) -> Outcome:
-        """Route, queue and run one request; records its metrics whatever the result."""
+    async def infer(self, call: Call, *, alone: bool = False) -> Outcome:
+        """Route, queue and run one request; records its metrics whatever the result. ``alone``:
+        nothing else arrives with it in this loop turn (a unary call; `Batcher.submit`)."""
         t0 = self.clock() if call.received is None else call.received
         m = self.metrics
         model = self.family.name
@@ -272,7 +273,8 @@ class Engine:
             variant = decision.candidate.lane
             try:
                 res = await self.batchers[variant].submit(call.x, deadline=deadline,
-                                                          max_exit=decision.candidate.exit)
+                                                          max_exit=decision.candidate.exit,
+                                                          alone=alone)
             except VariantFailed:
                 if call.pin is not None:  # the client asked for this variant and no other
                     raise
@@ -284,7 +286,8 @@ class Engine:
                 log.debug("request %r: %s failed, retrying on %s", call.request_id, retried_from,
                           decision.candidate.name)
                 res = await self.batchers[variant].submit(call.x, deadline=deadline,
-                                                          max_exit=decision.candidate.exit)
+                                                          max_exit=decision.candidate.exit,
+                                                          alone=alone)
             cand = decision.candidate
         except Shed as exc:
             m.child(m.shed, model).inc()

@@ -1,49 +1,56 @@
-"""The event loop a server process runs on: asyncio's own by default, uvloop by choice.
+"""The event loop a server process runs on: uvloop where it is installed, asyncio's own otherwise.
 
 gRPC's asyncio server wakes the loop for every completion of every call (its poller thread writes
 to a socket pair the loop watches), so the loop's own cost per wake-up and per callback is part of
-every request's. uvloop's is lower: about 9 % less server CPU per answer with bench/ceiling.py
-(0.609 → 0.552 ms on 2 cores). It is not the default because its buffers do not go back to the
-system after very large messages: over the fuzz test's 10,200 requests (up to 64 MiB bodies) the
-server's RSS grew 3–11 % on uvloop and −2 to +3 % on asyncio's loop, and the bound is 10 %
-(docs/reliability.md). ``serve --event-loop uvloop`` (``pip install uvloop``) trades that memory
-for the CPU.
+every request's. uvloop's is lower: 4-6 % less server CPU per unary answer than asyncio's loop
+with bench/ceiling.py (2 cores, 5 paired rounds, 1 and 2 workers: 0.479 against 0.509 ms, 0.541
+against 0.570). ``--event-loop auto`` (the default) takes uvloop when it imports (a dependency
+on Linux and macOS) and says so in the log; ``asyncio`` or ``uvloop`` insist on one.
+
+uvloop was once kept off by default because the server's RSS grew 3-11 % over the fuzz test on
+it (the bound is 10 %) against -2 to +3 % on asyncio's loop. That was glibc's sliding mmap
+threshold, not uvloop: since `server.memory` fixes the threshold, three runs each gave -0.9,
++0.7 and +4.0 % on uvloop against +3.7, +2.3 and +4.9 % on asyncio's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from server.errors import InvalidArgument
+from server.settings import EVENT_LOOPS
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LOOPS = ("asyncio", "uvloop")
 
 
-def check(loop: str) -> None:
-    """``--event-loop``: a known loop, and uvloop importable when asked for (one line if not)."""
-    if loop not in LOOPS:
-        raise InvalidArgument(f"--event-loop {loop!r}: expected one of {LOOPS}")
-    if loop == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            raise InvalidArgument("--event-loop uvloop: uvloop is not installed "
-                                  "(pip install uvloop), or serve with --event-loop asyncio"
-                                  ) from None
+def resolve(loop: str) -> str:
+    """``--event-loop`` as the loop it names: ``auto`` is uvloop where it is installed, else
+    asyncio. Raises InvalidArgument (one line) for an unknown name or uvloop asked for and
+    missing."""
+    if loop not in EVENT_LOOPS:
+        raise InvalidArgument(f"--event-loop {loop!r}: expected one of {EVENT_LOOPS}")
+    installed = importlib.util.find_spec("uvloop") is not None
+    if loop == "auto":
+        return "uvloop" if installed else "asyncio"
+    if loop == "uvloop" and not installed:
+        raise InvalidArgument("--event-loop uvloop: uvloop is not installed "
+                              "(pip install uvloop), or serve with --event-loop asyncio")
+    return loop
 
 
-def run(main: Coroutine[Any, Any, T], loop: str = "asyncio") -> T:
-    """``asyncio.run(main)`` on the chosen loop (`check` it first)."""
-    if loop == "uvloop":
+def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    """``asyncio.run(main)`` on the loop ``loop`` resolves to (`resolve`)."""
+    if resolve(loop) == "uvloop":
         import uvloop
 
         log.info("event loop: uvloop %s", uvloop.__version__)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(main)
+    log.info("event loop: asyncio")
     return asyncio.run(main)

@@ -227,7 +227,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     @_mapped
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        return await self._infer(request, context.time_remaining(), alone=True)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
@@ -255,7 +255,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield response
 
     async def _infer(self, request: pb.ModelInferRequest | Malformed,
-                     time_remaining: float | None) -> pb.ModelInferResponse:
+                     time_remaining: float | None, *, alone: bool = False
+                     ) -> pb.ModelInferResponse:
+        # alone: a unary call (one per loop turn), not one of a stream's read-ahead requests
         received = time.monotonic()  # the engine's clock: the budget runs from here
         engine, spec = self.state.ready_engine()
         if isinstance(request, Malformed):
@@ -270,7 +272,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         except AdaptiveError as exc:
             engine.rejected(exc)
             raise
-        return encode_infer(request, spec, await engine.infer(call))
+        return encode_infer(request, spec, await engine.infer(call, alone=alone))
 
 
 class AdaptiveServicer(adaptive_pb2_grpc.AdaptiveServiceServicer):

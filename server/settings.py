@@ -19,7 +19,7 @@ BACKENDS = ("onnxruntime", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 GPU_DTYPES = ("fp32", "fp16", "bf16")
 ACCELERATORS = ("cuda", "cpu")
-EVENT_LOOPS = ("asyncio", "uvloop")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 MAX_PORT = 65535
 
 
@@ -99,7 +99,7 @@ class ServeOptions:
     gpu_dtype: str = "fp32"  # fp16 / bf16: accuracy re-measured on the validation sample
     gpu_max_batch: int = 256
     accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
-    event_loop: str = "asyncio"  # or "uvloop": less CPU per request, more memory kept
+    event_loop: str = "auto"  # uvloop where installed (less CPU per request), else asyncio
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)

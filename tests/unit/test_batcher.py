@@ -117,6 +117,35 @@ def test_requests_arriving_in_one_loop_turn_share_one_batch_on_the_loop() -> Non
     _run(test)
 
 
+def test_a_request_alone_in_its_loop_turn_runs_at_once_on_an_idle_inline_lane() -> None:
+    """A unary call (``alone``: nothing else arrives in its turn) to an idle lane whose batch
+    runs on the loop is answered without suspending: no hand-off to the batching task. Behind a
+    queued request it waits its turn and shares that batch, in order."""
+    sizes: list[int] = []
+
+    def runner(items: list[Item]) -> BatchOutput:
+        sizes.append(sum(i.n for i in items))
+        return FakeRunner()(items)
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, InlineCosts(), clock=time.monotonic,
+                    settings=Settings(max_batch=8))
+        b.start()
+        at_once = b.submit(_x(1, 7.0), deadline=None, alone=True)
+        with pytest.raises(StopIteration) as answered:  # returned on its first step
+            at_once.send(None)
+        assert float(answered.value.value.logits[0, 0]) == 7.0 and sizes == [1]
+
+        # Both start in the same turn: the first is queued before the batching task wakes.
+        out = await asyncio.gather(b.submit(_x(1, 1.0), deadline=None),
+                                   b.submit(_x(1, 2.0), deadline=None, alone=True))
+        assert [float(r.logits[0, 0]) for r in out] == [1.0, 2.0]
+        assert sizes == [1, 2]  # the second shared the queued one's batch
+        await b.stop()
+
+    _run(test)
+
+
 def test_queue_delay_waits_for_company() -> None:
     runner = FakeRunner()
 
