@@ -70,7 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py --family $(BENCH_FAMILY) --workers-list 1 --stream --clients 2 \
 		--repeats 5 --server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/ceiling-2core-pinned.json
 	$(BIN)/python bench/scaleout.py --family $(BENCH_FAMILY) --workers-list 1 --flags "" \
-		--flags "--backlog 8" --rates 250,500,1000,2000 --seconds 5 --clients 2 \
+		--flags "--backlog 8" --rates 500,1000,1500,2000,3000,4000 --seconds 5 --clients 2 \
 		--server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/scaleout-2core.json
 	$(BIN)/python bench/report.py --family $(BENCH_FAMILY) --results $(BENCH_OUT) --docs docs
 
