@@ -25,6 +25,10 @@ gRPC far less than a unary call).
     .venv/bin/python bench/ceiling.py [--family families/mnist5k] [--workers-list 1,2]
         [--clients 4] [--images 1] [--json FILE] [--server-cpus 0 --client-cpus 1]
 
+``--compare 'uvloop=--event-loop uvloop'`` also serves with those flags (label ``1 worker,
+uvloop``) in the same rotating rounds: an A/B of a serve option on the same tree, whose
+"vs 1 wkr" column is then the ratio to the defaults.
+
 ``--server-cpus 0 --client-cpus 1`` puts every server process on CPU 0 and the client processes
 on CPU 1: on a small host the clients then never take the server's core, and the rounds agree
 closely enough to see a 5 % change (2 cores, 5 rounds: unary 0.533–0.560 ms per answer pinned,
