@@ -44,13 +44,18 @@ def resolve(loop: str) -> str:
     return loop
 
 
-def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
-    """``asyncio.run(main)`` on the loop ``loop`` resolves to (`resolve`)."""
+def new_event_loop(loop: str = "auto") -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind ``loop`` resolves to (`resolve`); says which in the log."""
     if resolve(loop) == "uvloop":
         import uvloop
 
         log.info("event loop: uvloop %s", uvloop.__version__)
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main)
+        return uvloop.new_event_loop()
     log.info("event loop: asyncio")
-    return asyncio.run(main)
+    return asyncio.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    """``asyncio.run(main)`` on a `new_event_loop` of the kind ``loop`` names."""
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(loop)) as runner:
+        return runner.run(main)

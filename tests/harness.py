@@ -20,6 +20,7 @@ from typing import Any
 
 from compression.core.family import Family
 from server.app import AdaptiveServer, create_server
+from server.loop import new_event_loop
 from server.settings import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +60,9 @@ class RunningServer:
 def serve_in_thread(family: str | Path | Family, *, options: ServeOptions = ServeOptions(),
                     metrics: bool = True, wait_ready: bool = True, ready_timeout: float = 120,
                     startup_gate: asyncio.Event | None = None) -> Iterator[RunningServer]:
-    """A server on 127.0.0.1, any free ports, its event loop in a daemon thread; stopped on exit."""
-    loop = asyncio.new_event_loop()
+    """A server on 127.0.0.1, any free ports, its event loop in a daemon thread; stopped on exit.
+    The loop is the kind `serve` runs on (``options.event_loop``: uvloop where installed)."""
+    loop = new_event_loop(options.event_loop)
     thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
     thread.start()
     running: RunningServer | None = None
