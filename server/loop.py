@@ -16,7 +16,6 @@ threshold, not uvloop: since `server.memory` fixes the threshold, three runs eac
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -35,7 +34,12 @@ def resolve(loop: str) -> str:
     missing."""
     if loop not in EVENT_LOOPS:
         raise InvalidArgument(f"--event-loop {loop!r}: expected one of {EVENT_LOOPS}")
-    installed = importlib.util.find_spec("uvloop") is not None
+    try:  # imported, not just found: a broken install falls back (auto) or says so
+        import uvloop  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
     if loop == "auto":
         return "uvloop" if installed else "asyncio"
     if loop == "uvloop" and not installed:
