@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -367,9 +368,18 @@ def within_max_drop(family: Family) -> Family:
 
 
 async def _gauges(state: Any, interval: float) -> None:
+    """Every ``interval``: the engine's gauges, and how busy this event loop's thread was (its
+    CPU time over the wall time since the last sample). Near 1 the process is saturated: new
+    calls then wait unread in gRPC's core, where neither the in-flight nor the queue gauges see
+    them, and a unary call to a small variant is answered in the step that reads it."""
+    cpu, wall = time.thread_time(), time.monotonic()
     while True:
         await asyncio.sleep(interval)  # a sampling period, not a wait for an event
+        now_cpu, now = time.thread_time(), time.monotonic()
+        busy = min((now_cpu - cpu) / max(now - wall, 1e-6), 1.0)
+        cpu, wall = now_cpu, now
         try:
+            state.engine.metrics.loop_busy.set(busy)
             state.engine.update_gauges()
         except Exception:
             log.warning("updating gauges failed", exc_info=True)

@@ -81,6 +81,11 @@ class Metrics:
         self.gpu_memory = Gauge(
             "adaptive_gpu_memory_utilization_ratio", "GPU memory in use from NVML, 0 to 1.",
             ["gpu"], registry=r, multiprocess_mode="livemax")
+        self.loop_busy = Gauge(
+            "adaptive_event_loop_busy_ratio", "Share of the last monitor interval the event "
+            "loop's thread spent on the CPU, 0 to 1; near 1 the process is saturated and new "
+            "calls wait unread in gRPC's core, which no queue gauge counts.", registry=r,
+            multiprocess_mode="livemax")
         self.inflight = Gauge(
             "adaptive_inflight_requests", "Inference requests being handled now.",
             registry=r, multiprocess_mode="livesum")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -18,7 +20,7 @@ REQUIRED = {  # family names as the parser reports them (counters without `_tota
     "adaptive_budget_misses", "adaptive_latency_budget_seconds", "adaptive_early_exit",
     "adaptive_batch_size", "adaptive_cpu_utilization_ratio", "adaptive_gpu_utilization_ratio",
     "adaptive_inflight_requests", "adaptive_variant_predicted_latency_seconds",
-    "adaptive_variant_accuracy_ratio",
+    "adaptive_variant_accuracy_ratio", "adaptive_event_loop_busy_ratio",
 }
 
 
@@ -69,6 +71,39 @@ def test_metrics_count_what_happened(server: RunningServer, client: AdaptiveClie
     cpu = _total(after, "adaptive_cpu_utilization_ratio")
     assert 0.0 <= cpu <= 1.0
     assert _total(after, "adaptive_inflight_requests") == 0
+
+
+def test_event_loop_busy_ratio_rises_while_the_server_is_kept_busy(
+        server: RunningServer, images: np.ndarray) -> None:
+    """``adaptive_event_loop_busy_ratio`` (the loop thread's CPU over wall time, per monitor
+    interval) stays low while the server idles and rises while closed-loop clients keep it busy:
+    the saturation signal for calls that wait unread in gRPC's core, which no queue gauge sees."""
+    interval = 2 * server.server.monitor.interval_s + 0.2  # two full samples
+
+    def busy() -> float:
+        return _total(_scrape(server.metrics_url)[1], "adaptive_event_loop_busy_ratio")
+
+    time.sleep(interval)
+    idle = busy()
+    stop = threading.Event()
+
+    def caller() -> None:
+        with AdaptiveClient(server.target) as c:
+            while not stop.is_set():
+                c.infer(images[:1], variant="fast")
+
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for t in callers:
+        t.start()
+    try:
+        time.sleep(interval)
+        loaded = busy()
+    finally:
+        stop.set()
+        for t in callers:
+            t.join(timeout=30)
+    assert 0.0 <= idle < loaded <= 1.0, (idle, loaded)
+    assert loaded > 0.1, loaded
 
 
 def test_exposition_passes_promtool(server: RunningServer, client: AdaptiveClient,
