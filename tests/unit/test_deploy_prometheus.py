@@ -36,7 +36,7 @@ def test_promtool_checks_the_scrape_config() -> None:
 
 @needs_promtool
 def test_promtool_checks_the_alert_rules() -> None:
-    assert "SUCCESS: 6 rules found" in _promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 7 rules found" in _promtool("check", "rules", "alerts.yml")
 
 
 @needs_promtool
@@ -44,10 +44,11 @@ def test_promtool_runs_the_alert_unit_tests() -> None:
     assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml")
 
 
-def test_alerts_cover_the_six_conditions() -> None:
+def test_alerts_cover_the_seven_conditions() -> None:
     assert set(alert_exprs()) == {"AdaptiveBudgetMissRatioHigh", "AdaptiveCpuSaturated",
-                                  "AdaptiveVariantFailing", "AdaptiveServerDown",
-                                  "AdaptiveWorkersDown", "AdaptiveWorkersRestarting"}
+                                  "AdaptiveEventLoopSaturated", "AdaptiveVariantFailing",
+                                  "AdaptiveServerDown", "AdaptiveWorkersDown",
+                                  "AdaptiveWorkersRestarting"}
 
 
 def test_dashboard_is_well_formed_and_covers_the_operator_views() -> None:
@@ -65,13 +66,14 @@ def test_dashboard_is_well_formed_and_covers_the_operator_views() -> None:
             assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
     titles = " | ".join(p["title"].lower() for p in panels)
     for view in ("request rate by variant", "against the requested budget", "budget-miss ratio",
-                 "early-exit", "queue wait", "cpu / gpu"):
+                 "early-exit", "queue wait", "cpu / gpu", "event loop busy"):
         assert view in titles, view
     by_metric = {n for q in dashboard_queries() for n in names_in(q)}
     assert {"adaptive_requests_total", "adaptive_request_latency_seconds_bucket",
             "adaptive_latency_budget_seconds_bucket", "adaptive_budget_misses_total",
             "adaptive_early_exit_total", "adaptive_queue_wait_seconds_bucket",
-            "adaptive_cpu_utilization_ratio", "adaptive_gpu_utilization_ratio"} <= by_metric
+            "adaptive_cpu_utilization_ratio", "adaptive_gpu_utilization_ratio",
+            "adaptive_event_loop_busy_ratio"} <= by_metric
 
 
 def test_queries_name_only_series_the_registry_exports() -> None:
