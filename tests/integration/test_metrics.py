@@ -7,13 +7,14 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, InvalidArgument
-from tests.harness import RunningServer
+from tests.harness import RunningServer, serve_in_thread
 
 REQUIRED = {  # family names as the parser reports them (counters without `_total`)
     "adaptive_requests", "adaptive_request_latency_seconds", "adaptive_queue_wait_seconds",
@@ -74,34 +75,36 @@ def test_metrics_count_what_happened(server: RunningServer, client: AdaptiveClie
 
 
 def test_event_loop_busy_ratio_rises_while_the_server_is_kept_busy(
-        server: RunningServer, images: np.ndarray) -> None:
+        serving_family: Path, images: np.ndarray) -> None:
     """``adaptive_event_loop_busy_ratio`` (the loop thread's CPU over wall time, per monitor
     interval) stays low while the server idles and rises while closed-loop clients keep it busy:
-    the saturation signal for calls that wait unread in gRPC's core, which no queue gauge sees."""
-    interval = 2 * server.server.monitor.interval_s + 0.2  # two full samples
+    the saturation signal for calls that wait unread in gRPC's core, which no queue gauge sees.
+    A server of its own: the load would teach the shared one's latency model a contended host."""
+    with serve_in_thread(serving_family) as server:
+        interval = 2 * server.server.monitor.interval_s + 0.2  # two full samples
 
-    def busy() -> float:
-        return _total(_scrape(server.metrics_url)[1], "adaptive_event_loop_busy_ratio")
+        def busy() -> float:
+            return _total(_scrape(server.metrics_url)[1], "adaptive_event_loop_busy_ratio")
 
-    time.sleep(interval)
-    idle = busy()
-    stop = threading.Event()
-
-    def caller() -> None:
-        with AdaptiveClient(server.target) as c:
-            while not stop.is_set():
-                c.infer(images[:1], variant="fast")
-
-    callers = [threading.Thread(target=caller) for _ in range(4)]
-    for t in callers:
-        t.start()
-    try:
         time.sleep(interval)
-        loaded = busy()
-    finally:
-        stop.set()
+        idle = busy()
+        stop = threading.Event()
+
+        def caller() -> None:
+            with AdaptiveClient(server.target) as c:
+                while not stop.is_set():
+                    c.infer(images[:1], variant="fast")
+
+        callers = [threading.Thread(target=caller) for _ in range(4)]
         for t in callers:
-            t.join(timeout=30)
+            t.start()
+        try:
+            time.sleep(interval)
+            loaded = busy()
+        finally:
+            stop.set()
+            for t in callers:
+                t.join(timeout=30)
     assert 0.0 <= idle < loaded <= 1.0, (idle, loaded)
     assert loaded > 0.1, loaded
 
