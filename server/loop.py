@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from server.errors import InvalidArgument
-from server.settings import EVENT_LOOPS
+from server.settings import EVENT_LOOPS, one_of
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ def resolve(loop: str) -> str:
     """``--event-loop`` as the loop it names: ``auto`` is uvloop where it is installed, else
     asyncio. Raises InvalidArgument (one line) for an unknown name or uvloop asked for and
     missing."""
-    if loop not in EVENT_LOOPS:
-        raise InvalidArgument(f"--event-loop {loop!r}: expected one of {EVENT_LOOPS}")
+    one_of("--event-loop", loop, EVENT_LOOPS)  # the check ServeOptions makes, for direct callers
     try:  # imported, not just found: a broken install falls back (auto) or says so
         import uvloop  # noqa: F401
 

@@ -44,7 +44,8 @@ def _duration(flag: str, value: float, what: str, *, zero: bool) -> None:
              f"{what}, {'0 or more' if zero else 'more than 0'}")
 
 
-def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
+def one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is one of ``choices`` (a flag's choices, here and in `server.loop`)."""
     _require(value in choices, flag, value, f"one of {', '.join(choices)}")
 
 
@@ -72,7 +73,7 @@ class Settings:
         _count("--max-batch", self.max_batch, 1, "samples per batch")
         _count("--max-queue", self.max_queue, 1, "samples queued per variant")
         _duration("--max-queue-delay-ms", self.max_queue_delay_ms, "milliseconds", zero=True)
-        _one_of("--on-miss", self.on_miss, ON_MISS)
+        one_of("--on-miss", self.on_miss, ON_MISS)
         _count("--intra-op-threads", self.intra_op_threads, 1, "threads per batch")
         _require(0.0 < self.target_miss_rate < 1.0, "--target-miss-rate", self.target_miss_rate,
                 "a share of requests, between 0 and 1 (both excluded)")
@@ -117,12 +118,12 @@ class ServeOptions:
         _require(self.metrics_port is None or 0 <= self.metrics_port <= MAX_PORT, "--metrics-port",
                 self.metrics_port, f"a port, 0 (any) to {MAX_PORT}, or -1 (no endpoint)")
         _count("--workers", self.workers, 1, "processes")
-        _one_of("--backend", self.backend, BACKENDS)
-        _one_of("--device", self.device, DEVICES)
-        _one_of("--gpu-dtype", self.gpu_dtype, GPU_DTYPES)
+        one_of("--backend", self.backend, BACKENDS)
+        one_of("--device", self.device, DEVICES)
+        one_of("--gpu-dtype", self.gpu_dtype, GPU_DTYPES)
         _count("--gpu-max-batch", self.gpu_max_batch, 1, "samples per GPU batch")
-        _one_of("--accelerator", self.accelerator, ACCELERATORS)
-        _one_of("--event-loop", self.event_loop, EVENT_LOOPS)
+        one_of("--accelerator", self.accelerator, ACCELERATORS)
+        one_of("--event-loop", self.event_loop, EVENT_LOOPS)
         _count("--threads", self.threads, 1, "worker threads")
         _duration("monitor_interval_s", self.monitor_interval_s, "seconds", zero=False)
         _duration("--grace-s", self.grace_s, "seconds", zero=True)

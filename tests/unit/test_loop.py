@@ -37,5 +37,5 @@ def test_auto_falls_back_to_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_unknown_loop_is_refused_by_name() -> None:
-    with pytest.raises(InvalidArgument, match=r"--event-loop 'tokio': expected one of"):
+    with pytest.raises(InvalidArgument, match=r"--event-loop 'tokio': one of auto, asyncio, uvloop"):
         resolve("tokio")
