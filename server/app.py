@@ -372,6 +372,9 @@ async def _gauges(state: Any, interval: float) -> None:
     CPU time over the wall time since the last sample). Near 1 the process is saturated: new
     calls then wait unread in gRPC's core, where neither the in-flight nor the queue gauges see
     them, and a unary call to a small variant is answered in the step that reads it."""
+    from server.memory import IdleTrim
+
+    trim = IdleTrim()
     cpu, wall = time.thread_time(), time.monotonic()
     while True:
         await asyncio.sleep(interval)  # a sampling period, not a wait for an event
@@ -383,6 +386,7 @@ async def _gauges(state: Any, interval: float) -> None:
             state.engine.update_gauges()
         except Exception:
             log.warning("updating gauges failed", exc_info=True)
+        trim.tick(busy)
 
 
 # --- main: one process, or N forked workers --------------------------------------------------

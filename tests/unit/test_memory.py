@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+from server.memory import IdleTrim
+
 CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np, onnx, psutil
@@ -63,3 +65,46 @@ def test_a_large_batch_gives_its_memory_back() -> None:
     returned = _kept_mib(shrink=True, trim=True)
     assert kept > 60, f"control: the arena should have kept the batch's activations ({kept:.0f} MiB)"
     assert returned < kept / 4, f"kept {returned:.0f} MiB of {kept:.0f} MiB after the batch"
+
+
+FRAGMENTED = textwrap.dedent("""
+    import json
+    import psutil
+    from server.memory import IdleTrim, return_freed_memory
+
+    assert return_freed_memory()
+    rss = lambda: psutil.Process().memory_info().rss / 2**20
+    start = rss()
+    # 200 buffers of 1 MB (under the 4 MiB mmap threshold: from the heap), one after another;
+    # freeing every other one leaves 100 MB of holes between live blocks, never a free top
+    buffers = [b"\\x01" * 2**20 for _ in range(200)]  # one allocation each: no temporaries
+    del buffers[::2]
+    kept = rss() - start
+    trim = IdleTrim()
+    trimmed = trim.tick(0.5), trim.tick(0.0)
+    print(json.dumps({"kept_mib": kept, "after_mib": rss() - start, "trimmed": trimmed}))
+    assert len(buffers) == 100
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and RSS: Linux only")
+def test_the_first_quiet_interval_gives_a_fragmented_heap_back() -> None:
+    """100 MB of freed 1 MB buffers, each between two live ones: glibc keeps them (it returns
+    only a free top) until `IdleTrim` trims on the first quiet interval after the burst."""
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True,
+                         timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["trimmed"] == [False, True]
+    assert got["kept_mib"] > 190, f"control: the heap should have kept the freed buffers {got}"
+    assert got["after_mib"] < got["kept_mib"] - 90, f"the trim gave back too little: {got}"
+
+
+def test_the_heap_is_trimmed_once_per_burst_on_its_first_quiet_interval() -> None:
+    """The decision alone (the C call is counted, not made; the test above makes it): never
+    while busy, never without traffic since the last trim, once when traffic stops."""
+    calls: list[int] = []
+    trim = IdleTrim(lambda pad: calls.append(pad) or 1)
+    busy = [0.0, 0.002, 0.4, 0.9, 0.5, 0.0, 0.001, 0.0, 0.3, 0.005, 0.0]
+    assert [trim.tick(b) for b in busy] == [
+        False, False, False, False, False, True, False, False, False, True, False]
+    assert calls == [0, 0]
