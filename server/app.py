@@ -371,7 +371,8 @@ async def _gauges(state: Any, interval: float) -> None:
     """Every ``interval``: the engine's gauges, and how busy this event loop's thread was (its
     CPU time over the wall time since the last sample). Near 1 the process is saturated: new
     calls then wait unread in gRPC's core, where neither the in-flight nor the queue gauges see
-    them, and a unary call to a small variant is answered in the step that reads it."""
+    them, and a unary call to a small variant is answered in the step that reads it. Near 0
+    after a busy interval, traffic has stopped: the heap's free pages go back (`IdleTrim`)."""
     from server.memory import IdleTrim
 
     trim = IdleTrim()

@@ -67,8 +67,10 @@ def test_early_exit_depth_follows_budget_and_confidence(client: AdaptiveClient) 
     dark = np.zeros((1, 1, 28, 28), np.float32)  # never confident: depth follows the budget
     bright = np.ones((1, 1, 28, 28), np.float32)  # confident at exit 0
     table = {v.name: v for v in client.variants()}
-    assert table["early-exit@0"].predicted_p95_ms < 0.2 < table["early-exit@1"].predicted_p95_ms
-    assert client.infer(dark, variant="early-exit", budget_ms=0.2).exit == 0
+    shallow, deeper = (table[f"early-exit@{k}"].predicted_p95_ms for k in (0, 1))
+    assert shallow < deeper
+    # between the two exits' predictions, not a fixed figure: both move with the host's load
+    assert client.infer(dark, variant="early-exit", budget_ms=(shallow + deeper) / 2).exit == 0
     assert client.infer(dark, variant="early-exit", budget_ms=5000).exit == 2
     assert client.infer(dark, variant="early-exit").exit == 2
     assert client.infer(bright, variant="early-exit").exit == 0
