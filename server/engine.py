@@ -318,8 +318,8 @@ class Engine:
         # Only the router's own choices calibrate its margin: a pinned request's budget may be
         # one its variant can never meet (a client's choice), and counting those misses would
         # widen the margin for every routed request after it.
-        routed = deadline is not None and call.pin is None
-        self.router.observe(decision, actual_ms, missed=not met if routed else None,
+        self.router.observe(decision, actual_ms, missed=None if deadline is None else not met,
+                            calibrate=call.pin is None,
                             outside_ms=actual_ms - res.queue_ms - res.compute_ms)
         exit_index = int(res.exits.max()) if res.exits is not None else None
         _log_decision(call, decision, met)
@@ -355,7 +355,8 @@ class Engine:
         self.metrics.publish(host, {name: b.queued for name, b in self.batchers.items()},
                              {c.name: d.compute_ms / 1e3 for c, d, _p95 in self.table(1)},
                              (r.calibration.factor, r.calibration.additive_ms,
-                              r.calibration.miss_rate, r.overhead.ms, r.cpu.share_ms(now)))
+                              r.calibration.miss_rate, r.overhead.ms, r.cpu.share_ms(now)),
+                             r.late_share)
 
     def _gpu_slowdown(self, gpus: Sequence[GpuSample]) -> float:
         """The GPU lanes' slowdown from other processes on the GPU: NVML's utilisation less the

@@ -113,6 +113,12 @@ class Metrics:
             "adaptive_router_miss_ratio", "Share of recent budgeted requests answered after "
             "their budget (EWMA over ~100 requests), to compare with --target-miss-rate.",
             registry=r, multiprocess_mode="livemax")
+        self.late = Gauge(
+            "adaptive_variant_late_ratio", "Share of each candidate's recent budgeted answers "
+            "that missed although admitted on a prediction that they would make it (EWMA over "
+            "~100 answers, pinned requests' included). Above --target-miss-rate its predictions "
+            "are failing, and a request that would queue for it must fit with its margin.",
+            ["variant"], registry=r, multiprocess_mode="livemax")
         self.router_overhead = Gauge(
             "adaptive_router_overhead_seconds", "Learned per-request time outside the model "
             "(routing, hand-offs, event-loop wake-ups).", registry=r, multiprocess_mode="livemax")
@@ -153,10 +159,12 @@ class Metrics:
 
     def publish(self, host: HostSample, queued: Mapping[str, int],
                 predicted_s: Mapping[str, float],
-                router: tuple[float, float, float, float, float]) -> None:
+                router: tuple[float, float, float, float, float],
+                late: Mapping[str, float]) -> None:
         """The gauges sampled once per monitor interval: host load, queue depths (samples per
-        variant), the predicted compute time of each candidate at batch 1, and the router's
-        (safety factor, margin ms, miss ratio, overhead ms, CPU share ms)."""
+        variant), the predicted compute time of each candidate at batch 1, the router's
+        (safety factor, margin ms, miss ratio, overhead ms, CPU share ms), and each
+        candidate's late share."""
         factor, margin_ms, miss, overhead_ms, share_ms = router
         self.router_factor.set(factor)
         self.router_margin.set(margin_ms / 1e3)
@@ -173,6 +181,8 @@ class Metrics:
             self.queue_depth.labels(name).set(n)
         for name, s in predicted_s.items():
             self.predicted_latency.labels(name).set(s)
+        for name, share in late.items():
+            self.late.labels(name).set(share)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ It then picks
    whose compute stays within the CPU share a request can have at the arrival rate now
    (`server.calibration.CpuShare`; when everything that fits costs more, the cheapest that fits);
 2. if none fits with its margin: the fastest, while it is predicted to make it without the
-   margin; otherwise `Shed` (DEADLINE_EXCEEDED) at once (``on_miss="shed"``, the default: doomed
-   work would only delay others), or the fastest anyway (``on_miss="best-effort"``);
+   margin (while its admitted answers miss more often than the target and it would wait behind
+   queued work: with the margin); otherwise `Shed` (DEADLINE_EXCEEDED) at once
+   (``on_miss="shed"``, the default: doomed work would only delay others), or the fastest
+   anyway (``on_miss="best-effort"``);
 3. with no deadline: the most accurate candidate within the CPU share (requests without a
    budget are never shed), without laying out the queues: nothing waits on that prediction.
 
@@ -160,6 +162,10 @@ class Router:
         self._calibrations = {c.name: Calibration(target=target_miss_rate, window=1024)
                               for c in self.candidates}
         self._refreshed = float("-inf")
+        # Per candidate, the share of its answers that missed although admitted on a prediction
+        # that they would make it, pinned requests' included (the margins learn from routed
+        # answers only): high while its predictions fail, e.g. another process takes the cores.
+        self.late_share = {c.name: 0.0 for c in self.candidates}
         self.overhead = Overhead()
         self.cpu = CpuShare()
         self._by_name = {c.name: c for c in self.candidates}
@@ -288,10 +294,14 @@ class Router:
         assert fastest is not None
         predicted, c, wait, compute, margin = fastest
         slowdown = slowdown if c.device == CPU else accel
-        # Nothing fits with its margin. The margin buys certainty when choosing among candidates;
-        # refusing is another matter: the fastest still runs while it is more likely than not to
-        # make it (predicted without margin), and only what would probably miss is shed.
-        if self.on_miss == "best-effort" or predicted <= remaining:
+        # Nothing fits with its margin. The fastest still runs while it is more likely than not
+        # to make it (predicted without margin) — unless admitted answers are missing their
+        # budgets more often than the target and it would wait behind queued work: when
+        # predictions fail (another process takes the cores), the queue grows until every
+        # request admitted stands at the edge of its budget, a third of them late, each one's
+        # compute taken from a request that could have made it. Then it must fit with its margin.
+        cautious = wait > 0.0 and self.late_share[c.name] > pooled.target
+        if self.on_miss == "best-effort" or predicted + (margin if cautious else 0.0) <= remaining:
             return Decision(c, wait, compute, overhead, margin, remaining, False, slowdown, now)
         raise Shed(remaining, c.name, wait, compute, overhead, margin)
 
@@ -316,14 +326,21 @@ class Router:
         return Decision(c, 0.0, cost * sd, overhead, 0.0, None, True, sd, now)
 
     def observe(self, decision: Decision, actual_ms: float, *, missed: bool | None,
-                outside_ms: float | None = None) -> None:
+                calibrate: bool = True, outside_ms: float | None = None) -> None:
         """Feedback from one answered request: ``actual_ms`` from the decision to the answer,
-        whether it ``missed`` its budget (None: it had none), and the part of it spent outside
-        its batch's queue and compute (``outside_ms``)."""
+        whether it ``missed`` its budget (None: it had none), whether it may ``calibrate`` the
+        margins (the router's own choices only: a pinned request's budget may be one its variant
+        can never meet), and the part of it spent outside its batch's queue and compute
+        (``outside_ms``)."""
         if missed is not None:  # only budgeted answers: the margin exists to meet budgets
-            now = self.clock()
-            for cal in (self.calibration, self._calibrations[decision.candidate.name]):
-                cal.observe(decision.predicted_ms, actual_ms, now=now, missed=missed)
+            if calibrate:
+                now = self.clock()
+                for cal in (self.calibration, self._calibrations[decision.candidate.name]):
+                    cal.observe(decision.predicted_ms, actual_ms, now=now, missed=missed)
+            if decision.predicted_ms <= (decision.remaining_ms or 0.0):  # admitted to make it
+                name = decision.candidate.name
+                self.late_share[name] += self.calibration.miss_alpha * (
+                    float(missed) - self.late_share[name])
         if outside_ms is not None:
             self.overhead.observe(outside_ms)
 

@@ -22,6 +22,7 @@ REQUIRED = {  # family names as the parser reports them (counters without `_tota
     "adaptive_batch_size", "adaptive_cpu_utilization_ratio", "adaptive_gpu_utilization_ratio",
     "adaptive_inflight_requests", "adaptive_variant_predicted_latency_seconds",
     "adaptive_variant_accuracy_ratio", "adaptive_event_loop_busy_ratio",
+    "adaptive_variant_late_ratio",
 }
 
 

@@ -287,6 +287,33 @@ def test_the_margin_picks_among_candidates_but_only_a_probable_miss_is_shed(
         r.choose(deadline=clock.deadline_in(0.9), batch=1, load=IDLE)
 
 
+def test_while_answers_run_late_a_request_behind_queued_work_must_fit_with_its_margin(
+        clock: FakeClock) -> None:
+    """When predictions fail (another process takes the cores) the queue grows until a new
+    request is predicted to finish just inside its budget; admitted on that prediction alone,
+    about a third of them missed (two CPU hogs on 2 cores). So while more admitted answers miss
+    than the target allows, a fallback that would wait behind queued work must fit with its
+    margin; with the threads free, or while answers meet their budgets, the prediction alone
+    decides."""
+    r = _router(VARIANTS, clock)
+    r.reset_calibration(1.5)  # margins of half the prediction
+    behind = Load(cores=4, threads=1, queues={"fast": QueueState(running=1)})  # 1 ms ahead
+    d = r.choose(deadline=clock.deadline_in(2.5), batch=1, load=behind, pin="fast")
+    assert not d.fits and d.queue_ms == pytest.approx(1.0)  # 2 ms + 1 ms margin > 2.5 ms
+    for _ in range(50):  # pinned answers, admitted to make it, arrive late
+        r.observe(d, 2.7, missed=True, calibrate=False)
+    assert r.late_share["fast"] > r.calibration.target  # counted here, not in the margins
+    assert r.late_share["mid"] == 0.0  # the candidate's own answers only
+    assert r.calibration.observed == 0 and r.calibration.factor == 1.5
+    with pytest.raises(Shed, match=r"wait 1\.000 .* margin 1\.000"):
+        r.choose(deadline=clock.deadline_in(2.5), batch=1, load=behind, pin="fast")
+    idle = r.choose(deadline=clock.deadline_in(1.2), batch=1, load=IDLE)  # nothing ahead
+    assert idle.candidate.name == "fast" and not idle.fits
+    for _ in range(400):  # answers on time again
+        r.observe(d, 1.9, missed=False, calibrate=False)
+    assert r.choose(deadline=clock.deadline_in(2.5), batch=1, load=behind, pin="fast").queue_ms > 0
+
+
 def test_with_wide_margins_the_fallback_is_the_fastest_prediction_not_a_skipped_candidate(
         clock: FakeClock) -> None:
     """Margins of 9x the prediction (a host where answers ran late): nothing fits with its margin.
