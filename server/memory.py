@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -38,13 +39,20 @@ MMAP_THRESHOLD_BYTES = 4 << 20  # see the module docstring
 TRIM_THRESHOLD_BYTES = 1 << 20
 
 
-def _libc_function(name: str) -> Any:
-    """``name`` from the C library, or None where it has none (not glibc)."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once per process (and inherited by forked workers):
+    `find_library` runs ``ldconfig`` in a subprocess."""
     path = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(path), name) if path else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(path) if path else None
+    except OSError:
         return None
+
+
+def _libc_function(name: str) -> Any:
+    """``name`` from the C library, or None where it has none (not glibc)."""
+    return getattr(_libc(), name, None)
 
 
 def return_freed_memory() -> bool:
