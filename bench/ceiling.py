@@ -9,7 +9,9 @@ kernel spreads *connections* over ``--workers`` processes, so one connection per
 workers idle by chance). Requests carry 1 image (``--images 1,8`` adds 8), are pinned to the
 family's fastest variant and have no budget, so nothing is shed and each answer is a computed one.
 Clients send pre-serialised bytes and take the answer as bytes, so their cost is the same against
-the echo (whose canned answer is as long as the server's) and the server.
+the echo (whose canned answer is as long as the server's) and the server. Two echoes run: the
+bare one, gRPC's defaults and the baseline of every "vs echo", and one that reads its sockets as
+``serve``'s default ``--grpc-io`` does (`server.grpc_io`), to show what that setting alone buys.
 
 Per server and image count, over a ``--seconds`` window after ``--warmup`` seconds of load:
 answers/s, server CPU ms per answer (user + system of the server's process tree: the parent and
@@ -73,10 +75,12 @@ from client.results import host_info
 from compression.core.family import load_family
 from protos import wire
 from protos.generated import grpc_service_pb2 as pb
+from server.settings import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+ECHO = "echo"  # the bare echo's label: every "vs echo" is against it
 # A ModelStreamInferResponse whose first field is error_message (field 1, length-delimited) starts
 # with this byte; an answer starts with its infer_response (field 2). Fields are serialised in
 # field-number order, so one byte tells an error from an answer without parsing.
@@ -262,16 +266,18 @@ def serve(family_dir: Path, workers: int, stack: contextlib.ExitStack,
                   f"127.0.0.1:{port}", INFER_METHOD, workers)
 
 
-def echo(response_bytes: int, stack: contextlib.ExitStack) -> Server:
-    """bench/echo_server.py answering ``response_bytes`` bytes, until ``stack`` closes."""
-    proc, port = start_echo(response_bytes)
+def echo(response_bytes: int, stack: contextlib.ExitStack, io: str | None = None) -> Server:
+    """bench/echo_server.py answering ``response_bytes`` bytes, until ``stack`` closes: bare
+    gRPC (the baseline), or reading its sockets as ``serve --grpc-io IO`` does."""
+    proc, port = start_echo(response_bytes, io)
 
     def stop() -> None:
         proc.terminate()
         proc.wait(timeout=30)
 
     stack.callback(stop)
-    return Server("echo", proc.pid, f"127.0.0.1:{port}", ECHO_METHOD, 1)
+    label = ECHO if io is None else f"{ECHO}, --grpc-io {io}"
+    return Server(label, proc.pid, f"127.0.0.1:{port}", ECHO_METHOD, 1)
 
 
 def tree_cpu(pid: int) -> dict[int, float]:
@@ -389,20 +395,23 @@ def main() -> None:
         with grpc.insecure_channel(servers[0].target, wire.channel_options()) as ch:
             infer = ch.unary_unary(INFER_METHOD)
             # The echo's canned answer is as long as the server's answer to the same request.
-            echoes = {b: echo(len(infer(requests[b], timeout=30)), stack) for b in images}
+            sizes = {b: len(infer(requests[b], timeout=30)) for b in images}
+        # The bare echo is the baseline; the second reads its sockets as serve's default does.
+        echoes = {b: [echo(sizes[b], stack), echo(sizes[b], stack, ServeOptions.grpc_io)]
+                  for b in images}
         if server_cpus is not None:
-            for s in (*servers, *echoes.values()):
+            for s in (*servers, *(e for pair in echoes.values() for e in pair)):
                 pin_tree(s.pid, server_cpus)
         if args.stream:
             servers += [replace(s, label=f"{s.label}, stream", method=STREAM_METHOD)
                         for s in servers]
-        passes = [(s, b, args.clients) for b in images for s in (echoes[b], *servers)]
+        passes = [(s, b, args.clients) for b in images for s in (*echoes[b], *servers)]
         passes += [(s, b, 1) for b in images for s in servers]  # the bench's single client
         for r in range(args.repeats):
             for server, b, count in passes[r % len(passes):] + passes[:r % len(passes)]:
                 runs[(server.label, b, count)].append(measure(
                     clients, server, requests[b],
-                    None if server.label == "echo" else fastest, count=count, args=args))
+                    None if server.method == ECHO_METHOD else fastest, count=count, args=args))
     rows = {key: median_row(v) for key, v in runs.items()}
     report(rows, fam.name, fastest, workers_list, args, host_start, time.monotonic() - began)
 
@@ -416,21 +425,22 @@ def report(rows: dict[tuple[str, int, int], dict[str, Any]], family: str, varian
           f"(and 1) × {args.concurrency} in flight over {args.channels} connections each; "
           f"{args.seconds:g} s windows, median of {args.repeats}; {host['cpus']} cores, "
           f"load average {host_start['load_average'][0]:.2f} → {host['load_average'][0]:.2f}")
-    print(f"{'server':<18}{'img':>4}{'clients':>8}{'answers/s':>11}{'srv CPU ms':>11}"
+    print(f"{'server':<26}{'img':>4}{'clients':>8}{'answers/s':>11}{'srv CPU ms':>11}"
           f"{'cli CPU ms':>11}{'srv cores':>10}{'vs echo':>9}{'vs 1 wkr':>9}{'load':>6}  errors")
     figures: dict[str, Any] = {"family": family, "variant": variant, "host_start": host_start,
                                "host_end": host, "elapsed_s": round(elapsed_s, 1),
                                "config": vars(args), "rows": []}
     one_worker = "1 worker" if 1 in workers_list else None
     for (label, b, count), row in sorted(rows.items(), key=lambda kv: (
-            kv[0][1], -kv[0][2], kv[0][0] != "echo", kv[0])):
-        echo_row = rows.get(("echo", b, count))
+            kv[0][1], -kv[0][2], not kv[0][0].startswith(ECHO), kv[0])):
+        echo_row = rows.get((ECHO, b, count))
         base = rows.get((one_worker, b, count)) if one_worker else None
+        is_echo = label.startswith(ECHO)
         vs_echo = (row["answers_per_s"] / echo_row["answers_per_s"]
-                   if echo_row is not None and label != "echo" else None)
+                   if echo_row is not None and label != ECHO else None)
         vs_one = (row["answers_per_s"] / base["answers_per_s"]
-                  if base is not None and label not in ("echo", one_worker) else None)
-        print(f"{label:<18}{b:>4}{count:>8}{row['answers_per_s']:>11.0f}"
+                  if base is not None and not is_echo and label != one_worker else None)
+        print(f"{label:<26}{b:>4}{count:>8}{row['answers_per_s']:>11.0f}"
               f"{row['server_cpu_ms']:>11.3f}{row['client_cpu_ms']:>11.3f}"
               f"{row['server_cores']:>10.2f}"
               f"{'' if vs_echo is None else f'{vs_echo:.0%}':>9}"

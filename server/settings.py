@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 GPU_DTYPES = ("fp32", "fp16", "bf16")
 ACCELERATORS = ("cuda", "cpu")
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+GRPC_IO = ("poller", "event-engine")  # server.grpc_io
 MAX_PORT = 65535
 
 
@@ -101,6 +102,7 @@ class ServeOptions:
     gpu_max_batch: int = 256
     accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
     event_loop: str = "auto"  # uvloop where installed (less CPU per request), else asyncio
+    grpc_io: str = "poller"  # which threads read the sockets (server.grpc_io)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)
@@ -124,6 +126,7 @@ class ServeOptions:
         _count("--gpu-max-batch", self.gpu_max_batch, 1, "samples per GPU batch")
         one_of("--accelerator", self.accelerator, ACCELERATORS)
         one_of("--event-loop", self.event_loop, EVENT_LOOPS)
+        one_of("--grpc-io", self.grpc_io, GRPC_IO)
         _count("--threads", self.threads, 1, "worker threads")
         _duration("monitor_interval_s", self.monitor_interval_s, "seconds", zero=False)
         _duration("--grace-s", self.grace_s, "seconds", zero=True)

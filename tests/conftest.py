@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.harness import write_measurement
+from server import grpc_io
+from server.settings import ServeOptions
+
+# In-process servers read their sockets as `serve`'s do. gRPC reads this once, when it loads, and
+# nothing imported above loads it (`serve` makes the same call before importing the server).
+grpc_io.configure(ServeOptions.grpc_io)
+
+from tests.harness import write_measurement  # noqa: E402  (loads gRPC)
 
 ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
