@@ -3,8 +3,9 @@
 # cores, no network), inside 8 minutes: bench/gpu.py (bare model, served GPU lanes with a py-spy
 # profile where py-spy travels, placement with 1 worker), placement again with 8 workers (8
 # event loops: the CPU lanes, not one loop, are then what saturates first), then
-# bench/ceiling.py with streams (1 and 8 workers) and bench/scaleout.py with and without
-# --backlog 8 (1 and 8 workers). JSON and the servers' logs go to $OUT, as at most 8 files.
+# bench/ceiling.py with streams (1 and 8 workers, each also with --grpc-io event-engine) and
+# bench/scaleout.py with and without --backlog 8 (1 and 8 workers). JSON and the servers' logs
+# go to $OUT, as at most 8 files.
 #
 # Here, once:  make family && ../shared/device/pack-wheels.sh .whl   (.whl is git-ignored)
 # Then:        run(command="bash bench/device.sh", carry=[".whl", "families/mnist5k"],
@@ -46,8 +47,9 @@ step() {  # a failed step is reported and the next one still runs
 step gpu "$py" bench/gpu.py --family "$family" --json "$out/gpu.json" --logs "$logs" "${gpu[@]}"
 step placement-w8 "$py" bench/gpu.py --family "$family" --phases host,placement \
     --json "$out/gpu-placement-w8.json" --logs "$logs/w8" "${placement[@]}"
+# --grpc-io event-engine beside the default in the same rounds: measured on 2 cores only so far.
 step ceiling "$py" bench/ceiling.py --family "$family" --stream --json "$out/ceiling.json" \
-    "${ceiling[@]}"
+    --compare "event-engine=--grpc-io event-engine" "${ceiling[@]}"
 step scaleout "$py" bench/scaleout.py --family "$family" --flags "" --flags "--backlog 8" \
     --json "$out/scaleout.json" --logs "$logs" "${scaleout[@]}"
 tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"
