@@ -36,7 +36,7 @@ def test_promtool_checks_the_scrape_config() -> None:
 
 @needs_promtool
 def test_promtool_checks_the_alert_rules() -> None:
-    assert "SUCCESS: 7 rules found" in _promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 8 rules found" in _promtool("check", "rules", "alerts.yml")
 
 
 @needs_promtool
@@ -44,9 +44,10 @@ def test_promtool_runs_the_alert_unit_tests() -> None:
     assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml")
 
 
-def test_alerts_cover_the_seven_conditions() -> None:
+def test_alerts_cover_the_eight_conditions() -> None:
     assert set(alert_exprs()) == {"AdaptiveBudgetMissRatioHigh", "AdaptiveCpuSaturated",
                                   "AdaptiveEventLoopSaturated", "AdaptiveVariantFailing",
+                                  "AdaptiveVariantRunningLate",
                                   "AdaptiveServerDown", "AdaptiveWorkersDown",
                                   "AdaptiveWorkersRestarting"}
 
