@@ -90,9 +90,12 @@ def test_event_loop_busy_ratio_rises_while_the_server_is_kept_busy(
         time.sleep(interval)
         idle = busy()
         stop = threading.Event()
+        answering = threading.Barrier(5)  # the 4 callers and this thread
 
         def caller() -> None:
             with AdaptiveClient(server.target) as c:
+                c.infer(images[:1], variant="fast")
+                answering.wait(timeout=60)
                 while not stop.is_set():
                     c.infer(images[:1], variant="fast")
 
@@ -100,6 +103,9 @@ def test_event_loop_busy_ratio_rises_while_the_server_is_kept_busy(
         for t in callers:
             t.start()
         try:
+            # Sampled only once every caller has connected and been answered, so that the two
+            # samples cover the load and not its start (a full local run once read 0.02).
+            answering.wait(timeout=60)
             time.sleep(interval)
             loaded = busy()
         finally:
