@@ -54,5 +54,5 @@ def configure(grpc_io: str) -> None:
         os.environ[ENV] = value
     else:
         os.environ.pop(ENV, None)
-    log.debug("gRPC reads the sockets on %s (%s=%r)", "its asyncio poller thread" if grpc_io ==
-             "poller" else "its EventEngine thread pool", ENV, value)
+    where = "its asyncio poller thread" if grpc_io == "poller" else "its EventEngine thread pool"
+    log.debug("gRPC reads the sockets on %s (%s=%r)", where, ENV, value)
