@@ -49,12 +49,13 @@ lint: $(STAMP)
 family: $(STAMP)
 	$(BIN)/adaptive-inference build configs/mnist5k.toml --out families/mnist5k
 
-# The benchmark report, docs/results.md (~17 minutes): router decision time, gRPC overhead, the
+# The benchmark report, docs/results.md (~22 minutes): router decision time, gRPC overhead, the
 # policy comparison on the default family with default serve flags (adaptive vs each pinned
 # static on the Pareto front, 0.5x-8x full's capacity, 3 repeats, and a time-varying load),
-# the per-process ceiling (echo vs server, unary vs stream, 1 and 2 workers; and with the server
-# on CPU 0, the clients on CPU 1, whose rounds agree to a few %), goodput past
-# saturation with and without --backlog (one server on CPU 0, the load generator on CPU 1: the
+# the per-process ceiling (echo vs server, unary vs stream, 1 and 2 workers, each also with
+# --grpc-io event-engine; and with the server on CPU 0, the clients on CPU 1, whose rounds agree
+# to a few %), goodput past saturation with and without --backlog and with --grpc-io
+# event-engine (one server on CPU 0, the load generator on CPU 1: the
 # rates suit a core of this 2-core machine), then the page itself. Raw figures under
 # results/bench/; bench/ceiling.py and bench/scaleout.py's 16-core runs are device runs, kept.
 BENCH_OUT := results/bench
@@ -66,12 +67,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py --family $(BENCH_FAMILY) --requests 2000 --json $(BENCH_OUT)/overhead.json
 	$(BIN)/python bench/policies.py --family $(BENCH_FAMILY) --out $(BENCH_OUT)/policies
 	$(BIN)/python bench/ceiling.py --family $(BENCH_FAMILY) --workers-list 1,2 --stream \
-		--json $(BENCH_OUT)/ceiling-2core.json
+		--compare "event-engine=--grpc-io event-engine" --json $(BENCH_OUT)/ceiling-2core.json
 	$(BIN)/python bench/ceiling.py --family $(BENCH_FAMILY) --workers-list 1 --stream --clients 2 \
-		--repeats 5 --server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/ceiling-2core-pinned.json
+		--repeats 5 --server-cpus 0 --client-cpus 1 --compare "event-engine=--grpc-io event-engine" \
+		--json $(BENCH_OUT)/ceiling-2core-pinned.json
 	$(BIN)/python bench/scaleout.py --family $(BENCH_FAMILY) --workers-list 1 --flags "" \
-		--flags "--backlog 8" --rates 500,1000,1500,2000,3000,4000 --seconds 5 --clients 2 \
-		--server-cpus 0 --client-cpus 1 --json $(BENCH_OUT)/scaleout-2core.json
+		--flags "--grpc-io event-engine" --flags "--backlog 8" --rates 500,1000,1500,2000,3000,4000 \
+		--seconds 5 --clients 2 --server-cpus 0 --client-cpus 1 \
+		--json $(BENCH_OUT)/scaleout-2core.json
 	$(BIN)/python bench/report.py --family $(BENCH_FAMILY) --results $(BENCH_OUT) --docs docs
 
 # The measured blocks of docs/*.md (bench/docs.py), re-rendered from one fresh run (~10 minutes):
