@@ -72,8 +72,8 @@ bench: $(STAMP)
 		--repeats 5 --server-cpus 0 --client-cpus 1 --compare "event-engine=--grpc-io event-engine" \
 		--json $(BENCH_OUT)/ceiling-2core-pinned.json
 	$(BIN)/python bench/scaleout.py --family $(BENCH_FAMILY) --workers-list 1 --flags "" \
-		--flags "--grpc-io event-engine" --flags "--backlog 8" --rates 500,1000,1500,2000,3000,4000 \
-		--seconds 5 --clients 2 --server-cpus 0 --client-cpus 1 \
+		--flags "--grpc-io event-engine" --flags "--backlog 8" --client-throttle \
+		--rates 500,1000,1500,2000,3000,4000 --seconds 5 --clients 2 --server-cpus 0 --client-cpus 1 \
 		--json $(BENCH_OUT)/scaleout-2core.json
 	$(BIN)/python bench/report.py --family $(BENCH_FAMILY) --results $(BENCH_OUT) --docs docs
 

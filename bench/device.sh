@@ -4,8 +4,8 @@
 # profile where py-spy travels, placement with 1 worker), placement again with 8 workers (8
 # event loops: the CPU lanes, not one loop, are then what saturates first), then
 # bench/ceiling.py with streams (1 and 8 workers, each also with --grpc-io event-engine) and
-# bench/scaleout.py with and without --backlog 8 (1 and 8 workers). JSON and the servers' logs
-# go to $OUT, as at most 8 files.
+# bench/scaleout.py with and without --backlog 8 and with the client's throttle (1 and 8
+# workers). JSON and the servers' logs go to $OUT, as at most 8 files.
 #
 # Here, once:  make family && ../shared/device/pack-wheels.sh .whl   (.whl is git-ignored)
 # Then:        run(command="bash bench/device.sh", carry=[".whl", "families/mnist5k"],
@@ -51,7 +51,7 @@ step placement-w8 "$py" bench/gpu.py --family "$family" --phases host,placement 
 step ceiling "$py" bench/ceiling.py --family "$family" --stream --json "$out/ceiling.json" \
     --compare "event-engine=--grpc-io event-engine" "${ceiling[@]}"
 step scaleout "$py" bench/scaleout.py --family "$family" --flags "" --flags "--backlog 8" \
-    --json "$out/scaleout.json" --logs "$logs" "${scaleout[@]}"
+    --client-throttle --json "$out/scaleout.json" --logs "$logs" "${scaleout[@]}"
 tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"
 echo "== all: ${SECONDS} s; files: $(ls "$out" | tr '\n' ' ')"
 exit $failed

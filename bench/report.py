@@ -492,8 +492,10 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
             steps = " · ".join(f"{s['offered_rps']:g}/s → {100 * (s['attainment'] or 0):.0f}% "
                                f"({s['goodput_rps']:.0f}/s)" for s in r.get("steps", []))
             share = r.get("goodput_at_2x_share_of_peak")
+            client = ("throttled (`AdaptiveClient`'s default)" if r.get("client_throttle")
+                      else "sends every request")
             rows.append([str(r.get("workers", key)), f"`{r['flags']}`" if r.get("flags") else
-                         "defaults",
+                         "defaults", client,
                          f"{r.get('peak_goodput_rps', 0):,.0f}/s at {r.get('peak_at_rps', 0):g}/s",
                          "not reached" if share is None else f"{share:.0%}", steps])
         cpus = run.get("cpus")
@@ -505,8 +507,12 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
             "`serve --device cpu --workers N`, routed, budgets uniform 5–20 ms, 8 test images per "
             "request, open-loop Poisson arrivals from several client processes, each gRPC deadline "
             "the request's budget; goodput = answers inside their budget per second. Target: "
-            f"goodput at twice the rate of the peak ≥ 90 % of the peak.{pinned}\n\n"
-            + markdown_table(["workers", "flags", "peak goodput", "goodput at 2x ÷ peak",
+            "goodput at twice the rate of the peak ≥ 90 % of the peak. *client*: whether the load "
+            "generator throttles itself as `AdaptiveClient` does by default (`client/throttle.py`: "
+            "past 5 % refused, a matching share of new requests is refused in the client; those "
+            "count as misses) or sends every request, as a client without a throttle does."
+            f"{pinned}\n\n"
+            + markdown_table(["workers", "flags", "client", "peak goodput", "goodput at 2x ÷ peak",
                               "offered → in budget (goodput)"], rows) + "\n")
     return "\n".join(text)
 

@@ -9,8 +9,10 @@ letting every request miss).
     python3 bench/scaleout.py --family families/mnist5k --workers-list 1,8 --json OUT.json
 
 ``--flags '--backlog 8'`` (repeatable) ramps one more server per worker count with those serve
-flags; ``--server-cpus 0 --client-cpus 1`` pins the server and the load generator apart (on a
-small host the clients would otherwise take the server's cores).
+flags; ``--client-throttle`` ramps the default-flags server once more with the load generator
+throttling itself as `AdaptiveClient` does by default (`client/throttle.py`); ``--server-cpus 0
+--client-cpus 1`` pins the server and the load generator apart (on a small host the clients would
+otherwise take the server's cores).
 
 About 2 minutes with the defaults on 16 cores; nothing but 127.0.0.1. Shares `bench/gpu.py`'s
 spawned client pool, server start-up and JSON-per-phase plumbing.
@@ -31,6 +33,7 @@ from gpu import Clients, Run, open_figures, placement_images, start_server
 from client.loadgen import BudgetSpec, RunConfig
 from client.process import cpu_set, pin_tree
 from client.results import host_info
+from client.throttle import ThrottleConfig
 from compression.core.family import load_family
 
 BUDGET = "uniform:5:20"
@@ -38,24 +41,29 @@ IMAGES = 8
 
 
 def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str],
-         rates: list[float], seconds: float, logs: Path, server_cpus: set[int] | None
-         ) -> dict[str, Any]:
-    """One server, one open loop per rate; the figures and the goodput summary."""
+         rates: list[float], seconds: float, logs: Path, server_cpus: set[int] | None,
+         throttle: ThrottleConfig | None = None) -> dict[str, Any]:
+    """One server, one open loop per rate; the figures and the goodput summary. ``throttle``:
+    the load generator throttles itself as `AdaptiveClient` does (`client.throttle`)."""
     fam = load_family(family)
     data = placement_images(family, fam.input_shape)
-    out: dict[str, Any] = {"workers": workers, "flags": shlex.join(flags), "steps": []}
+    out: dict[str, Any] = {"workers": workers, "flags": shlex.join(flags),
+                           "client_throttle": throttle is not None, "steps": []}
     with contextlib.ExitStack() as stack:
-        label = "-".join([f"w{workers}", *(f.strip("-") for f in flags)])
+        label = "-".join([f"w{workers}", *(f.strip("-") for f in flags),
+                          *(["throttle"] if throttle else [])])
         server = start_server(stack, run, family, ["--device", "cpu", *flags], label=label,
                               workers=workers, logs=logs, timeout=240.0)
         if server_cpus is not None:
             pin_tree(server.proc.proc.pid, server_cpus)
         for i, rate in enumerate(rates):
             cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET),
-                            images=IMAGES, seed=10 + i, deadline_is_budget=True)
+                            images=IMAGES, seed=10 + i, deadline_is_budget=True,
+                            throttle=throttle)
             fig = open_figures(clients, server, fam.name, data, cfg, sample_gpu=False)
             step = {"offered_rps": rate, "attainment": fig["attainment"],
                     "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
+                    "client_throttled": fig["client_throttled"],
                     "answered": fig["answered"], "errors": fig["errors"],
                     "errors_by_code": fig["errors_by_code"], "latency_ms": fig["latency_ms"],
                     "accuracy": fig.get("accuracy"), "send_lag_p99_ms": fig["send_lag_ms"]["p99"]}
@@ -88,6 +96,10 @@ def main() -> None:
     ap.add_argument("--flags", action="append",
                     help="serve flags of one more server per --workers count, e.g. "
                          "'--backlog 8' (repeatable; default: default flags only)")
+    ap.add_argument("--client-throttle", action="store_true",
+                    help="ramp the default-flags server a second time with the load generator "
+                         "throttling itself as AdaptiveClient does by default "
+                         "(client/throttle.py)")
     ap.add_argument("--server-cpus", help="pin the server's processes to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
                                           "(on a small host: the load generator then does not "
@@ -122,10 +134,18 @@ def main() -> None:
                 # The key of a server with default flags stays its worker count.
                 key = " ".join([str(w), *flags])
 
-                def phase(w: int = w, flags: list[str] = flags, key: str = key) -> None:
-                    results[key] = ramp(run, clients, args.family, w, flags, rates,
-                                        args.seconds, logs, server_cpus)
-                run.phase(f"workers-{key}", len(rates) * (args.seconds + 3) + 20, phase)
+                # The product's defaults, both ends: the server's flags and AdaptiveClient's
+                # throttle (only the default-flags server is ramped a second time).
+                throttles = [None, *([ThrottleConfig()] if args.client_throttle and not flags
+                                     else [])]
+                for throttle in throttles:
+                    name = key + (" +client-throttle" if throttle else "")
+
+                    def phase(w: int = w, flags: list[str] = flags, name: str = name,
+                              throttle: ThrottleConfig | None = throttle) -> None:
+                        results[name] = ramp(run, clients, args.family, w, flags, rates,
+                                             args.seconds, logs, server_cpus, throttle)
+                    run.phase(f"workers-{name}", len(rates) * (args.seconds + 3) + 20, phase)
     for key, r in results.items():
         run.say(f"workers {key}: peak goodput {r.get('peak_goodput_rps')}/s at "
                 f"{r.get('peak_at_rps')}/s offered; at 2x: "

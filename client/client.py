@@ -17,6 +17,13 @@ requests over all of them; calls refused with UNAVAILABLE (a replica shutting do
 retried on the next one by gRPC's retry policy (inference is idempotent). One server with
 ``serve --workers N``: ``connections=M`` opens M TCP connections and sends round-robin over them
 (the workers share the port and the kernel spreads connections, not requests, over them).
+
+Overload: ``infer`` throttles itself (`client.throttle`, Envoy's admission control: on by
+default, ``throttle=None`` turns it off). While more than 5 % of its recent requests were
+refused by the server (shed, late, overloaded or unreachable), it refuses a matching share of new
+ones locally with `Throttled` (an `Overloaded`) instead of sending them: a refusal costs the
+server nearly what an answer does, and refusals nobody sends leave it the cycles to answer the
+rest. Streams (``infer_stream``) are one call each and are not throttled.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.throttle import AdaptiveThrottle, ThrottleConfig
 from protos import wire
 from protos.generated import adaptive_pb2 as apb
 from protos.generated import adaptive_pb2_grpc, grpc_service_pb2_grpc
@@ -41,6 +49,7 @@ from protos.generated import grpc_service_pb2 as pb
 from server.errors import AdaptiveError, InvalidArgument, from_code
 
 _ids = itertools.count(1)
+DEFAULT_THROTTLE = ThrottleConfig()  # frozen: one shared default is safe
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,8 @@ class AdaptiveClient:
                  client_key: bytes | str | Path | None = None,
                  token: str | None = None, tls: bool | None = None,
                  load_balancing: str | None = None, retry_unavailable: bool = True,
-                 connections: int = 1) -> None:
+                 connections: int = 1,
+                 throttle: ThrottleConfig | None = DEFAULT_THROTTLE) -> None:
         if connections < 1:
             raise InvalidArgument(f"connections {connections!r}: at least 1")
         self.target = target
@@ -239,6 +249,7 @@ class AdaptiveClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model = model
         self._input_name = "input"
+        self.throttle = AdaptiveThrottle(throttle) if throttle is not None else None
 
     # --- the main call -------------------------------------------------------------------------
 
@@ -251,12 +262,20 @@ class AdaptiveClient:
         x = as_batch(batch)
         req = build_request(self.model, x, budget_ms=budget_ms, variant=variant,
                             input_name=self._input_name)
+        throttle = self.throttle
+        if throttle is not None and not throttle.admit():
+            raise throttle.refusal()
         t0 = time.perf_counter()
         try:
             resp = self._next().ModelInfer(req, timeout=deadline_s(budget_ms, timeout),
                                            metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_from(exc) from None
+            err = error_from(exc)
+            if throttle is not None:
+                throttle.record_status(err.code)
+            raise err from None
+        if throttle is not None:
+            throttle.record(True)
         return parse_response(resp, (time.perf_counter() - t0) * 1e3)
 
     def infer_stream(self, batches: Iterable[np.ndarray], budget_ms: float | None = None,

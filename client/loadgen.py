@@ -14,8 +14,9 @@ Three ways to load a server, all from here:
 Figures, tables and CSV of the records are in `client.results`; the `bench` command that runs
 one open loop per rate is `client.bench`.
 
-Counts add up: ``offered = sent + client_dropped`` and ``sent = answered + errors``. A budget is
-met when the answer arrives (client round trip) within it; errors and client drops are misses.
+Counts add up: ``offered = sent + client_dropped + client_throttled`` and ``sent = answered +
+errors``. A budget is met when the answer arrives (client round trip) within it; errors, client
+drops and arrivals the client's throttle kept back are misses.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import grpc
 import numpy as np
 
 from client.client import AdaptiveClient, build_request, deadline_s, parse_response
+from client.throttle import AdaptiveThrottle, ThrottleConfig
 from protos import wire
 from protos.generated import grpc_service_pb2_grpc
 
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 OK = "OK"  # the gRPC status name of an answered request
 DROPPED = "CLIENT_DROPPED"  # an arrival the client could not send: max_inflight reached
+THROTTLED = "CLIENT_THROTTLED"  # an arrival the client's adaptive throttle refused to send
 CLIENT_ERROR = "CLIENT_ERROR"  # the call failed inside the client (not a gRPC status)
 # TCP connections the generator opens and sends round-robin over. A server with `--workers N`
 # shares its port with SO_REUSEPORT, and the kernel spreads *connections*, not requests, over the
@@ -239,6 +242,9 @@ class RunConfig:
     # (transport, gRPC queue) against the budget; a late answer ends DEADLINE_EXCEEDED.
     deadline_is_budget: bool = False
     poisson: bool = True  # False: arrivals evenly spaced, 1/rate apart (the soak's steady push)
+    # Client-side adaptive throttling (`client.throttle`), one throttle per run shared by all its
+    # connections; None: every arrival is sent, as a client without one would.
+    throttle: ThrottleConfig | None = None
 
     def deadline(self, budget_ms: float | None) -> float | None:
         if self.deadline_is_budget and budget_ms is not None:
@@ -267,6 +273,7 @@ class Progress:
     answered: int = 0
     errors: int = 0
     dropped: int = 0
+    throttled: int = 0
     met: int = 0
     inflight: int = 0
     recent_ms: collections.deque[float] = field(
@@ -275,10 +282,11 @@ class Progress:
     def line(self) -> str:
         t = min(time.perf_counter() - self.started, self.seconds)
         p50 = f"{np.percentile(self.recent_ms, 50):.2f}" if self.recent_ms else "-"
-        done = self.answered + self.errors + self.dropped
+        done = self.answered + self.errors + self.dropped + self.throttled
         attain = f"{100 * self.met / done:.1f}%" if done else "-"
+        throttled = f"  throttled {self.throttled}" if self.throttled else ""
         return (f"{self.rate:g}/s  {t:4.1f}/{self.seconds:g} s  sent {self.sent}  answered "
-                f"{self.answered}  errors {self.errors}  dropped {self.dropped}  in flight "
+                f"{self.answered}  errors {self.errors}  dropped {self.dropped}{throttled}  in flight "
                 f"{self.inflight}  p50 {p50} ms  in budget {attain}")
 
 
@@ -316,6 +324,11 @@ async def _open_loop(target: str, model: str, data: TestData,
     state = Progress()
     records: list[Record] = []
     lags: list[float] = []
+    first_cfg = runs[0][1] if runs else None
+    throttle = None
+    if first_cfg is not None and first_cfg.throttle is not None:
+        # Its own seeded draws: a throttled run offers the same arrivals as an unthrottled one.
+        throttle = AdaptiveThrottle(first_cfg.throttle, rng=random.Random(first_cfg.seed + 1))
     async with connections(target) as stubs:
         loop = asyncio.get_running_loop()
         turn = itertools.cycle(stubs)  # round-robin over the connections
@@ -343,6 +356,8 @@ async def _open_loop(target: str, model: str, data: TestData,
                 latency = (time.perf_counter() - t0) * 1e3
                 status = CLIENT_ERROR
                 log.exception("load: request failed in the client")
+            if throttle is not None:
+                throttle.record_status(status)
             rec = Record(index, budget, status, cand, latency, correct, len(x))
             records.append(rec)
             state.inflight -= 1
@@ -381,10 +396,14 @@ async def _open_loop(target: str, model: str, data: TestData,
                     records.append(Record(index, budget, DROPPED, None, 0.0, None, cfg.images))
                     state.dropped += 1
                     continue
+                start_at = rng.randrange(n - cfg.images + 1)
+                if throttle is not None and not throttle.admit():
+                    records.append(Record(index, budget, THROTTLED, None, 0.0, None, cfg.images))
+                    state.throttled += 1
+                    continue
                 state.sent += 1
                 state.inflight += 1
-                task = asyncio.create_task(one(index, cfg, rng.randrange(n - cfg.images + 1),
-                                               budget, t))
+                task = asyncio.create_task(one(index, cfg, start_at, budget, t))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         if tasks:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from client.loadgen import DROPPED, OK, Phase, Record, RunConfig
+from client.loadgen import DROPPED, OK, THROTTLED, Phase, Record, RunConfig
 
 CSV_HEADER = "run,offered_rps,budget_ms,status,candidate,latency_ms,correct,samples"
 
@@ -41,9 +41,11 @@ def summarize_run(records: Sequence[Record], cfg: RunConfig, wall_s: float,
     schedule (large values: the client, not the server, limited the offered load)."""
     offered = len(records)
     dropped = sum(r.status == DROPPED for r in records)
-    sent = offered - dropped
+    throttled = sum(r.status == THROTTLED for r in records)
+    sent = offered - dropped - throttled
     ok = [r for r in records if r.status == OK]
-    errors = collections.Counter(r.status for r in records if r.status not in (OK, DROPPED))
+    errors = collections.Counter(r.status for r in records
+                                 if r.status not in (OK, DROPPED, THROTTLED))
     met = sum(r.met for r in records)
     lat = [r.latency_ms for r in ok]
     judged = [r for r in ok if r.correct is not None]
@@ -53,7 +55,8 @@ def summarize_run(records: Sequence[Record], cfg: RunConfig, wall_s: float,
     out: dict[str, Any] = {
         "offered_rps": cfg.rate, "seconds": cfg.seconds, "wall_s": round(wall_s, 3),
         "offered": offered, "sent": sent, "answered": len(ok), "errors": sum(errors.values()),
-        "client_dropped": dropped, "errors_by_code": dict(errors.most_common()),
+        "client_dropped": dropped, "client_throttled": throttled,
+        "errors_by_code": dict(errors.most_common()),
         "met": met,
         "throughput_rps": round(len(ok) / cfg.seconds, 3),
         "goodput_rps": round(met / cfg.seconds, 3),

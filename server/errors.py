@@ -60,6 +60,12 @@ class Overloaded(AdaptiveError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Throttled(Overloaded):
+    """Refused by the client itself, never sent: the server has been refusing this client's
+    requests, and the client's adaptive throttle (`client.throttle`) keeps a share of new ones
+    off the wire until it answers again."""
+
+
 class Unavailable(AdaptiveError):
     """The server is not ready yet, is shutting down, or cannot be reached."""
 
