@@ -22,6 +22,7 @@ from typing import Any
 from client.client import AdaptiveClient
 from client.loadgen import BudgetSpec, Record, RunConfig, TestData, run_open_loop
 from client.results import host_info, host_span, summarize_run, write_records_csv
+from client.throttle import ThrottleConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,12 @@ class BenchResult:
 def run_bench(target: str, rates: Sequence[float], seconds: float, budget: BudgetSpec,
               data: TestData, *, variant: str | None = None, images: int = 1, seed: int = 0,
               max_inflight: int = 4096, timeout_s: float | None = None,
-              deadline_is_budget: bool = False, wait_ready_s: float = 30.0,
+              deadline_is_budget: bool = False, throttle: ThrottleConfig | None = None,
+              wait_ready_s: float = 30.0,
               pause_s: float = 1.0, progress: Callable[[str], None] | None = None,
               progress_every_s: float = 0.5) -> BenchResult:
-    """One run per offered rate against ``target`` (``pause_s`` of quiet between runs). Raises
+    """One run per offered rate against ``target`` (``pause_s`` of quiet between runs); with
+    ``throttle`` the generator keeps back what `AdaptiveClient`'s throttle would. Raises
     ValueError when the images or the pinned variant do not fit what the server offers."""
     started = datetime.now(UTC).isoformat(timespec="seconds")
     load_start = host_info()["load_average"]
@@ -62,7 +65,7 @@ def run_bench(target: str, rates: Sequence[float], seconds: float, budget: Budge
             time.sleep(pause_s)  # let the server's queues drain between runs
         cfg = RunConfig(rate=rate, seconds=seconds, budget=budget, variant=variant, images=images,
                         seed=seed, max_inflight=max_inflight, timeout_s=timeout_s,
-                        deadline_is_budget=deadline_is_budget)
+                        deadline_is_budget=deadline_is_budget, throttle=throttle)
         out = asyncio.run(run_open_loop(target, model, data, cfg, run_index=i, progress=progress,
                                         progress_every_s=progress_every_s))
         runs.append(summarize_run(out.records, cfg, out.wall_s, out.send_lag_ms))
@@ -75,6 +78,7 @@ def run_bench(target: str, rates: Sequence[float], seconds: float, budget: Budge
         "policy": "adaptive" if variant is None else f"pinned:{variant}", "variant": variant,
         "budget_ms": str(budget), "images_per_request": images, "seconds_per_rate": seconds,
         "seed": seed, "timeout_s": timeout_s, "deadline_is_budget": deadline_is_budget,
+        "client_throttle": throttle is not None,
         "max_inflight": max_inflight,
         "data": data.description,
         "host": host_span(load_start),

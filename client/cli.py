@@ -154,6 +154,7 @@ def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from client import bench, loadgen, results
+    from client.throttle import ThrottleConfig
     from server.errors import InvalidArgument
 
     def progress(line: str) -> None:  # one line rewritten in place on a terminal
@@ -169,6 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
             args.target, args.rate, args.duration, args.budget_ms, data, variant=args.variant,
             images=args.images, seed=args.seed, max_inflight=args.max_inflight,
             timeout_s=args.timeout, deadline_is_budget=args.deadline_is_budget,
+            throttle=ThrottleConfig() if args.throttle else None,
             progress=None if args.quiet else progress, wait_ready_s=args.wait_ready,
             progress_every_s=0.5 if sys.stderr.isatty() else 5.0)
     except ValueError as exc:  # a shape or variant the server does not have
@@ -470,6 +472,9 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     k.add_argument("--deadline-is-budget", action="store_true",
                    help="gRPC deadline = each request's budget: the server also counts transport "
                         "and gRPC queueing against it; late answers end DEADLINE_EXCEEDED")
+    k.add_argument("--throttle", action="store_true",
+                   help="keep back what AdaptiveClient's throttle would (client-side adaptive "
+                        "throttling, docs/serving.md#overload); counted as client_throttled")
     k.add_argument("--max-inflight", type=_count_arg(1), default=4096,
                    help="unanswered requests before arrivals are dropped (counted as "
                         "client_dropped)")

@@ -56,6 +56,7 @@ CLIENT_ERROR = "CLIENT_ERROR"  # the call failed inside the client (not a gRPC s
 # workers: one connection would keep N-1 of them idle. Eight make an idle worker unlikely
 # (2 workers: 1 in 128) at no measurable cost to a single-process server.
 CONNECTIONS = 8
+CONNECT_TIMEOUT_S = 10.0  # how long the generator waits for its connections before it starts
 
 
 # --- one request's outcome ----------------------------------------------------------------------
@@ -419,11 +420,17 @@ async def _open_loop(target: str, model: str, data: TestData,
 async def connections(target: str, count: int = CONNECTIONS
                       ) -> AsyncIterator[list[grpc_service_pb2_grpc.GRPCInferenceServiceStub]]:
     """``count`` channels to ``target``, each on its own TCP connection (channels with the same
-    arguments would otherwise share one subchannel: `grpc.use_local_subchannel_pool`)."""
+    arguments would otherwise share one subchannel: `grpc.use_local_subchannel_pool`), connected
+    before the first request: a request whose budget had to cover the TCP and HTTP/2 handshakes
+    would measure the client's start, not the server. A server that cannot be reached within
+    ``CONNECT_TIMEOUT_S`` is left to fail the requests (UNAVAILABLE, counted as errors)."""
     options = [*wire.channel_options(), ("grpc.use_local_subchannel_pool", 1)]
     async with contextlib.AsyncExitStack() as stack:
         channels = [await stack.enter_async_context(grpc.aio.insecure_channel(target, options))
                     for _ in range(max(count, 1))]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)),
+                                   CONNECT_TIMEOUT_S)
         yield [grpc_service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
 
 

@@ -116,7 +116,9 @@ def summary_table(results: dict[str, Any]) -> str:
     errors: collections.Counter[str] = collections.Counter()
     for r in results["runs"]:
         errors.update(r["errors_by_code"])
-    return "\n".join([text_table(header, rows), *_errors_line(errors)])
+    kept = sum(r.get("client_throttled", 0) for r in results["runs"])
+    throttled = [f"kept back by the client's throttle (not sent): {kept}"] if kept else []
+    return "\n".join([text_table(header, rows), *_errors_line(errors), *throttled])
 
 
 def _ms(values: list[float], q: float) -> str:

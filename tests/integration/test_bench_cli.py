@@ -43,7 +43,7 @@ def _bench(server: RunningServer, out: Path, *args: str, check: bool = True
 
 
 def _check_counts(run: dict[str, Any], images: int) -> None:
-    assert run["offered"] == run["sent"] + run["client_dropped"]
+    assert run["offered"] == run["sent"] + run["client_dropped"] + run["client_throttled"]
     assert run["sent"] == run["answered"] + run["errors"]
     assert run["errors"] == sum(run["errors_by_code"].values())
     assert 0 <= run["met"] <= run["answered"]
@@ -114,6 +114,21 @@ def test_errors_are_counted_by_code(server: RunningServer, tmp_path: Path,
     _check_counts(run, images=8)
     assert run["errors_by_code"].get("DEADLINE_EXCEEDED", 0) > 0
     assert run["met"] == 0  # nothing arrives within a 1 ms budget through this stack
+
+
+def test_the_throttle_keeps_back_what_the_server_keeps_refusing(
+        server: RunningServer, tmp_path: Path, labelled_npz: Path) -> None:
+    """Every call misses its deadline: past the throttle's first 100 outcomes, 80 % of the
+    arrivals are kept in the client, counted apart from the errors and named in the summary."""
+    proc = _bench(server, tmp_path, "--rate", "400", "--duration", "1", "--images", "8",
+                  "--variant", "slow", "--deadline-is-budget", "--budget-ms", "1", "--throttle",
+                  "--data", f"npz:{labelled_npz}", "--no-plots")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["client_throttle"] is True
+    (run,) = results["runs"]
+    _check_counts(run, images=8)
+    assert run["client_throttled"] >= (run["offered"] - 100) // 2, run
+    assert f"kept back by the client's throttle (not sent): {run['client_throttled']}" in proc.stdout
 
 
 def test_user_mistakes_exit_2_with_one_line(server: RunningServer, tmp_path: Path) -> None:
