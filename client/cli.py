@@ -474,7 +474,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
                         "and gRPC queueing against it; late answers end DEADLINE_EXCEEDED")
     k.add_argument("--throttle", action="store_true",
                    help="keep back what AdaptiveClient's throttle would (client-side adaptive "
-                        "throttling, docs/serving.md#overload); counted as client_throttled")
+                        "throttling: docs/serving.md, Overload); counted as client_throttled")
     k.add_argument("--max-inflight", type=_count_arg(1), default=4096,
                    help="unanswered requests before arrivals are dropped (counted as "
                         "client_dropped)")
