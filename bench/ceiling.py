@@ -36,7 +36,8 @@ on CPU 1: on a small host the clients then never take the server's core, and the
 closely enough to see a 5 % change (2 cores, 5 rounds: unary 0.533–0.560 ms per answer pinned,
 0.486–0.528 ms unpinned). Pinned, every thread of the server (its event loop, gRPC's poller, the
 inference pool) shares one core, so its CPU per answer is higher than unpinned; compare pinned
-runs with pinned runs. A server measured so has one core: use it with ``--workers-list 1``.
+runs with pinned runs. A server measured so has one core, from its start (it sizes its pool by
+it: `server/cpus.py`): use it with ``--workers-list 1``.
 
 Loopback only; about 1.5 minutes with the defaults on 2 cores, and under 3 minutes with
 ``--workers-list 1,2,4,8 --clients 8`` on 16.
@@ -70,7 +71,7 @@ from overhead import start_echo
 
 from client.client import build_request
 from client.loadgen import CONNECTIONS
-from client.process import LISTENING, SERVING, WORKERS, ServerProcess, cpu_set, pin_tree
+from client.process import LISTENING, SERVING, WORKERS, ServerProcess, cpu_set, spawning_on
 from client.results import host_info
 from compression.core.family import load_family
 from protos import wire
@@ -384,24 +385,20 @@ def main() -> None:
     except ValueError as exc:
         ap.error(str(exc))
     with contextlib.ExitStack() as stack:
-        everywhere = os.sched_getaffinity(0)
-        if client_cpus is not None:
-            os.sched_setaffinity(0, client_cpus)  # the client processes spawned now inherit it
-        clients = Clients(args.clients)
-        os.sched_setaffinity(0, everywhere)
+        with spawning_on(client_cpus):
+            clients = Clients(args.clients)
         stack.callback(clients.close)
         # One after another: each warms up and re-measures its variants on a quiet machine.
-        servers = [serve(family_dir, n, stack, c) for n in workers_list for c in compares]
+        with spawning_on(server_cpus):
+            servers = [serve(family_dir, n, stack, c) for n in workers_list for c in compares]
         with grpc.insecure_channel(servers[0].target, wire.channel_options()) as ch:
             infer = ch.unary_unary(INFER_METHOD)
             # The echo's canned answer is as long as the server's answer to the same request.
             sizes = {b: len(infer(requests[b], timeout=30)) for b in images}
         # The bare echo is the baseline; the second reads its sockets as serve's default does.
-        echoes = {b: [echo(sizes[b], stack), echo(sizes[b], stack, ServeOptions.grpc_io)]
-                  for b in images}
-        if server_cpus is not None:
-            for s in (*servers, *(e for pair in echoes.values() for e in pair)):
-                pin_tree(s.pid, server_cpus)
+        with spawning_on(server_cpus):
+            echoes = {b: [echo(sizes[b], stack), echo(sizes[b], stack, ServeOptions.grpc_io)]
+                      for b in images}
         if args.stream:
             servers += [replace(s, label=f"{s.label}, stream", method=STREAM_METHOD)
                         for s in servers]

@@ -31,7 +31,7 @@ from typing import Any
 from gpu import Clients, Run, open_figures, placement_images, start_server
 
 from client.loadgen import BudgetSpec, RunConfig
-from client.process import cpu_set, pin_tree
+from client.process import cpu_set, spawning_on
 from client.results import host_info
 from client.throttle import ThrottleConfig
 from compression.core.family import load_family
@@ -52,10 +52,9 @@ def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str
     with contextlib.ExitStack() as stack:
         label = "-".join([f"w{workers}", *(f.strip("-") for f in flags),
                           *(["throttle"] if throttle else [])])
-        server = start_server(stack, run, family, ["--device", "cpu", *flags], label=label,
-                              workers=workers, logs=logs, timeout=240.0)
-        if server_cpus is not None:
-            pin_tree(server.proc.proc.pid, server_cpus)
+        with spawning_on(server_cpus):
+            server = start_server(stack, run, family, ["--device", "cpu", *flags], label=label,
+                                  workers=workers, logs=logs, timeout=240.0)
         for i, rate in enumerate(rates):
             cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET),
                             images=IMAGES, seed=10 + i, deadline_is_budget=True,

@@ -379,7 +379,9 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
     s.add_argument("--target-miss-rate", type=float, default=st.target_miss_rate,
                    help="share of budgeted requests allowed to finish late; the router's "
                         f"safety margin adapts to hold it (default {st.target_miss_rate:g})")
-    s.add_argument("--threads", type=int, help="inference worker threads (default: cores)")
+    s.add_argument("--threads", type=int,
+                   help="inference worker threads (default: the cores this process may use: "
+                        "its CPU affinity, capped by a cgroup CPU quota)")
     s.add_argument("--intra-op-threads", type=int, default=st.intra_op_threads,
                    help=f"ORT threads per batch (default {st.intra_op_threads})")
     s.add_argument("--inline-below-ms", type=float, default=st.inline_below_ms,

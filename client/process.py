@@ -1,5 +1,5 @@
 """`adaptive-inference serve` as a child process: start it, learn its ports from its log, stop it;
-and, for benchmarks on a small host, pin a process tree to CPUs apart from its load generator.
+and, for benchmarks on a small host, start it on CPUs apart from its load generator.
 
 The demo and the benchmarks run the server in its own process (as in production: no GIL shared
 with the load generator); the tests use the same helper to exercise the real command.
@@ -16,12 +16,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
-
-import psutil
 
 from server.errors import Unavailable
 
@@ -121,13 +119,20 @@ def start_serving(stack: contextlib.ExitStack, family_dir: str | Path, flags: Se
 
 # --- CPU placement (benchmarks on a small host) -------------------------------------------------
 
-def pin_tree(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` and of its children onto ``cpus`` (threads started later inherit
-    it from the thread that starts them)."""
-    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        for thread in proc.threads():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(thread.id, cpus)
+@contextlib.contextmanager
+def spawning_on(cpus: set[int] | None) -> Iterator[None]:
+    """Processes started inside are born on ``cpus`` (None: wherever this one runs), as under
+    ``taskset``: a server then sizes its worker pool and its contention model by them from its
+    start (`server.cpus`), which pinning it after it started would not change."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def cpu_set(text: str | None) -> set[int] | None:

@@ -184,6 +184,11 @@ async def create_server(family: str | Path | Family, address: str = "127.0.0.1:0
 
     monitor = Monitor(options.monitor_interval_s)
     monitor.start()
+    budget = monitor.budget
+    log.info("CPUs: %d usable (affinity %s of %d, %s); %d worker threads", budget.cores,
+             ",".join(map(str, budget.cpus)), os.cpu_count() or 1,
+             "no CPU quota" if budget.quota is None else f"cgroup quota {budget.quota:g} CPUs",
+             max(options.threads, 1))
     executor = ThreadPoolExecutor(max_workers=max(options.threads, 1),
                                   thread_name_prefix="infer")
     srv = AdaptiveServer(server, port, state, health, monitor, executor)

@@ -67,11 +67,12 @@ class Metrics:
             "adaptive_batch_size", "Samples per executed batch.", ["variant"],
             buckets=BATCH_BUCKETS, registry=r)
         self.cpu = Gauge(
-            "adaptive_cpu_utilization_ratio", "System-wide CPU utilisation, 0 to 1.",
+            "adaptive_cpu_utilization_ratio", "CPU utilisation of the CPUs this server may run "
+            "on (its affinity set), 0 to 1.",
             registry=r, multiprocess_mode="livemax")
         self.process_cpu = Gauge(
-            "adaptive_process_cpu_utilization_ratio", "This server's CPU use as a share of all "
-            "cores, 0 to 1.", registry=r, multiprocess_mode="livesum")
+            "adaptive_process_cpu_utilization_ratio", "This server's CPU use as a share of the "
+            "cores it may use (affinity, cgroup quota), 0 to 1.", registry=r, multiprocess_mode="livesum")
         self.memory = Gauge(
             "adaptive_memory_utilization_ratio", "System memory in use, 0 to 1.",
             registry=r, multiprocess_mode="livemax")

@@ -20,6 +20,8 @@ from typing import Any
 
 import psutil
 
+from server.cpus import CpuBudget, cpu_budget
+
 log = logging.getLogger(__name__)
 
 SIBLINGS_EVERY_S = 5.0  # how often a worker re-lists its siblings (a restart brings a new one)
@@ -45,20 +47,27 @@ class GpuSample:
 
 @dataclass(frozen=True)
 class HostSample:
-    cores: int
-    cpu_system: float = 0.0  # 0..1 of all cores
-    cpu_process: float = 0.0  # 0..1 of all cores, this process
-    cpu_siblings: float = 0.0  # 0..1 of all cores, this server's other worker processes
+    cores: int  # whole cores this process can use at once (affinity, cgroup quota: server.cpus)
+    cpu_system: float = 0.0  # 0..1 of the `cpus` this process may run on, busy with anything
+    cpu_process: float = 0.0  # 0..1 of `cores`, this process
+    cpu_siblings: float = 0.0  # 0..1 of `cores`, this server's other worker processes
     memory_system: float = 0.0  # 0..1 used
     memory_process_bytes: int = 0  # resident set
     gpus: tuple[GpuSample, ...] = field(default_factory=tuple)
     at: float = 0.0  # monotonic seconds
+    cpus: int = 0  # CPUs in the affinity set (0: as many as `cores`)
 
     @property
     def cpu_other(self) -> float:
-        """Share of the cores busy with everything except this server (its process and, with
-        ``--workers``, its sibling workers)."""
-        return min(max(self.cpu_system - self.cpu_process - self.cpu_siblings, 0.0), 1.0)
+        """Share of `cores` taken by everything except this server (its process and, with
+        ``--workers``, its sibling workers). Other processes first fill the CPUs a quota leaves
+        this server unable to use anyway (2 of 16 CPUs: 14 busy cores of others cost it
+        nothing); only what remains competes with it."""
+        cpus = self.cpus or self.cores
+        own = (self.cpu_process + self.cpu_siblings) * self.cores
+        others = max(self.cpu_system * cpus - own, 0.0)
+        competing = max(others - (cpus - self.cores), 0.0)
+        return min(competing / max(self.cores, 1), 1.0)
 
 
 def nvidia_gpu_present() -> bool:
@@ -155,9 +164,10 @@ class _Siblings:
 class Monitor:
     """Samples the host every ``interval_s`` in a daemon thread; `latest` is always available."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, budget: CpuBudget | None = None) -> None:
         self.interval_s = interval_s
-        self.cores = psutil.cpu_count() or os.cpu_count() or 1
+        self.budget = budget or cpu_budget()
+        self.cores = self.budget.cores
         self._proc = psutil.Process()
         self._siblings = _Siblings(_supervisor) if _supervisor is not None else None
         self._nvml: _Nvml | None = None
@@ -174,7 +184,7 @@ class Monitor:
             return
         self._nvml = _Nvml()
         # The first cpu_percent calls only set the reference point for the next ones.
-        psutil.cpu_percent(None)
+        psutil.cpu_percent(None, percpu=True)
         self._proc.cpu_percent(None)
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
         self._thread.start()
@@ -190,9 +200,12 @@ class Monitor:
     def sample(self) -> HostSample:
         """Take one sample now (CPU shares since the previous call)."""
         mem = psutil.virtual_memory()
+        per_cpu = psutil.cpu_percent(None, percpu=True)
+        mine = [per_cpu[i] for i in self.budget.cpus if i < len(per_cpu)] or per_cpu
         sample = HostSample(
             cores=self.cores,
-            cpu_system=psutil.cpu_percent(None) / 100.0,
+            cpus=len(mine),
+            cpu_system=sum(mine) / max(len(mine), 1) / 100.0,
             cpu_process=self._proc.cpu_percent(None) / 100.0 / self.cores,
             cpu_siblings=self._siblings.cpu(self.cores) if self._siblings is not None else 0.0,
             memory_system=mem.percent / 100.0,

@@ -8,10 +8,10 @@ that line and exits 2), before anything is loaded or bound."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from protos.wire import MAX_MESSAGE_BYTES
+from server.cpus import usable_cores
 from server.errors import InvalidArgument
 
 ON_MISS = ("shed", "best-effort")
@@ -103,7 +103,8 @@ class ServeOptions:
     accelerator: str = "cuda"  # the GPU lanes' torch device; "cpu" runs their code on the CPU
     event_loop: str = "auto"  # uvloop where installed (less CPU per request), else asyncio
     grpc_io: str = "poller"  # which threads read the sockets (server.grpc_io)
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # worker pool size
+    # Worker pool size: the cores this process can use (affinity and cgroup quota), not the host's.
+    threads: int = field(default_factory=usable_cores)
     monitor_interval_s: float = 0.5
     settings: Settings = field(default_factory=Settings)
     grace_s: float = 10.0  # on SIGTERM: how long in-flight requests may take to finish

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from deploy_checks import K8S, docker_run_spec
+from deploy_checks import K8S, cpu_cores, docker_run_spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, AdaptiveError
@@ -93,6 +93,10 @@ def test_two_hardened_replicas_balance_and_survive_a_docker_stop_under_load(
                    image, *spec.args, "--host", "127.0.0.1", "--metrics-port", str(mport))
         for name in names:
             docker.wait_healthy(name, timeout=300)
+        # The Deployment's limits.cpu reaches the server as a cgroup quota, which it sizes by.
+        limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        started = docker("logs", names[0]).stdout
+        assert f"cgroup quota {cpu_cores(limit['cpu']):g} CPUs" in started, started[-2000:]
 
         # The settings hold inside: the image's user, a read-only root, a writable tmpfs /tmp,
         # and no torch in the serving venv.

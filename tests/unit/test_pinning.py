@@ -1,17 +1,15 @@
-"""CPU placement for benchmarks on a small host (`client.process.cpu_set`, `pin_tree`): the
-server's whole process tree, every thread of it, lands on the CPUs asked for."""
+"""CPU placement for benchmarks on a small host (`client.process.cpu_set`, `spawning_on`): a
+server started on the CPUs asked for is born there, so it sizes itself by them."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 
-from client.process import cpu_set, pin_tree
+from client.process import cpu_set, spawning_on
 
 
 def test_cpu_sets_read_like_taskset_lists() -> None:
@@ -20,30 +18,19 @@ def test_cpu_sets_read_like_taskset_lists() -> None:
     assert cpu_set("0,2-4,7") == {0, 2, 3, 4, 7}
 
 
-def test_pin_tree_moves_every_thread_of_a_process_and_its_children() -> None:
-    cpu = min(os.sched_getaffinity(0))
-    # A parent with a second thread, and a child of its own: all three must move.
-    code = ("import subprocess, sys, threading, time; "
-            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            "print('ready', flush=True); time.sleep(60)")
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+def test_a_process_spawned_on_cpus_is_born_there_and_the_parent_stays_put() -> None:
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    with spawning_on({cpu}):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 10
-        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        procs = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children()]
-        assert len(procs) == 2 and len(procs[0].threads()) >= 2
-        pin_tree(parent.pid, {cpu})
-        threads = [t.id for p in procs for t in p.threads()]
-        assert {tid: os.sched_getaffinity(tid) for tid in threads} == {
-            tid: {cpu} for tid in threads}
+        assert os.sched_getaffinity(child.pid) == {cpu}
+        assert os.sched_getaffinity(0) == before
     finally:
-        for p in psutil.Process(parent.pid).children():
-            p.kill()
-        parent.kill()
-        parent.wait()
+        child.kill()
+        child.wait()
+    with spawning_on(None):  # no placement asked: nothing changes
+        assert os.sched_getaffinity(0) == before
 
 
 @pytest.mark.parametrize("text", ["", "a", "0,x"])
