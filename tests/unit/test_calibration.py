@@ -51,6 +51,20 @@ def test_old_errors_expire_and_the_margin_comes_back_without_any_answer() -> Non
     assert cal.margin_ms(10.0) == pytest.approx(2.0)
 
 
+def test_before_enough_answers_the_first_late_one_widens_the_margin_at_once() -> None:
+    """A freshly started server: warm-up's spread until 32 answers are known, except that an
+    answer later than that spread raises the factor for the very next request."""
+    cal = Calibration()
+    cal.reset(1.1)
+    cal.observe(2.0, 2.1, now=0.0, missed=False)
+    assert cal.margin_ms(10.0) == pytest.approx(1.0)  # within the spread: unchanged
+    cal.observe(2.0, 6.0, now=0.001, missed=True)  # three times the prediction
+    assert not cal.ready
+    assert cal.margin_ms(10.0) == pytest.approx(20.0)
+    cal.observe(2.0, 3.0, now=0.002, missed=False)  # a better one does not lower the worst seen
+    assert cal.margin_ms(10.0) == pytest.approx(20.0)
+
+
 def test_the_miss_rate_is_a_recent_share_of_late_answers() -> None:
     cal = Calibration()
     for i in range(1000):
