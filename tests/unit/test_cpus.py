@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.cpus import CpuBudget, quota_cores
-from server.monitor import HostSample
+from server.monitor import HostSample, Monitor
 from server.settings import ServeOptions
 
 
@@ -80,3 +80,16 @@ def test_other_load_on_cpus_a_quota_leaves_unused_does_not_compete() -> None:
         pytest.approx(0.5)
     # Without a quota (cpus == cores) it is the host's share less this server's, as before.
     assert HostSample(cores=4, cpu_system=0.9, cpu_process=0.3).cpu_other == pytest.approx(0.6)
+
+
+def test_the_monitor_samples_the_cpus_it_was_given() -> None:
+    """A server on one CPU of a larger host: its sample speaks of that CPU and that core."""
+    cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    monitor = Monitor(budget=CpuBudget((cpu,), None))
+    monitor.start()
+    try:
+        sample = monitor.sample()
+    finally:
+        monitor.stop()
+    assert (sample.cores, sample.cpus) == (1, 1)
+    assert 0.0 <= sample.cpu_system <= 1.0 and 0.0 <= sample.cpu_other <= 1.0
