@@ -25,6 +25,7 @@ rate now. Pure: the caller passes the time and the measurements; no clock, no I/
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ import numpy as np
 
 # Predictions below this (ms) are taken as this when dividing: a ratio of near-zero is noise.
 MIN_PREDICTED_MS = 0.05
+# `CpuShare`'s short view of the arrival rate: over this many arrivals (a burst shows in them).
+RECENT_ARRIVALS = 8
 
 
 @dataclass
@@ -135,7 +138,8 @@ class CpuShare:
     Two time scales: the CPU a request costs outside the model and the cores other processes
     take change slowly, and are learned per sampling interval (`update`); the arrival rate can
     jump within a second (a burst), so it is an exponentially decaying count of arrivals with a
-    time constant of ``tau_s`` (`arrived`), read at every decision (`share_ms`).
+    time constant of ``tau_s`` (`arrived`), or the rate over the last `RECENT_ARRIVALS` arrivals
+    where that is higher (a burst's onset), read at every decision (`share_ms`).
 
     With ``--workers N`` each worker sees only its own arrivals, and its sibling workers are the
     same server, not other load: the cores the host leaves to the server are split among the
@@ -153,14 +157,17 @@ class CpuShare:
     part: float = 1.0  # this worker's part of the server's CPU (1 without --workers)
     cores: int = 1
     _rate: float = 0.0  # arrivals per second, decayed to `_at`
+    _recent: collections.deque[float] = field(  # the last arrivals' times
+        default_factory=lambda: collections.deque(maxlen=RECENT_ARRIVALS))
     _at: float = float("-inf")
     # The sampling interval in progress: since when, requests arrived, batch compute ms.
     _interval: tuple[float | None, int, float] = (None, 0, 0.0)
 
     def arrived(self, now: float) -> None:
         """One request arrived at ``now`` (seconds)."""
-        self._rate = self.rate(now) + 1.0 / self.tau_s
+        self._rate = self._smoothed(now) + 1.0 / self.tau_s
         self._at = now
+        self._recent.append(now)
         since, arrivals, compute_ms = self._interval
         self._interval = (since, arrivals + 1, compute_ms)
 
@@ -180,11 +187,21 @@ class CpuShare:
                         cpu_siblings=cpu_siblings)
         self._interval = (now, 0, 0.0)
 
-    def rate(self, now: float) -> float:
-        """Arrivals per second around ``now``."""
+    def _smoothed(self, now: float) -> float:
         if self._at == float("-inf"):
             return 0.0
         return self._rate * math.exp(-max(now - self._at, 0.0) / self.tau_s)
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second around ``now``."""
+        smoothed = self._smoothed(now)
+        if len(self._recent) < RECENT_ARRIVALS or now <= self._recent[0]:
+            return smoothed
+        # The smoothed rate lags a burst's onset by a time constant or so, and in that time the
+        # router, seeing an idle server, sends the first requests to heavy variants whose batches
+        # hold every worker thread: the next tens of requests are shed. The rate over the last
+        # few arrivals sees the burst within them; the larger of the two errs toward caution.
+        return max(smoothed, (RECENT_ARRIVALS - 1) / (now - self._recent[0]))
 
     def share_ms(self, now: float) -> float:
         """Compute per request (ms) the CPU left over can pay for at the arrival rate now."""

@@ -97,7 +97,24 @@ def test_the_arrival_rate_follows_a_burst_within_a_fraction_of_a_second() -> Non
         t += 0.0025
         share.arrived(t)
     assert share.rate(t) == pytest.approx(400, rel=0.15)  # 0.5 s into the burst
-    assert share.rate(t + 2.0) < 1.0  # and it decays once arrivals stop
+    assert share.rate(t + 2.0) < 5.0  # and it decays once arrivals stop
+    assert share.rate(t + 10.0) < 1.0
+
+
+def test_a_burst_shows_in_the_rate_within_its_first_arrivals() -> None:
+    """The smoothed rate lags a burst's onset; the last 8 arrivals do not. At the 8th request of
+    a burst at 500/s after a quiet 50/s, the CPU share already allows only light work."""
+    share = CpuShare(tau_s=0.1, headroom=0.7, cores=2)
+    t = 0.0
+    for _ in range(100):  # 50 requests/s for 2 s
+        t += 0.02
+        share.arrived(t)
+    assert share.rate(t) == pytest.approx(50, rel=0.2)
+    for _ in range(8):  # then 500 requests/s
+        t += 0.002
+        share.arrived(t)
+    assert share.rate(t) == pytest.approx(500, rel=0.01)
+    assert share.share_ms(t) == pytest.approx(2 * 0.7 * 1e3 / 500, rel=0.01)
 
 
 def test_a_quiet_interval_teaches_nothing_about_the_cpu_a_request_costs() -> None:
