@@ -195,13 +195,16 @@ class CpuShare:
     def rate(self, now: float) -> float:
         """Arrivals per second around ``now``."""
         smoothed = self._smoothed(now)
-        if len(self._recent) < RECENT_ARRIVALS or now <= self._recent[0]:
+        if len(self._recent) < RECENT_ARRIVALS:
             return smoothed
         # The smoothed rate lags a burst's onset by a time constant or so, and in that time the
         # router, seeing an idle server, sends the first requests to heavy variants whose batches
         # hold every worker thread: the next tens of requests are shed. The rate over the last
         # few arrivals sees the burst within them; the larger of the two errs toward caution.
-        return max(smoothed, (RECENT_ARRIVALS - 1) / (now - self._recent[0]))
+        # Arrivals closer together than a quarter of the time constant are a batch (a client
+        # sending several at once), not a sustained rate of thousands a second.
+        span = max(now - self._recent[0], self.tau_s / 4)
+        return max(smoothed, (RECENT_ARRIVALS - 1) / span)
 
     def share_ms(self, now: float) -> float:
         """Compute per request (ms) the CPU left over can pay for at the arrival rate now."""

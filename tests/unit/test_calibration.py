@@ -113,8 +113,23 @@ def test_a_burst_shows_in_the_rate_within_its_first_arrivals() -> None:
     for _ in range(8):  # then 500 requests/s
         t += 0.002
         share.arrived(t)
-    assert share.rate(t) == pytest.approx(500, rel=0.01)
-    assert share.share_ms(t) == pytest.approx(2 * 0.7 * 1e3 / 500, rel=0.01)
+    # A quarter of τ is the shortest span it reads a rate over: 7 gaps in 25 ms at the most.
+    assert share.rate(t) == pytest.approx(7 / 0.025, rel=0.01)
+    assert share.share_ms(t) == pytest.approx(2 * 0.7 * 1e3 / 280, rel=0.01)
+    for _ in range(8):  # the burst goes on: the smoothed rate catches up
+        t += 0.002
+        share.arrived(t)
+    for _ in range(200):
+        t += 0.002
+        share.arrived(t)
+    assert share.rate(t) == pytest.approx(500, rel=0.05)
+
+
+def test_a_batch_sent_at_once_is_not_a_rate_of_thousands() -> None:
+    share = CpuShare(tau_s=0.1, headroom=0.7, cores=2)
+    for i in range(8):  # 8 requests within 0.7 ms, then nothing
+        share.arrived(10.0 + i * 1e-4)
+    assert share.rate(10.001) <= 7 / 0.025
 
 
 def test_a_quiet_interval_teaches_nothing_about_the_cpu_a_request_costs() -> None:
