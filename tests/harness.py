@@ -3,7 +3,7 @@ keep what they measured for the docs (`write_measurement`).
 
 The server is the product's own (`server.app.create_server` on 127.0.0.1, any free port), with its
 event loop in a daemon thread, so a test talks to it through the real client library over real
-gRPC and stops it on exit.
+gRPC and stops it on exit. `scraped_total` reads a counter off any server's /metrics over HTTP.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import contextlib
 import json
 import os
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from compression.core.family import Family
 from server.app import AdaptiveServer, create_server
@@ -35,6 +38,15 @@ def write_measurement(key: str, **figures: Any) -> None:
     MEASURED.mkdir(parents=True, exist_ok=True)
     (MEASURED / f"{key}.json").write_text(
         json.dumps({**figures, "host": host_info()}, indent=2, default=str) + "\n")
+
+
+def scraped_total(metrics_port: int, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``, from the /metrics of the
+    server on 127.0.0.1:``metrics_port``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                  timeout=5).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @dataclass

@@ -18,7 +18,6 @@ import os
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,12 @@ import numpy as np
 import pytest
 import yaml
 from deploy_checks import K8S, cpu_cores, docker_run_spec
-from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, AdaptiveError
 from client.cli import PORT_ENV
 from client.synthetic import SHAPE, serving_family_at
 from tests.container.localdocker import LocalDocker
+from tests.harness import scraped_total
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(2400)]
 
@@ -49,10 +48,7 @@ def _free_ports(n: int) -> list[int]:
 
 def _answered(metrics_port: int) -> float:
     """A replica's own count of requests it answered OK."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                  timeout=5).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "adaptive_requests_total" and s.labels.get("status") == "OK")
+    return scraped_total(metrics_port, "adaptive_requests_total", status="OK")
 
 
 def _until(what: str, ok: Any, timeout: float = 120) -> None:

@@ -7,26 +7,22 @@ from __future__ import annotations
 
 import logging
 import threading
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, AdaptiveError
 from client.process import METRICS, SERVING, ServerProcess
 from client.synthetic import SHAPE
+from tests.harness import scraped_total
 
 log = logging.getLogger(__name__)
 
 
 def _answered(metrics_port: int) -> float:
     """This server's count of requests it answered OK."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                  timeout=5).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "adaptive_requests_total" and s.labels.get("status") == "OK")
+    return scraped_total(metrics_port, "adaptive_requests_total", status="OK")
 
 
 def test_round_robin_spreads_over_two_servers_and_survives_losing_one(

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from client import AdaptiveClient, BudgetExceeded, Throttled
 from client.loadgen import THROTTLED, BudgetSpec, RunConfig, fixed_images, run_open_loop
 from client.results import summarize_run
 from client.synthetic import SHAPE
 from client.throttle import ThrottleConfig
-from tests.harness import RunningServer, serve_in_thread
+from tests.harness import RunningServer, scraped_total, serve_in_thread
 
 CALLS = 400
 TOO_TIGHT_MS = 0.001  # no candidate fits: the router sheds every request at once
@@ -26,9 +24,7 @@ TOO_TIGHT_MS = 0.001  # no candidate fits: the router sheds every request at onc
 
 def _handled(server: RunningServer) -> float:
     """Requests the server's handler has counted, whatever their status."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "adaptive_requests_total")
+    return scraped_total(server.server.metrics_port, "adaptive_requests_total")
 
 
 def _send(client: AdaptiveClient, x: np.ndarray) -> collections.Counter[str]:
