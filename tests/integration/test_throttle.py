@@ -28,10 +28,14 @@ def _handled(server: RunningServer) -> float:
 
 
 def _send(client: AdaptiveClient, x: np.ndarray) -> collections.Counter[str]:
+    """``CALLS`` requests the server sheds. The gRPC deadline is long and the channel connected
+    first, so every BudgetExceeded is the server's refusal, never the client's own deadline
+    (2 x budget + 50 ms by default: a slow first connection could pass it unseen by the server)."""
+    client.wait_ready(timeout=30)
     outcomes: collections.Counter[str] = collections.Counter()
     for _ in range(CALLS):
         try:
-            client.infer(x, budget_ms=TOO_TIGHT_MS)
+            client.infer(x, budget_ms=TOO_TIGHT_MS, timeout=10)
             outcomes["answered"] += 1
         except Throttled:
             outcomes["throttled"] += 1
