@@ -79,8 +79,8 @@ from typing import Any
 
 import numpy as np
 
+from client.budgets import BudgetSpec
 from client.loadgen import (
-    BudgetSpec,
     Record,
     RunConfig,
     RunOutput,

@@ -59,9 +59,9 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.budgets import BudgetSpec
 from client.client import AdaptiveClient
 from client.loadgen import (
-    BudgetSpec,
     Phase,
     Record,
     RunConfig,

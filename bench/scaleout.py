@@ -10,7 +10,8 @@ letting every request miss).
 
 ``--flags '--backlog 8'`` (repeatable) ramps one more server per worker count with those serve
 flags; ``--client-throttle`` ramps the default-flags server once more with the load generator
-throttling itself as `AdaptiveClient` does by default (`client/throttle.py`); ``--server-cpus 0
+throttling itself as `AdaptiveClient` does by default (`client/throttle.py`), or once per
+``--throttle 'threshold=0.9'`` (other settings of the throttle, in the same run); ``--server-cpus 0
 --client-cpus 1`` pins the server and the load generator apart (on a small host the clients would
 otherwise take the server's cores).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shlex
 from pathlib import Path
@@ -30,14 +32,25 @@ from typing import Any
 # Siblings under bench/ (a script's own folder is on sys.path), not a package.
 from gpu import Clients, Run, open_figures, placement_images, start_server
 
-from client.loadgen import BudgetSpec, RunConfig
+from client.budgets import BudgetSpec
+from client.loadgen import RunConfig
 from client.process import cpu_set, spawning_on
 from client.results import host_info
 from client.throttle import ThrottleConfig
 from compression.core.family import load_family
+from server.errors import InvalidArgument
 
 BUDGET = "uniform:5:20"
 IMAGES = 8
+
+
+def throttle_config(setting: str) -> ThrottleConfig:
+    """``threshold=0.9,window_s=10`` → that `ThrottleConfig` (each value as its field's type)."""
+    defaults = ThrottleConfig()
+    values: dict[str, Any] = {}
+    for key, _, value in (kv.partition("=") for kv in setting.split(",")):
+        values[key] = type(getattr(defaults, key))(value)
+    return ThrottleConfig(**values)
 
 
 def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str],
@@ -48,7 +61,9 @@ def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str
     fam = load_family(family)
     data = placement_images(family, fam.input_shape)
     out: dict[str, Any] = {"workers": workers, "flags": shlex.join(flags),
-                           "client_throttle": throttle is not None, "steps": []}
+                           "client_throttle": throttle is not None,
+                           "throttle": dataclasses.asdict(throttle) if throttle else None,
+                           "steps": []}
     with contextlib.ExitStack() as stack:
         label = "-".join([f"w{workers}", *(f.strip("-") for f in flags),
                           *(["throttle"] if throttle else [])])
@@ -99,6 +114,9 @@ def main() -> None:
                     help="ramp the default-flags server a second time with the load generator "
                          "throttling itself as AdaptiveClient does by default "
                          "(client/throttle.py)")
+    ap.add_argument("--throttle", action="append", metavar="KEY=VALUE,...",
+                    help="with --client-throttle: ramp once per throttle setting instead of "
+                         "ThrottleConfig's defaults, e.g. 'threshold=0.9,window_s=10' (repeatable)")
     ap.add_argument("--server-cpus", help="pin the server's processes to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
                                           "(on a small host: the load generator then does not "
@@ -116,6 +134,11 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     workers = [int(w) for w in args.workers_list.split(",")]
     flag_sets = [shlex.split(f) for f in args.flags or [""]]
+    try:
+        labels = {throttle_config(setting): setting for setting in args.throttle or []}
+    except (AttributeError, TypeError, ValueError, InvalidArgument) as exc:  # unknown key, bad value
+        ap.error(f"--throttle: {exc}")
+    configs = list(labels) or [ThrottleConfig()]
     logs = args.logs or args.json.parent
     try:
         server_cpus, client_cpus = cpu_set(args.server_cpus), cpu_set(args.client_cpus)
@@ -135,10 +158,10 @@ def main() -> None:
 
                 # The product's defaults, both ends: the server's flags and AdaptiveClient's
                 # throttle (only the default-flags server is ramped a second time).
-                throttles = [None, *([ThrottleConfig()] if args.client_throttle and not flags
-                                     else [])]
+                throttles = [None, *(configs if args.client_throttle and not flags else [])]
                 for throttle in throttles:
-                    name = key + (" +client-throttle" if throttle else "")
+                    name = key + (" +client-throttle" if throttle else "") + (
+                        f" {labels[throttle]}" if throttle and args.throttle else "")
 
                     def phase(w: int = w, flags: list[str] = flags, name: str = name,
                               throttle: ThrottleConfig | None = throttle) -> None:

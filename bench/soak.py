@@ -36,7 +36,8 @@ import numpy as np
 import psutil
 
 from client import AdaptiveClient
-from client.loadgen import OK, BudgetSpec, RunConfig, closed_loop, fixed_images, run_open_loop, sequential_ms
+from client.budgets import BudgetSpec
+from client.loadgen import OK, RunConfig, closed_loop, fixed_images, run_open_loop, sequential_ms
 from client.process import LISTENING, SERVING, ServerProcess
 from client.results import host_info
 from compression.core.family import load_family

@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from client.budgets import BudgetSpec
 from client.client import AdaptiveClient
-from client.loadgen import BudgetSpec, Record, RunConfig, TestData, run_open_loop
+from client.loadgen import Record, RunConfig, TestData, run_open_loop
 from client.results import host_info, host_span, summarize_run, write_records_csv
 from client.throttle import ThrottleConfig
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from client.budgets import BudgetSpec
 from client.loadgen import (
     OK,
-    BudgetSpec,
     Phase,
     Record,
     RunConfig,

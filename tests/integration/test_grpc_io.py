@@ -1,14 +1,17 @@
-"""``serve --grpc-io``: which threads of a server process read its sockets (`server.grpc_io`).
+"""``--grpc-io``: which threads of a process read its sockets (`server.grpc_io`), a server's
+(``serve``) and a load generator's (``bench``).
 
 With ``poller`` (the default) gRPC's asyncio poller thread reads them itself and gRPC's
-``event_engine`` thread pool stays idle while calls are answered; with ``event-engine`` (gRPC's
+``event_engine`` thread pool stays idle while calls go through; with ``event-engine`` (gRPC's
 own default) that pool reads every connection. Seen from outside, through the context switches
 Linux counts per thread. (What it saves is measured by `bench/ceiling.py` and `bench/overhead.py`.)
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from client import AdaptiveClient
 from client.process import SERVING, ServerProcess
 from client.synthetic import SHAPE
 from server import grpc_io
+from tests.harness import RunningServer, scraped_total
 
 CALLS = 300
 
@@ -70,3 +74,38 @@ def test_the_default_reads_sockets_on_the_poller_thread_not_the_event_engine_poo
         assert per_call > 2.0, f"{per_call:.2f} pool thread switches per call"
     else:
         assert per_call < 1.0, f"{per_call:.2f} pool thread switches per call"
+
+
+@pytest.mark.parametrize("flags, pool_reads", [([], False),
+                                               (["--grpc-io", "event-engine"], True)],
+                         ids=["default", "event-engine"])
+def test_the_load_generator_reads_its_connections_on_the_poller_thread_by_default(
+        server: RunningServer, serving_family: Path, flags: list[str], pool_reads: bool,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`adaptive-inference bench` makes the same choice for its channels as `serve` for its
+    listener; its pool's switches are counted per request the server answered meanwhile."""
+    monkeypatch.delenv(grpc_io.ENV, raising=False)  # `bench` has to make the setting itself
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "bench", "--target", server.target, "--rate", "200",
+         "--duration", "8", "--family", str(serving_family), "--data", "random", "--no-plots",
+         "--out", str(tmp_path), "-q", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def answered() -> float:
+            return scraped_total(server.server.metrics_port, "adaptive_requests_total")
+
+        start, deadline = answered(), time.monotonic() + 60
+        while answered() < start + 50:  # sending: started up and connected
+            assert bench.poll() is None and time.monotonic() < deadline, "bench never sent"
+            time.sleep(0.1)
+        before, n0 = _pool_switches(bench.pid), answered()
+        time.sleep(2.0)
+        per_request = (_pool_switches(bench.pid) - before) / max(answered() - n0, 1)
+    finally:
+        bench.kill()
+        bench.wait(timeout=30)
+    # Measured: about 4 switches per request read by the pool, 0.4 by the poller thread.
+    if pool_reads:
+        assert per_request > 2.0, f"{per_request:.2f} pool thread switches per request"
+    else:
+        assert per_request < 1.0, f"{per_request:.2f} pool thread switches per request"

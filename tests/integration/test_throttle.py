@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from client import AdaptiveClient, BudgetExceeded, Throttled
-from client.loadgen import THROTTLED, BudgetSpec, RunConfig, fixed_images, run_open_loop
+from client.budgets import BudgetSpec
+from client.loadgen import THROTTLED, RunConfig, fixed_images, run_open_loop
 from client.results import summarize_run
 from client.synthetic import SHAPE
 from client.throttle import ThrottleConfig

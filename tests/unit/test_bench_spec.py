@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.loadgen import DROPPED, BudgetSpec, Record, RunConfig, parse_rates
+from client.budgets import BudgetSpec, parse_rates
+from client.loadgen import DROPPED, Record, RunConfig
 from client.results import read_records, summarize_run, write_records_csv
 
 

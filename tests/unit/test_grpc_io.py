@@ -13,7 +13,7 @@ import pytest
 
 from server import grpc_io
 from server.errors import InvalidArgument
-from server.grpc_io import ENV, configure, experiments
+from server.grpc_io import CLIENT, ENV, LISTENER, configure, experiments
 
 
 def test_poller_switches_the_event_engine_listener_off() -> None:
@@ -26,6 +26,14 @@ def test_an_operators_other_experiments_are_kept_and_a_conflicting_entry_replace
     assert experiments("poller", " event_engine_listener , tcp_rcv_lowat,") == \
         "tcp_rcv_lowat,-event_engine_listener"
     assert experiments("event-engine", "-event_engine_listener,tcp_rcv_lowat") == "tcp_rcv_lowat"
+
+
+def test_a_client_process_switches_its_channels_over_and_keeps_the_listener_entry() -> None:
+    assert experiments("poller", None, CLIENT) == "-event_engine_client"
+    assert experiments("event-engine", "-event_engine_client", CLIENT) == ""
+    # `serve`'s entry for the listener and the load generator's for its channels coexist
+    assert experiments("poller", experiments("poller", None, LISTENER), CLIENT) == \
+        "-event_engine_listener,-event_engine_client"
 
 
 def test_an_unknown_choice_is_refused_by_name() -> None:
