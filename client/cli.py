@@ -126,8 +126,8 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
 def _add_client_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-io", choices=GRPC_IO, default=ServeOptions.grpc_io,
                    help="which threads read this process's connections: poller: gRPC's asyncio "
-                        "poller thread itself (9-15%% less CPU per run, more left to a server on "
-                        "the same host); event-engine: gRPC's own default, its EventEngine thread "
+                        "poller thread itself (less CPU per request: more left to a server on the "
+                        "same host); event-engine: gRPC's own default, its EventEngine thread "
                         f"pool (default {ServeOptions.grpc_io})")
 
 

@@ -13,8 +13,8 @@ event loop. Where the bytes are read before that is gRPC core's choice:
 Measured in the same rounds on 2 cores: 4-6 % less server CPU per unary answer, 10 % less per
 stream answer, 5 % lower batch-1 latency (docs/serving.md, "Where gRPC reads the sockets").
 A client process has the same choice for its channels (EventEngine's client, ``CLIENT``): the
-CLI's load generators (``bench``, ``demo``) read theirs on the poller thread too, for 9-15 % less
-CPU per run; the client library leaves the choice to its process.
+CLI's load generators (``bench``, ``demo``) read theirs on the poller thread too (5-24 % less of
+their CPU per request, 2 rounds); the client library leaves the choice to its process.
 gRPC reads its experiments once, when it loads, so the choice is made through the environment
 (``GRPC_EXPERIMENTS``) before ``grpc`` is imported: the CLI calls `configure` before it imports
 the server, and `--workers`' forks inherit the loaded core. An operator's own
