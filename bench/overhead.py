@@ -74,7 +74,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "client.cli", "build", "configs/quick.toml",
                         "--out", str(family_dir), "--no-progress"], cwd=ROOT, check=True)
     fam = load_family(family_dir)
-    fastest = min(fam.variants.values(), key=lambda v: v.p50(1) if not v.exits else 1e9).name
+    fastest = fam.fastest().name
     x = np.random.default_rng(0).random((1, *fam.input_shape), dtype=np.float32)
     request = build_request(fam.name, x, variant=fastest, budget_ms=1000.0)
 

@@ -156,6 +156,11 @@ class Family:
             raise FamilyError(f"family {self.name!r} has no variant {name!r}; "
                               f"variants: {sorted(self.variants)}") from None
 
+    def fastest(self, batch: int = 1) -> Variant:
+        """The variant without early exits whose build-time p50 at ``batch`` is the lowest (what
+        the benchmarks pin to measure the serving path rather than a model)."""
+        return min((v for v in self.variants.values() if not v.exits), key=lambda v: v.p50(batch))
+
     def graph(self, name: str) -> onnx.ModelProto:
         """The variant's dense ONNX graph, decoding encoded weights into its skeleton if needed."""
         v = self.variant(name)

@@ -17,6 +17,7 @@ from compression.core.errors import FamilyError
 from compression.core.family import (
     SCHEMA_VERSION,
     Exit,
+    Family,
     Variant,
     load_family,
     variant_to_json,
@@ -48,6 +49,21 @@ def test_built_family_loads_and_serves(quick_family: Path) -> None:
     assert full.size_bytes == sum(a.bytes for a in full.artifacts)
     logits = export.run(session(fam.graph("full")), np.zeros((3, *fam.input_shape), np.float32))
     assert logits.shape == (3, fam.num_classes)
+
+
+def test_the_fastest_variant_is_the_lowest_p50_without_early_exits(tmp_path: Path) -> None:
+    def variant(name: str, ms: float, exits: list[Exit] | None = None) -> Variant:
+        table = {str(b): {"p50": ms * b, "p95": 1.2 * ms * b} for b in (1, 8)}
+        return Variant(name=name, method=name, params={}, artifacts=[], accuracy=0.9,
+                       params_count=0, macs=0, size_bytes=0, latency_ms=table, exits=exits)
+
+    exits = [Exit(index=0, accuracy=0.9, latency_ms={"1": {"p50": 0.01, "p95": 0.01}},
+                  threshold=0.9, exit_share=0.5)]
+    variants = [variant("full", 1.0), variant("distilled", 0.2),
+                variant("early-exit", 0.05, exits)]  # faster still, but routed by its exits
+    fam = Family(tmp_path, "f", {}, {v.name: v for v in variants})
+    assert fam.fastest().name == "distilled"
+    assert fam.fastest(8).name == "distilled"
 
 
 def test_tampered_artifact_is_refused(family_copy: Path) -> None:
