@@ -115,8 +115,8 @@ class Batcher:
     """A variant's queue and its batching loop; `submit` from the event loop."""
 
     def __init__(self, name: str, execute: Execute, executor: Executor, costs: Costs, *,
-                 clock: Clock, settings: Settings = Settings(), listener: Listener | None = None
-                 ) -> None:
+                 clock: Clock, settings: Settings = Settings(), listener: Listener | None = None,
+                 in_pool: set[Batcher] | None = None) -> None:
         self.name = name
         self._execute = execute
         self._executor = executor
@@ -137,6 +137,10 @@ class Batcher:
         self._started_at: float | None = None  # when a worker thread began it (None: waiting)
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Shared with the engine's other CPU lanes: the batchers with a batch in the pool now, so
+        # the engine counts `executing` over those few instead of asking every lane twice per
+        # request (most batches of a small model run inline and never enter it).
+        self._in_pool = in_pool if in_pool is not None else set()
 
     # --- the router's view (a `QueueView`, read live: no snapshot per request) -----------------
 
@@ -269,6 +273,7 @@ class Batcher:
         """Run a batch in the worker thread pool and answer its requests."""
         t0 = self._clock()
         self._running, self._started_at = n, None
+        self._in_pool.add(self)
         call = loop.run_in_executor(self._executor, self._run, items)
         timeout = self._costs.timeout_s(n)
         if timeout is not None:
@@ -285,6 +290,7 @@ class Batcher:
                 self._fail(items, VariantFailed(self.name, f"{type(exc).__name__}: {exc}"))
         finally:
             self._running = 0
+            self._in_pool.discard(self)
             if self._watch is not None:
                 self._watch.cancel()
                 self._watch = None

@@ -149,7 +149,7 @@ class Engine:
                              lane_max_queue={n: ln.settings.max_queue
                                              for n, ln in self.lanes.items()})
         self.batchers: dict[str, Batcher] = {}
-        self._cpu_batchers: tuple[Batcher, ...] = ()  # the CPU lanes' batchers, which `load` counts
+        self._cpu_in_pool: set[Batcher] = set()  # CPU lanes with a batch in the pool (`load`)
         self.faults = faults
         self.breaker = Breaker(Quarantine(base_s=settings.quarantine_s,
                                           max_s=settings.quarantine_max_s), self._probe, metrics)
@@ -205,12 +205,11 @@ class Engine:
             self.runners = self.faults.wrap(self.runners)
             self.faults.arm()
         for name, lane in self.lanes.items():
-            self.batchers[name] = Batcher(name, self._executor_for(name), lane.executor,
-                                          _LaneCosts(self, name), clock=self.clock,
-                                          settings=lane.settings, listener=self)
+            self.batchers[name] = Batcher(
+                name, self._executor_for(name), lane.executor, _LaneCosts(self, name),
+                clock=self.clock, settings=lane.settings, listener=self,
+                in_pool=self._cpu_in_pool if lane.device == CPU else None)
             self.batchers[name].start()
-        self._cpu_batchers = tuple(b for name, b in self.batchers.items()
-                                   if self.lanes[name].device == CPU)
 
     async def stop(self) -> None:
         self.breaker.stop()
@@ -235,7 +234,7 @@ class Engine:
         host = self.monitor.latest
         accel = self.accelerator
         return Load(cores=host.cores, cpu_other=host.cpu_other,
-                    executing=sum(1 for b in self._cpu_batchers if b.executing),
+                    executing=sum(1 for b in self._cpu_in_pool if b.executing),
                     threads=self.threads, queues=self.batchers,
                     accel_threads=accel.threads if accel is not None else 1,
                     accel_slowdown=self._accel_slowdown)

@@ -176,6 +176,8 @@ class Router:
                 self._deepest[c.lane] = c
         self.devices = sorted({c.device for c in self.candidates})
         self._ranked = self.candidates
+        # pin → its candidates, in rank order: only pins that name some, so bounded by the family
+        self._pinned: dict[str, list[Candidate]] = {}
         self.rerank()
 
     def rerank(self) -> None:
@@ -186,6 +188,7 @@ class Router:
         self._ranked = sorted(self.candidates, key=lambda c: (
             -c.accuracy, c.device == CPU, self.latency.sum_ms(c.units, 1)[0] if all(
                 u in self.latency for u in c.units) else 0.0, c.name))
+        self._pinned.clear()
 
     def candidate(self, name: str) -> Candidate:
         return self._by_name[name]
@@ -450,14 +453,18 @@ class Router:
     def _pool(self, pin: str | None) -> list[Candidate]:
         if not pin:
             return self._ranked
+        pool = self._pinned.get(pin)
+        if pool is not None:
+            return pool
         if pin.startswith(_CPU_PREFIX):  # "cpu:full": the variant's CPU lane only
             bare = pin[len(_CPU_PREFIX):]
             pool = [c for c in self._ranked if c.device == CPU and bare in (c.variant, c.name)]
         else:
             pool = [c for c in self._ranked if pin in (c.variant, c.lane)]
         if not pool and pin in self._by_name:
-            return [self._by_name[pin]]
+            pool = [self._by_name[pin]]
         if not pool:
             raise NotFound(f"model_version {shown(pin)}: no such variant; variants: "
                            f"{sorted({c.variant for c in self.candidates})}")
+        self._pinned[pin] = pool  # callers filter it into new lists, never change it
         return pool

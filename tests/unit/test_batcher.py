@@ -87,6 +87,34 @@ def test_requests_queued_behind_a_running_batch_share_the_next_one() -> None:
     _run(test)
 
 
+def test_a_batch_counts_in_the_shared_pool_set_exactly_while_it_is_dispatched() -> None:
+    """The engine reads `executing` over the batchers in this set (its load, twice a request):
+    a batch joins it when handed to the pool and leaves once it returned, failed or not."""
+    runner = FakeRunner(hold_first=True)
+    in_pool: set[Batcher] = set()
+
+    async def test(pool: ThreadPoolExecutor) -> None:
+        b = Batcher("v", runner, pool, FakeCosts(), clock=time.monotonic, in_pool=in_pool)
+        idle = Batcher("w", runner, pool, FakeCosts(), clock=time.monotonic, in_pool=in_pool)
+        b.start()
+        idle.start()
+        assert in_pool == set()
+        first = asyncio.create_task(b.submit(_x(), deadline=None))
+        await _until_started(runner)
+        assert in_pool == {b} and b.executing and not idle.executing
+        runner.release.set()
+        await first
+        assert in_pool == set() and not b.executing
+        runner.fail = True
+        with pytest.raises(Exception, match="runner broke"):
+            await b.submit(_x(), deadline=None)
+        assert in_pool == set()
+        await b.stop()
+        await idle.stop()
+
+    _run(test)
+
+
 class InlineCosts(FakeCosts):
     """A variant small enough that every batch runs on the event loop."""
 
