@@ -492,7 +492,9 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
             steps = " · ".join(f"{s['offered_rps']:g}/s → {100 * (s['attainment'] or 0):.0f}% "
                                f"({s['goodput_rps']:.0f}/s)" for s in r.get("steps", []))
             share = r.get("goodput_at_2x_share_of_peak")
-            client = ("throttled (`AdaptiveClient`'s default)" if r.get("client_throttle")
+            label = key.partition("+client-throttle")[2].strip()  # scaleout.py --throttle
+            client = (f"throttled, `{label}`" if label else
+                      "throttled (`AdaptiveClient`'s default)" if r.get("client_throttle")
                       else "sends every request")
             rows.append([str(r.get("workers", key)), f"`{r['flags']}`" if r.get("flags") else
                          "defaults", client,
@@ -509,8 +511,10 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
             "the request's budget; goodput = answers inside their budget per second. Target: "
             "goodput at twice the rate of the peak ≥ 90 % of the peak. *client*: whether the load "
             "generator throttles itself as `AdaptiveClient` does by default (`client/throttle.py`: "
-            "past 5 % refused, a matching share of new requests is refused in the client; those "
-            "count as misses) or sends every request, as a client without a throttle does."
+            "past 5 % refused, a share of new requests is refused in the client, steered on the "
+            "refusals that are load's; those count as misses), with other throttle settings "
+            "(`gain=0`: Envoy's formula alone), or sends every request, as a client without a "
+            "throttle does."
             f"{pinned}\n\n"
             + markdown_table(["workers", "flags", "client", "peak goodput", "goodput at 2x ÷ peak",
                               "offered → in budget (goodput)"], rows) + "\n")

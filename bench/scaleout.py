@@ -45,8 +45,11 @@ IMAGES = 8
 
 
 def throttle_config(setting: str) -> ThrottleConfig:
-    """``threshold=0.9,window_s=10`` → that `ThrottleConfig` (each value as its field's type)."""
+    """``threshold=0.9,window_s=10`` → that `ThrottleConfig` (each value as its field's type);
+    ``default`` → the defaults."""
     defaults = ThrottleConfig()
+    if setting == "default":
+        return defaults
     values: dict[str, Any] = {}
     for key, _, value in (kv.partition("=") for kv in setting.split(",")):
         values[key] = type(getattr(defaults, key))(value)
@@ -116,7 +119,8 @@ def main() -> None:
                          "(client/throttle.py)")
     ap.add_argument("--throttle", action="append", metavar="KEY=VALUE,...",
                     help="with --client-throttle: ramp once per throttle setting instead of "
-                         "ThrottleConfig's defaults, e.g. 'threshold=0.9,window_s=10' (repeatable)")
+                         "ThrottleConfig's defaults, e.g. 'threshold=0.9,window_s=10' "
+                         "(repeatable; 'default': the defaults, beside other settings)")
     ap.add_argument("--server-cpus", help="pin the server's processes to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
                                           "(on a small host: the load generator then does not "
@@ -160,8 +164,9 @@ def main() -> None:
                 # throttle (only the default-flags server is ramped a second time).
                 throttles = [None, *(configs if args.client_throttle and not flags else [])]
                 for throttle in throttles:
+                    label = labels.get(throttle, "default") if throttle else "default"
                     name = key + (" +client-throttle" if throttle else "") + (
-                        f" {labels[throttle]}" if throttle and args.throttle else "")
+                        "" if label == "default" else f" {label}")
 
                     def phase(w: int = w, flags: list[str] = flags, name: str = name,
                               throttle: ThrottleConfig | None = throttle) -> None:

@@ -174,7 +174,17 @@ def error_from(exc: grpc.RpcError) -> AdaptiveError:
         details = ("the server refused the call before reading it: its backlog of unread calls "
                    "was full (serve --backlog) or it was stopping; retry after a back-off or on "
                    "another replica")
-    return from_code(code.name, details or code.name)
+    return from_code(code.name, details or code.name, refusal_of(exc))
+
+
+def refusal_of(exc: grpc.RpcError) -> str | None:
+    """The cause a refused call's trailers give (`wire.REFUSAL_KEY`: load or the budget); None
+    when it gave none (not a refusal, or a server that does not say)."""
+    trailers = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailers() if callable(trailers) else None) or ():
+        if key == wire.REFUSAL_KEY:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return None
 
 
 def service_config(load_balancing: str | None, retry_unavailable: bool = True) -> str:
@@ -263,8 +273,11 @@ class AdaptiveClient:
         req = build_request(self.model, x, budget_ms=budget_ms, variant=variant,
                             input_name=self._input_name)
         throttle = self.throttle
-        if throttle is not None and not throttle.admit():
-            raise throttle.refusal()
+        sent_at = None
+        if throttle is not None:
+            if not throttle.admit():
+                raise throttle.refusal()
+            sent_at = throttle.now()
         t0 = time.perf_counter()
         try:
             resp = self._next().ModelInfer(req, timeout=deadline_s(budget_ms, timeout),
@@ -272,10 +285,10 @@ class AdaptiveClient:
         except grpc.RpcError as exc:
             err = error_from(exc)
             if throttle is not None:
-                throttle.record_status(err.code)
+                throttle.record_status(err.code, err.refusal, sent_at=sent_at)
             raise err from None
         if throttle is not None:
-            throttle.record(True)
+            throttle.record(True, sent_at=sent_at)
         return parse_response(resp, (time.perf_counter() - t0) * 1e3)
 
     def infer_stream(self, batches: Iterable[np.ndarray], budget_ms: float | None = None,
@@ -323,7 +336,8 @@ class AdaptiveClient:
                 if answer.error_message:
                     p = resp.parameters
                     code = p[wire.STATUS_PARAM].string_param if wire.STATUS_PARAM in p else ""
-                    yield from_code(code or "UNKNOWN", answer.error_message)
+                    refusal = p[wire.REFUSAL_KEY].string_param if wire.REFUSAL_KEY in p else None
+                    yield from_code(code or "UNKNOWN", answer.error_message, refusal)
                 else:
                     yield parse_response(resp, latency_ms)
         except grpc.RpcError as exc:

@@ -37,7 +37,7 @@ import grpc
 import numpy as np
 
 from client.budgets import BudgetSpec
-from client.client import AdaptiveClient, build_request, deadline_s, parse_response
+from client.client import AdaptiveClient, build_request, deadline_s, parse_response, refusal_of
 from client.throttle import AdaptiveThrottle, ThrottleConfig
 from protos import wire
 from protos.generated import grpc_service_pb2_grpc
@@ -257,8 +257,9 @@ async def _open_loop(target: str, model: str, data: TestData,
                       scheduled: float) -> None:
             stub = next(turn)
             x = data.x[start:start + cfg.images]
-            status, cand, correct = OK, None, None
+            status, cand, correct, refusal = OK, None, None, None
             lags.append((loop.time() - scheduled) * 1e3)
+            sent_at = throttle.now() if throttle is not None else None
             t0 = time.perf_counter()
             try:
                 resp = await stub.ModelInfer(
@@ -271,13 +272,13 @@ async def _open_loop(target: str, model: str, data: TestData,
                     correct = int((r.classes == data.y[start:start + cfg.images]).sum())
             except grpc.aio.AioRpcError as exc:
                 latency = (time.perf_counter() - t0) * 1e3
-                status = exc.code().name
+                status, refusal = exc.code().name, refusal_of(exc)
             except Exception:  # a malformed answer: still one request, counted as an error
                 latency = (time.perf_counter() - t0) * 1e3
                 status = CLIENT_ERROR
                 log.exception("load: request failed in the client")
             if throttle is not None:
-                throttle.record_status(status)
+                throttle.record_status(status, refusal, sent_at=sent_at)
             rec = Record(index, budget, status, cand, latency, correct, len(x))
             records.append(rec)
             state.inflight -= 1

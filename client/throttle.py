@@ -21,22 +21,38 @@ threshold 95 %, 30 s window, rejection at most 80 %), not fitted to any figure h
 ``min_requests`` (100) is ours: Envoy's filter sits in a proxy that sees many clients' traffic,
 a client library may send three requests.
 
+That formula settles where a refused share remains: at twice the server's capacity a third of
+what is sent, ~0.45 of an answer's CPU each, so the server answers ~80 % of its peak. So the
+client also *steers* on the refusals that are load's: once per ``interval_s`` (with at least
+`STEP_OUTCOMES` outcomes since the last step) it moves the logarithm of the share it sends by
+``gain`` × (the share refused for load − (1 − ``threshold``)), and what it sends settles where
+5 % is refused whatever the overload. The interval makes the burst of refusals at an overload's
+onset (requests sent before the client could react) one step, not a cut each; ``max_reject``
+bounds it too. Load's refusals are those the server marks so (trailer `wire.REFUSAL_KEY`) and
+deadlines that passed without a word from it (the call waited unread, or was answered too
+late): an integral controller fed every failure — one dead replica of ten answering
+UNAVAILABLE, budgets no server could meet — would throttle to ``max_reject`` where the formula
+above keeps back at most the refused share. The client refuses the larger of the two shares.
+
 *Accepted* means the server answered. DEADLINE_EXCEEDED (shed by the router, or past the
 caller's deadline), RESOURCE_EXHAUSTED, UNAVAILABLE and CANCELLED (refused by ``serve
---backlog``) are the refusals; any other status (a malformed request, a bug) says nothing about
-load and counts as accepted. Pure Python with an injectable clock and random source, so tests
-drive it without a server or time passing.
+--backlog``) are the refusals — unless the server says the budget was at fault (`wire.BUDGET`:
+below every variant's compute on an idle server), which no throttling would mend; any other
+status (a malformed request, a bug) says nothing about load and counts as accepted. Pure Python
+with an injectable clock and random source, so tests drive it without a server or time passing.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from protos.wire import BUDGET, LOAD
 from server.errors import InvalidArgument, Throttled
 
 # Status code names that say the server is overloaded or gone.
@@ -53,13 +69,19 @@ class ThrottleConfig:
     # Outcomes the window must hold before the client refuses anything: a few errors of a client
     # that sends little say nothing about load (and such a client cannot overload a server).
     min_requests: int = 100
+    # Steering on the refusals the server marks as load's: at most one step per interval, each
+    # moving log(share sent) by gain × (load-refused share − (1 − threshold)).
+    interval_s: float = 0.1
+    gain: float = 0.5
 
     def __post_init__(self) -> None:
         for name, value, ok, rule in (
                 ("threshold", self.threshold, 0 < self.threshold <= 1, "a share in (0, 1]"),
                 ("window_s", self.window_s, self.window_s > 0, "seconds, more than 0"),
                 ("max_reject", self.max_reject, 0 <= self.max_reject <= 1, "a share in [0, 1]"),
-                ("min_requests", self.min_requests, self.min_requests >= 0, "0 or more")):
+                ("min_requests", self.min_requests, self.min_requests >= 0, "0 or more"),
+                ("interval_s", self.interval_s, self.interval_s > 0, "seconds, more than 0"),
+                ("gain", self.gain, self.gain >= 0, "0 (no steering) or more")):
             if not ok:
                 raise InvalidArgument(f"throttle {name} {value!r}: {rule}")
 
@@ -76,6 +98,11 @@ class AdaptiveThrottle:
     """
 
     BUCKETS = 30
+    STEP_OUTCOMES = 20  # a steering step needs this many outcomes since the last one
+    # A step on fewer refusals than the target also takes this share of the way back to sending
+    # everything: the cut at an overload's onset is too deep (the server still drains what came
+    # before it), and gain × 5 % a step alone would take seconds to undo it.
+    RECOVERY = 0.1
 
     def __init__(self, config: ThrottleConfig | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
@@ -89,6 +116,13 @@ class AdaptiveThrottle:
         self.requests = 0
         self.accepts = 0
         self.rejected = 0  # refused locally since the throttle was made (not windowed)
+        # Steering: log of the share sent, and the outcomes since its last step.
+        floor = 1.0 - self.config.max_reject
+        self._log_floor = math.log(floor) if floor > 0 else -math.inf
+        self.log_share = 0.0
+        self._steered_at = -math.inf
+        self._outcomes = 0
+        self._load_refused = 0
         self._lock = threading.Lock()  # `AdaptiveClient` may be shared by threads
 
     def _current(self) -> list[int]:
@@ -101,6 +135,10 @@ class AdaptiveThrottle:
             self._slices.append([now, 0, 0])
         return self._slices[-1]
 
+    def now(self) -> float:
+        """This throttle's clock: what ``sent_at`` is read from."""
+        return self._clock()
+
     def reject_probability(self) -> float:
         """The share of new requests refused locally now."""
         with self._lock:
@@ -108,10 +146,13 @@ class AdaptiveThrottle:
 
     def _probability(self) -> float:
         self._current()
-        if self.requests < self.config.min_requests:
+        cfg = self.config
+        if self.requests < cfg.min_requests:
             return 0.0
-        p = (self.requests - self.accepts / self.config.threshold) / (self.requests + 1)
-        return min(max(p, 0.0), self.config.max_reject)
+        p = (self.requests - self.accepts / cfg.threshold) / (self.requests + 1)
+        if self.log_share < 0.0 and self._clock() - self._steered_at <= cfg.window_s:
+            p = max(p, 1.0 - math.exp(self.log_share))  # a step older than the window is moot
+        return min(max(p, 0.0), cfg.max_reject)
 
     def admit(self) -> bool:
         """False when the next request is to be refused locally instead of sent."""
@@ -122,8 +163,12 @@ class AdaptiveThrottle:
                 return False
             return True
 
-    def record(self, accepted: bool) -> None:
-        """The outcome of one sent request: answered (True) or refused by the server."""
+    def record(self, accepted: bool, *, load: bool = False, sent_at: float | None = None
+               ) -> None:
+        """The outcome of one sent request: answered (True) or refused by the server; ``load``:
+        refused, and the server said load refused it (what steering follows). ``sent_at``: when
+        it was sent, on this throttle's clock: steering ignores what was sent before its last
+        step (None: counts it)."""
         with self._lock:
             current = self._current()
             current[1] += 1
@@ -131,10 +176,37 @@ class AdaptiveThrottle:
             if accepted:
                 current[2] += 1
                 self.accepts += 1
+            if sent_at is not None and sent_at < self._steered_at:
+                return  # sent before the last step: its outcome says nothing about that step
+            self._outcomes += 1
+            self._load_refused += load and not accepted
+            now = self._clock()
+            if self._outcomes >= self.STEP_OUTCOMES and now - self._steered_at >= self.config.interval_s:
+                self._steer(now)
 
-    def record_status(self, code_name: str) -> None:
-        """``record`` from a gRPC status code name (``"OK"``, ``"DEADLINE_EXCEEDED"``, …)."""
-        self.record(code_name not in REFUSALS)
+    def _steer(self, now: float) -> None:
+        """One step of the share sent towards (1 − threshold) refused for load."""
+        cfg = self.config
+        if now - self._steered_at > cfg.window_s:
+            self.log_share = 0.0  # the last step is older than the window: start afresh
+        error = self._load_refused / self._outcomes - (1.0 - cfg.threshold)
+        log_share = self.log_share - cfg.gain * error
+        if error < 0.0:
+            log_share *= 1.0 - self.RECOVERY
+        self.log_share = min(max(log_share, self._log_floor), 0.0)
+        self._steered_at = now
+        self._outcomes = self._load_refused = 0
+
+    def record_status(self, code_name: str, refusal: str | None = None, *,
+                      sent_at: float | None = None) -> None:
+        """``record`` from a gRPC status code name (``"OK"``, ``"DEADLINE_EXCEEDED"``, …) and
+        the cause the server gave for a refusal (`wire.REFUSAL_KEY`; None: it gave none). A
+        budget no server could meet says nothing about load: it counts as accepted; a deadline
+        that passed without a word from the server is load's."""
+        refused = code_name in REFUSALS and refusal != BUDGET
+        self.record(not refused, load=refused and (
+            refusal == LOAD or (refusal is None and code_name == "DEADLINE_EXCEEDED")),
+            sent_at=sent_at)
 
     def refusal(self) -> Throttled:
         """The error for a request ``admit`` kept back: what the server did, what the client does."""

@@ -23,6 +23,14 @@ DEVICE_PARAM = "device"  # where it ran, when not the CPU: "cuda" (a GPU lane)
 # request would have failed with as a unary call ("DEADLINE_EXCEEDED"), so clients can type it.
 STATUS_PARAM = "status"
 
+# --- trailing metadata --------------------------------------------------------------------------
+# On a refused unary call: why, so a client steers its sending by what load refuses and not by
+# budgets no candidate could meet on an idle server (`client.throttle`). LOAD: shed for the wait
+# it would have had, expired queued or unread, or a full queue; BUDGET: below the fastest
+# candidate's own compute with nothing else running.
+REFUSAL_KEY = "adaptive-refusal"
+LOAD, BUDGET = "load", "budget"
+
 # --- limits -------------------------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 64 << 20  # gRPC send/receive limit on both sides
 MAX_REQUEST_BATCH = 4096  # samples in one request

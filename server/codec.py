@@ -140,8 +140,11 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
                                   f"none: the output is always the FP32 logits")
     x = _tensor(req, t, datatype, shape)
     _in_range(x, spec.input_range)
-    return Call(x=x, budget_ms=_budget(req, time_remaining_s, margin_ms),
-                pin=req.model_version or None, request_id=req.id, received=received)
+    stated = _stated(req)
+    budgets = [b for b in (stated, None if time_remaining_s is None else
+                           time_remaining_s * 1e3 - margin_ms) if b is not None]
+    return Call(x=x, budget_ms=min(budgets) if budgets else None, pin=req.model_version or None,
+                request_id=req.id, received=received, stated_ms=stated)
 
 
 def _tensor(req: pb.ModelInferRequest, t: pb.ModelInferRequest.InferInputTensor,
@@ -231,16 +234,17 @@ def _in_range(x: np.ndarray, bounds: tuple[float, float]) -> None:
                               f"{flat[first]!s}); send pixels scaled to that range")
 
 
-def _budget(req: pb.ModelInferRequest, time_remaining_s: float | None,
-            margin_ms: float) -> float | None:
+def _stated(req: pb.ModelInferRequest) -> float | None:
+    """The budget the request's parameters state, ms (None: none): unlike its gRPC deadline,
+    not shortened by time it waited before the server read it."""
+    params = req.parameters
+    if not params:
+        return None
     budgets: list[float] = []
-    if BUDGET_PARAM in req.parameters:
-        budgets.append(_positive(req.parameters[BUDGET_PARAM], BUDGET_PARAM))
-    if TIMEOUT_PARAM in req.parameters:
-        us = _positive(req.parameters[TIMEOUT_PARAM], TIMEOUT_PARAM)
-        budgets.append(us / 1e3)
-    if time_remaining_s is not None:
-        budgets.append(time_remaining_s * 1e3 - margin_ms)
+    if BUDGET_PARAM in params:
+        budgets.append(_positive(params[BUDGET_PARAM], BUDGET_PARAM))
+    if TIMEOUT_PARAM in params:
+        budgets.append(_positive(params[TIMEOUT_PARAM], TIMEOUT_PARAM) / 1e3)
     return min(budgets) if budgets else None
 
 

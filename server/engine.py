@@ -29,7 +29,7 @@ import numpy as np
 
 from compression.core.exits import Stages
 from compression.core.family import Family
-from protos.wire import CPU
+from protos.wire import BUDGET, CPU
 from server.batcher import Batcher, BatchOutput, Execute, Item
 from server.errors import AdaptiveError, BudgetExceeded, InternalError, Shed, VariantFailed
 from server.execute import graph_executor, stages_executor
@@ -57,6 +57,10 @@ class Call:
     pin: str | None  # model_version: a variant (or variant@exit) the client pinned
     request_id: str
     received: float | None = None  # clock seconds when the handler got it (None: at `infer`)
+    # The budget its parameters state, ms (None: only a gRPC deadline, or none): unlike
+    # ``budget_ms``, not shortened by a wait before decoding, so it tells a budget no idle
+    # server could meet from one that load ate (`Shed.refusal`).
+    stated_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,8 @@ class Engine:
         except Shed as exc:
             m.child(m.shed, model).inc()
             m.child(m.requests, model, variant, exc.code).inc()
+            if call.stated_ms is not None and call.stated_ms < exc.least_ms:
+                exc.refusal = BUDGET  # an idle server could not have met it either
             raise
         except AdaptiveError as exc:
             m.child(m.requests, model, variant, exc.code).inc()

@@ -9,11 +9,16 @@ Messages name the field and show the bad value with ``!r``.
 
 from __future__ import annotations
 
+from protos.wire import LOAD
+
 
 class AdaptiveError(Exception):
     """Base class: a request failed for a reason the caller can act on."""
 
     code = "UNKNOWN"
+    # A refusal's cause as the server tells clients (`wire.REFUSAL_KEY`): LOAD or BUDGET; None for
+    # what is not a refusal.
+    refusal: str | None = None
 
 
 class InvalidArgument(AdaptiveError):
@@ -32,6 +37,7 @@ class BudgetExceeded(AdaptiveError):
     """No candidate can finish inside the latency budget, or the deadline has passed."""
 
     code = "DEADLINE_EXCEEDED"
+    refusal: str | None = LOAD  # the deadline passed while it waited to be read or computed
 
 
 class Shed(BudgetExceeded):
@@ -39,12 +45,15 @@ class Shed(BudgetExceeded):
     the budget, so computing it would only delay requests that can."""
 
     def __init__(self, remaining_ms: float, candidate: str, wait_ms: float, compute_ms: float,
-                 overhead_ms: float, margin_ms: float) -> None:
+                 overhead_ms: float, margin_ms: float, *, least_ms: float = 0.0) -> None:
         # The message is written only when read: under overload most requests are shed, and
         # formatting six numbers costs more than the routing decision itself.
         super().__init__()
         self.remaining_ms, self.candidate = remaining_ms, candidate
         self.parts = (wait_ms, compute_ms, overhead_ms, margin_ms)
+        # The least compute of any candidate it could have had, uncontended: a budget the
+        # request stated below this is its own fault (the engine then says BUDGET), not load's.
+        self.least_ms = least_ms
 
     def __str__(self) -> str:
         wait, compute, overhead, margin = self.parts
@@ -58,12 +67,15 @@ class Overloaded(AdaptiveError):
     """A queue is full; retry later or with a larger budget."""
 
     code = "RESOURCE_EXHAUSTED"
+    refusal: str | None = LOAD
 
 
 class Throttled(Overloaded):
     """Refused by the client itself, never sent: the server has been refusing this client's
     requests, and the client's adaptive throttle (`client.throttle`) keeps a share of new ones
     off the wire until it answers again."""
+
+    refusal = None  # the client's own, not the server's word
 
 
 class Unavailable(AdaptiveError):
@@ -112,6 +124,9 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
 
 
-def from_code(code_name: str, message: str) -> AdaptiveError:
-    """The error class for a gRPC status code name (e.g. ``"NOT_FOUND"``), carrying ``message``."""
-    return _BY_CODE.get(code_name, AdaptiveError)(message)
+def from_code(code_name: str, message: str, refusal: str | None = None) -> AdaptiveError:
+    """The error class for a gRPC status code name (e.g. ``"NOT_FOUND"``), carrying ``message``
+    and ``refusal``, the cause the server gave for a refusal (None: it gave none)."""
+    err = _BY_CODE.get(code_name, AdaptiveError)(message)
+    err.refusal = refusal  # the server's word only, never the class's default
+    return err

@@ -306,7 +306,8 @@ class Router:
         cautious = wait > 0.0 and self.late_share[c.name] > pooled.target
         if self.on_miss == "best-effort" or predicted + (margin if cautious else 0.0) <= remaining:
             return Decision(c, wait, compute, overhead, margin, remaining, False, slowdown, now)
-        raise Shed(remaining, c.name, wait, compute, overhead, margin)
+        raise Shed(remaining, c.name, wait, compute, overhead, margin,
+                   least_ms=min(sum_ms(p.units, batch)[0] for p in pool))
 
     def _unbudgeted(self, pool: Sequence[Candidate], batch: int, slowdown: float, accel: float,
                     overhead: float, share: float, now: float) -> Decision:

@@ -158,6 +158,11 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
+def _refusal(exc: BaseException) -> str | None:
+    """What refused the call, load or its budget (`wire.REFUSAL_KEY`); None: not a refusal."""
+    return exc.refusal if isinstance(exc, AdaptiveError) else None
+
+
 T = TypeVar("T")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]
 
@@ -176,7 +181,9 @@ def _mapped(fn: Handler[T]) -> Handler[T]:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             code, details = _status(exc)
-            await context.abort(code, details)
+            refusal = _refusal(exc)
+            await context.abort(code, details, () if refusal is None else
+                                ((wire.REFUSAL_KEY, refusal),))
             raise AssertionError("unreachable") from None  # abort() always raises
     return wrapper
 
@@ -245,6 +252,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 echo = (pb.ModelInferResponse() if isinstance(request, Malformed) else
                         pb.ModelInferResponse(model_name=request.model_name, id=request.id))
                 echo.parameters[wire.STATUS_PARAM].string_param = code.name
+                if (refusal := _refusal(exc)) is not None:
+                    echo.parameters[wire.REFUSAL_KEY].string_param = refusal
                 return pb.ModelStreamInferResponse(error_message=details, infer_response=echo)
 
         async with contextlib.aclosing(ordered(

@@ -196,6 +196,25 @@ def test_nothing_fits_sheds_at_once_with_deadline_exceeded(clock: FakeClock) -> 
     assert r.choose(deadline=None, batch=1, load=jammed).candidate.name == "slow"
 
 
+def test_a_shed_carries_the_least_compute_any_of_its_candidates_would_have_taken(
+        clock: FakeClock) -> None:
+    """What tells load from a budget no idle server could meet (the engine compares it with the
+    budget the request stated): the fastest candidate's own compute, uncontended, whatever the
+    queues — 1 ms for `fast`; 10 ms when the request pinned `slow`."""
+    r = _router(VARIANTS, clock, max_batch=8)
+    with pytest.raises(Shed) as caught:
+        r.choose(deadline=clock.deadline_in(0.5), batch=1, load=IDLE)
+    assert caught.value.least_ms == pytest.approx(1.0)
+    jammed = Load(cores=4, threads=4, queues={v.name: QueueState(queued=64, running=8)
+                                             for v in VARIANTS})
+    with pytest.raises(Shed) as caught:
+        r.choose(deadline=clock.deadline_in(5.0), batch=1, load=jammed)
+    assert caught.value.least_ms == pytest.approx(1.0) and caught.value.refusal == "load"
+    with pytest.raises(Shed) as caught:
+        r.choose(deadline=clock.deadline_in(5.0), batch=1, load=IDLE, pin="slow")
+    assert caught.value.least_ms == pytest.approx(10.0)
+
+
 def test_pinned_variant_and_unknown_pin(clock: FakeClock) -> None:
     r = _router(VARIANTS, clock)
     assert r.choose(deadline=clock.deadline_in(20), batch=1, load=IDLE, pin="slow").candidate.name == "slow"

@@ -123,9 +123,125 @@ def test_the_refusal_says_why_and_is_an_overload_error() -> None:
     assert "throttle=None" in text
 
 
+def serve(t: AdaptiveThrottle, clock: FakeClock, *, offered: int, capacity: int,
+          intervals: int) -> list[int]:
+    """A server that answers ``capacity`` requests per interval and refuses the rest for load
+    (its word in the trailer), offered ``offered`` per interval for ``intervals`` intervals of
+    ``t.config.interval_s``; what the client sent in each."""
+    sent_per_interval = []
+    for _ in range(intervals):
+        sent = sum(t.admit() for _ in range(offered))
+        for i in range(sent):
+            t.record_status("OK" if i < capacity else "RESOURCE_EXHAUSTED", "load")
+        sent_per_interval.append(sent)
+        clock.now += t.config.interval_s
+    return sent_per_interval
+
+
+def test_steering_sends_what_the_server_answers_and_5_percent_more_at_any_overload() -> None:
+    """Envoy's formula alone settles where a third of what is sent is refused at twice the
+    capacity (each refusal costing the server most of an answer's CPU); on the refusals the
+    server marks as load's the client steers the share it sends until 5 % are refused."""
+    for offered in (200, 300, 400):  # 2x to 4x a capacity of 100 per interval (max_reject: 5x)
+        t, clock = throttle()
+        sent = serve(t, clock, offered=offered, capacity=100, intervals=200)
+        settled = sum(sent[-50:]) / 50
+        assert 100 / 0.95 * 0.9 <= settled <= 100 / 0.95 * 1.12, (offered, settled)
+        formula_alone = (offered * 100 / 0.95) ** 0.5  # sent² = offered × accepted / threshold
+        assert settled < 0.8 * formula_alone
+
+
+def test_steering_lets_everything_through_again_once_the_server_answers() -> None:
+    t, clock = throttle(window_s=5.0)
+    serve(t, clock, offered=400, capacity=100, intervals=100)
+    assert t.reject_probability() > 0.6
+    sent = serve(t, clock, offered=400, capacity=400, intervals=200)
+    assert sent[-1] == 400 and t.reject_probability() == 0.0
+
+
+def test_a_burst_of_refusals_moves_the_share_once_per_interval() -> None:
+    """At an overload's onset the refusals of everything sent before the client reacted arrive
+    together: one step (gain × the refused share less 5 %), not a cut per refusal."""
+    t, clock = throttle(gain=0.5)
+    for _ in range(20):
+        t.record(True)
+    clock.now += 1.0
+    for _ in range(500):
+        t.record(False, load=True)
+    assert t.log_share == pytest.approx(-0.5 * (500 / 501 - 0.05), abs=0.02)
+    clock.now += 0.1
+    t.record(False, load=True)  # the next interval: a step on what arrived since the last
+    assert t.log_share < -0.5 * (500 / 501 - 0.05) - 0.2
+
+
+def test_refusals_of_what_was_sent_before_a_step_do_not_steer_again() -> None:
+    """Once per round trip: after a step, what was sent before it still comes back refused for
+    a while (the server drains its backlog); steering waits for the outcomes of what it sent
+    since, instead of cutting again on old news (the cut went 4x too deep without this,
+    `bench/scaleout.py`)."""
+    t, clock = throttle(gain=0.5)
+    sent_before = clock.now
+    clock.now += 0.5
+    for _ in range(20):
+        t.record(False, load=True, sent_at=sent_before)
+    one_step = t.log_share
+    assert one_step == pytest.approx(-0.5 * 0.95)
+    for _ in range(5):
+        clock.now += 0.1
+        for _ in range(100):
+            t.record(False, load=True, sent_at=sent_before)
+    assert t.log_share == one_step
+    sent_after = clock.now
+    clock.now += 0.01
+    for _ in range(20):
+        t.record(False, load=True, sent_at=sent_after)
+    assert t.log_share == pytest.approx(2 * one_step)
+
+
+def test_a_budget_no_server_could_meet_never_throttles_the_client() -> None:
+    """The server says BUDGET when the budget the request stated is below every candidate's
+    own compute: no throttling mends that, and a client mixing such requests with good ones
+    must not lose the good ones."""
+    t, clock = throttle()
+    for i in range(2000):
+        t.record_status("OK" if i % 2 else "DEADLINE_EXCEEDED", "budget")
+        clock.now += 0.001
+    assert t.reject_probability() == 0.0 and t.log_share == 0.0
+    assert (t.requests, t.accepts) == (2000, 2000)
+
+
+def test_only_the_servers_word_or_a_silent_deadline_steers() -> None:
+    """A dead replica of ten answering UNAVAILABLE is no overload: Envoy's formula keeps back
+    at most the refused share, and steering, which would not stop short of the cap, stays put.
+    A deadline that passed without a word from the server is load's (it waited unread)."""
+    t, clock = throttle()
+    for i in range(2000):
+        t.record_status("UNAVAILABLE" if i % 10 == 0 else "OK")
+        clock.now += 0.001
+    assert t.log_share == 0.0
+    assert t.reject_probability() <= 0.1
+    quiet, quiet_clock = throttle()
+    for i in range(2000):
+        quiet.record_status("DEADLINE_EXCEEDED" if i % 10 == 0 else "OK")
+        quiet_clock.now += 0.001
+    assert quiet.log_share < -0.5
+
+
+def test_a_step_older_than_the_window_no_longer_throttles() -> None:
+    t, clock = throttle(window_s=10.0)
+    for _ in range(10):
+        for _ in range(50):
+            t.record(False, load=True)
+        clock.now += 0.1
+    assert t.log_share < -1.0
+    clock.now += 11.0
+    assert t.reject_probability() == 0.0
+
+
 @pytest.mark.parametrize(("field", "value"), [("threshold", 0.0), ("threshold", 1.5),
                                               ("window_s", 0.0), ("max_reject", -0.1),
-                                              ("max_reject", 2.0), ("min_requests", -1)])
+                                              ("max_reject", 2.0), ("min_requests", -1),
+                                              ("interval_s", 0.0), ("gain", -1.0)])
 def test_a_bad_setting_is_refused_by_name(field: str, value: float) -> None:
     with pytest.raises(InvalidArgument, match=rf"throttle {field} {value!r}"):
         ThrottleConfig(**{field: value})
