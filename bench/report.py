@@ -865,7 +865,8 @@ def main() -> None:
              overhead_section(read("router.json"), read("overhead.json")),
              throughput_section(present(read("ceiling.json"), read("ceiling-2core.json"),
                                         read("ceiling-2core-pinned.json")),
-                                present(read("scaleout.json"), read("scaleout-2core.json"))),
+                                present(read("scaleout.json"), read("scaleout-2core.json"),
+                                        read("scaleout-2core-throttle.json"))),
              gpu_section(read("gpu.json"), f"{args.results}/gpu.json")]
     (docs / "results.md").write_text("\n".join(parts))
     log.info("wrote %s", docs / "results.md")

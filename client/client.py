@@ -18,12 +18,15 @@ retried on the next one by gRPC's retry policy (inference is idempotent). One se
 ``serve --workers N``: ``connections=M`` opens M TCP connections and sends round-robin over them
 (the workers share the port and the kernel spreads connections, not requests, over them).
 
-Overload: ``infer`` throttles itself (`client.throttle`, Envoy's admission control: on by
-default, ``throttle=None`` turns it off). While more than 5 % of its recent requests were
-refused by the server (shed, late, overloaded or unreachable), it refuses a matching share of new
-ones locally with `Throttled` (an `Overloaded`) instead of sending them: a refusal costs the
-server nearly what an answer does, and refusals nobody sends leave it the cycles to answer the
-rest. Streams (``infer_stream``) are one call each and are not throttled.
+Overload: ``infer`` throttles itself (`client.throttle`: on by default, ``throttle=None`` turns
+it off). While more than 5 % of its recent requests were refused by the server (shed, late,
+overloaded or unreachable), it refuses a share of new ones locally with `Throttled` (an
+`Overloaded`) instead of sending them — Envoy's admission control, steered further on the
+refusals the server says were load's (trailer ``adaptive-refusal``) until about 5 % of what it
+sends is refused: a refusal costs the server nearly what an answer does, and refusals nobody
+sends leave it the cycles to answer the rest. A budget the server says no idle server could meet
+(``adaptive-refusal: budget``, `AdaptiveError.refusal`) never throttles. Streams
+(``infer_stream``) are one call each and are not throttled.
 """
 
 from __future__ import annotations

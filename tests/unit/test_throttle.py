@@ -177,8 +177,8 @@ def test_a_burst_of_refusals_moves_the_share_once_per_interval() -> None:
 def test_refusals_of_what_was_sent_before_a_step_do_not_steer_again() -> None:
     """Once per round trip: after a step, what was sent before it still comes back refused for
     a while (the server drains its backlog); steering waits for the outcomes of what it sent
-    since, instead of cutting again on old news (the cut went 4x too deep without this,
-    `bench/scaleout.py`)."""
+    since, instead of cutting again on old news (which cut the share sent to 0.22 where 0.40
+    held, docs/serving.md)."""
     t, clock = throttle(gain=0.5)
     sent_before = clock.now
     clock.now += 0.5
