@@ -29,7 +29,9 @@ gRPC far less than a unary call).
 
 ``--compare 'uvloop=--event-loop uvloop'`` also serves with those flags (label ``1 worker,
 uvloop``) in the same rotating rounds: an A/B of a serve option on the same tree, whose
-"vs 1 wkr" column is then the ratio to the defaults.
+"vs 1 wkr" column is then the ratio to the defaults. ``--compare-tree 'base=/tmp/base'`` serves
+the code of another checkout instead (``git worktree add /tmp/base COMMIT``; same family, same
+Python environment): the ratio of two versions measured in the same rounds.
 
 ``--server-cpus 0 --client-cpus 1`` puts every server process on CPU 0 and the client processes
 on CPU 1: on a small host the clients then never take the server's core, and the rounds agree
@@ -250,20 +252,30 @@ class Server:
     workers: int  # processes that answer (1 for the echo)
 
 
+@dataclass(frozen=True)
+class Compare:
+    """A server measured against the defaults in the same rounds: other flags, or the code of
+    another checkout (``tree``: its root, served with this environment's packages)."""
+
+    label: str
+    flags: tuple[str, ...] = ()
+    tree: Path | None = None
+
+
 def serve(family_dir: Path, workers: int, stack: contextlib.ExitStack,
-          compare: tuple[str, list[str]] | None = None) -> Server:
+          compare: Compare | None = None) -> Server:
     """`adaptive-inference serve` with default flags but ``--workers``, on the CPU lanes only,
     SERVING, until ``stack`` closes. (On a GPU host the default ``--device auto`` would also
     start GPU lanes in every worker, which the pinned CPU variant never uses.) ``compare``
-    (label, flags) adds flags to measure against the defaults in the same rounds."""
-    flags = compare[1] if compare else []
-    sp = stack.enter_context(ServerProcess([str(family_dir), "--port", "0", "--metrics-port",
-                                            "-1", "--device", "cpu", "--workers", str(workers),
-                                            *flags]))
+    adds flags, or serves another checkout's code, to measure against the defaults."""
+    flags = list(compare.flags) if compare else []
+    sp = stack.enter_context(ServerProcess(
+        [str(family_dir), "--port", "0", "--metrics-port", "-1", "--device", "cpu", "--workers",
+         str(workers), *flags], cwd=compare.tree if compare else None))
     port = sp.port(WORKERS if workers > 1 else LISTENING)
     sp.wait_for(SERVING, count=workers)
     label = f"{workers} worker{'s' if workers > 1 else ''}"
-    return Server(f"{label}, {compare[0]}" if compare else label, sp.proc.pid,
+    return Server(f"{label}, {compare.label}" if compare else label, sp.proc.pid,
                   f"127.0.0.1:{port}", INFER_METHOD, workers)
 
 
@@ -359,14 +371,24 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL=FLAGS",
                     help="also serve with these flags, in the same rounds (an A/B), e.g. "
                          "'uvloop=--event-loop uvloop'; repeatable")
+    ap.add_argument("--compare-tree", action="append", default=[], metavar="LABEL=PATH",
+                    help="also serve the code of the checkout at PATH (e.g. a `git worktree` of "
+                         "an older commit), in the same rounds: an A/B of two versions; "
+                         "repeatable")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
-    compares: list[tuple[str, list[str]] | None] = [None]
-    for c in args.compare:
-        label, sep, flags = c.partition("=")
-        if not sep or not label:
-            ap.error(f"--compare {c!r}: expected LABEL=FLAGS")
-        compares.append((label, shlex.split(flags)))
+    compares: list[Compare | None] = [None]
+    for option, items in (("--compare", args.compare), ("--compare-tree", args.compare_tree)):
+        for c in items:
+            label, sep, value = c.partition("=")
+            if not sep or not label:
+                ap.error(f"{option} {c!r}: expected LABEL={'FLAGS' if option == '--compare' else 'PATH'}")
+            if option == "--compare":
+                compares.append(Compare(label, tuple(shlex.split(value))))
+            elif not (Path(value) / "client" / "cli.py").is_file():
+                ap.error(f"--compare-tree {c!r}: {value!r} is not a checkout of this project")
+            else:
+                compares.append(Compare(label, tree=Path(value).resolve()))
     family_dir = Path(args.family) if Path(args.family).is_absolute() else ROOT / args.family
     if not (family_dir / "manifest.json").is_file():
         raise SystemExit(f"no family in {family_dir} (build it: make family)")
