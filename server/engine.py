@@ -29,7 +29,7 @@ import numpy as np
 
 from compression.core.exits import Stages
 from compression.core.family import Family
-from protos.wire import BUDGET, CPU
+from protos.wire import BUDGET, CPU, LOAD
 from server.batcher import Batcher, BatchOutput, Execute, Item
 from server.errors import AdaptiveError, BudgetExceeded, InternalError, Shed, VariantFailed
 from server.execute import graph_executor, stages_executor
@@ -166,6 +166,8 @@ class Engine:
             metrics.accuracy.labels(c.name).set(c.accuracy)
             if c.exit is not None:
                 metrics.early_exit.labels(str(c.exit))
+        for reason in (LOAD, BUDGET):
+            metrics.refused.labels(family.name, reason)
         for name in self.lanes:  # zero series from the start, so rates work at once
             metrics.budget_misses.labels(family.name, name)
             metrics.requests.labels(family.name, name, "OK")
@@ -295,11 +297,15 @@ class Engine:
         except Shed as exc:
             m.child(m.shed, model).inc()
             m.child(m.requests, model, variant, exc.code).inc()
-            if call.stated_ms is not None and call.stated_ms < exc.least_ms:
-                exc.refusal = BUDGET  # an idle server could not have met it either
+            # Below what an idle server could have met: the budget's fault, not the load's.
+            exc.refusal = (BUDGET if call.stated_ms is not None and call.stated_ms < exc.least_ms
+                           else LOAD)
+            m.child(m.refused, model, exc.refusal).inc()
             raise
         except AdaptiveError as exc:
             m.child(m.requests, model, variant, exc.code).inc()
+            if exc.refusal is not None:
+                m.child(m.refused, model, exc.refusal).inc()
             raise
         except asyncio.CancelledError:
             m.child(m.requests, model, variant, "CANCELLED").inc()

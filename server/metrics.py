@@ -102,6 +102,12 @@ class Metrics:
             "adaptive_shed_total", "Requests refused at once because not even the fastest "
             "candidate could finish inside their budget under the load (DEADLINE_EXCEEDED).",
             ["model"], registry=r)
+        self.refused = Counter(
+            "adaptive_refused_total", "Requests refused unanswered, by what the server told the "
+            "client refused them (trailer adaptive-refusal): load (shed for the wait it would "
+            "have had, its deadline passed queued or unread, a full queue) or budget (stated "
+            "below every candidate's own compute on an idle server). Clients throttle on load's.",
+            ["model", "reason"], registry=r)
         self.router_factor = Gauge(
             "adaptive_router_safety_factor", "The router's proportional bound on lateness: "
             "a prediction of p gets a margin of at most (factor - 1) x p.", registry=r,

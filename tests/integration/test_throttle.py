@@ -31,6 +31,11 @@ def _handled(server: RunningServer) -> float:
     return scraped_total(server.server.metrics_port, "adaptive_requests_total")
 
 
+def _refused(server: RunningServer, reason: str) -> float:
+    """Requests the server refused for ``reason`` (its adaptive_refused_total)."""
+    return scraped_total(server.server.metrics_port, "adaptive_refused_total", reason=reason)
+
+
 def _send(client: AdaptiveClient, x: np.ndarray, budget_ms: float, calls: int = CALLS,
           ) -> collections.Counter[str]:
     """``calls`` requests, one after another. The gRPC deadline is long and the channel
@@ -61,9 +66,11 @@ def test_a_budget_no_server_could_meet_is_refused_as_such_and_never_throttled(
             outcomes = _send(client, x, TOO_TIGHT_MS)
             answer = client.infer(x, budget_ms=1000)
         after = _handled(server)
+        refused = {reason: _refused(server, reason) for reason in ("budget", "load")}
         assert client.throttle is not None and client.throttle.rejected == 0
     assert outcomes == {"refused for budget": CALLS}
     assert after - before == CALLS + 1
+    assert refused == {"budget": CALLS, "load": 0}  # what an operator's dashboard shows
     assert answer.classes.shape == (1,)
 
 
@@ -99,7 +106,9 @@ def test_requests_the_server_refuses_for_load_stop_reaching_it(serving_family: P
                     counts[throttled] = sum(pool.map(lambda _: pinned(), range(8)),
                                             collections.Counter())
             handled[throttled] = _handled(server) - before
+        refused_for_load = _refused(server, "load")
     on, off = counts[True], counts[False]
+    assert refused_for_load == on["refused for load"] + off["refused for load"]
     assert sum(on.values()) == sum(off.values()) == CALLS
     assert set(off) <= {"answered", "refused for load"} and off["refused for load"] > CALLS // 2
     assert off["throttled"] == 0 and handled[False] == CALLS
