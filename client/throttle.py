@@ -25,14 +25,16 @@ That formula settles where a refused share remains: at twice the server's capaci
 what is sent, ~0.45 of an answer's CPU each, so the server answers ~80 % of its peak. So the
 client also *steers* on the refusals that are load's: once per ``interval_s`` (with at least
 `STEP_OUTCOMES` outcomes since the last step) it moves the logarithm of the share it sends by
-``gain`` × (the share refused for load − (1 − ``threshold``)), and what it sends settles where
-5 % is refused whatever the overload. The interval makes the burst of refusals at an overload's
-onset (requests sent before the client could react) one step, not a cut each; ``max_reject``
-bounds it too. Load's refusals are those the server marks so (trailer `wire.REFUSAL_KEY`) and
-deadlines that passed without a word from it (the call waited unread, or was answered too
-late): an integral controller fed every failure — one dead replica of ten answering
-UNAVAILABLE, budgets no server could meet — would throttle to ``max_reject`` where the formula
-above keeps back at most the refused share. The client refuses the larger of the two shares.
+``gain`` × (the share refused for load − (1 − ``threshold``)), so what it sends follows what the
+server answers whatever the overload (settling above the 5 %: docs/serving.md, Overload). A step
+counts only the outcomes of what was sent since the step before (once per round trip, as TCP
+cuts its window): at an overload's onset the server still drains what came before, and those
+refusals must not cut again; ``max_reject`` bounds it too. Load's refusals are those the server
+marks so (trailer `wire.REFUSAL_KEY`) and deadlines that passed without a word from it (the call
+waited unread, or was answered too late): an integral controller fed every failure — one dead
+replica of ten answering UNAVAILABLE, budgets no server could meet — would throttle to
+``max_reject`` where the formula above keeps back at most the refused share. The client refuses
+the larger of the two shares.
 
 *Accepted* means the server answered. DEADLINE_EXCEEDED (shed by the router, or past the
 caller's deadline), RESOURCE_EXHAUSTED, UNAVAILABLE and CANCELLED (refused by ``serve

@@ -140,11 +140,12 @@ def decode_infer(req: pb.ModelInferRequest, spec: ModelSpec, *,
                                   f"none: the output is always the FP32 logits")
     x = _tensor(req, t, datatype, shape)
     _in_range(x, spec.input_range)
-    stated = _stated(req)
-    budgets = [b for b in (stated, None if time_remaining_s is None else
-                           time_remaining_s * 1e3 - margin_ms) if b is not None]
-    return Call(x=x, budget_ms=min(budgets) if budgets else None, pin=req.model_version or None,
-                request_id=req.id, received=received, stated_ms=stated)
+    budget = stated = _stated(req)
+    if time_remaining_s is not None:  # the gRPC deadline, less the margin for the reply
+        left = time_remaining_s * 1e3 - margin_ms
+        budget = left if budget is None else min(budget, left)
+    return Call(x=x, budget_ms=budget, pin=req.model_version or None, request_id=req.id,
+                received=received, stated_ms=stated)
 
 
 def _tensor(req: pb.ModelInferRequest, t: pb.ModelInferRequest.InferInputTensor,

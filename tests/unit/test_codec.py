@@ -126,6 +126,24 @@ def test_output_and_parameter_limits_on_real_messages() -> None:
     _refused(req, f"parameters: {MAX_PARAMETERS + 1} entries")
 
 
+def test_the_budget_is_the_tighter_of_the_stated_one_and_the_deadline_the_stated_one_is_kept(
+        ) -> None:
+    """The budget parameter states the client's budget; the gRPC deadline has been spent on the
+    way (less the margin for the reply). The engine routes by the tighter, and tells a budget no
+    idle server could meet by the stated one, which waiting never shortens."""
+    req = _request()
+    req.parameters["latency_budget_ms"].double_param = 5.0
+    call = decode_infer(req, SPEC, time_remaining_s=0.002, margin_ms=0.5)
+    assert call.budget_ms == pytest.approx(1.5) and call.stated_ms == 5.0
+    call = decode_infer(req, SPEC, time_remaining_s=1.0, margin_ms=0.5)
+    assert call.budget_ms == 5.0 and call.stated_ms == 5.0
+    req.parameters["timeout"].int64_param = 2000  # Triton's, in µs: the tighter statement
+    assert _decode(req).stated_ms == 2.0
+    deadline_only = decode_infer(_request(), SPEC, time_remaining_s=0.01, margin_ms=0.5)
+    assert deadline_only.budget_ms == pytest.approx(9.5) and deadline_only.stated_ms is None
+    assert _decode(_request()).budget_ms is None
+
+
 def test_out_of_range_pixels_are_refused_with_index_and_value() -> None:
     x = np.full((2, 1, 28, 28), 0.25, np.float32)
     x[1, 0, 0, 3] = 3.4e38
