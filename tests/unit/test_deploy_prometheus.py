@@ -67,14 +67,16 @@ def test_dashboard_is_well_formed_and_covers_the_operator_views() -> None:
             assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
     titles = " | ".join(p["title"].lower() for p in panels)
     for view in ("request rate by variant", "against the requested budget", "budget-miss ratio",
-                 "early-exit", "queue wait", "cpu / gpu", "event loop busy", "late answers"):
+                 "early-exit", "queue wait", "cpu / gpu", "event loop busy", "late answers",
+                 "refused, by cause"):
         assert view in titles, view
     by_metric = {n for q in dashboard_queries() for n in names_in(q)}
     assert {"adaptive_requests_total", "adaptive_request_latency_seconds_bucket",
             "adaptive_latency_budget_seconds_bucket", "adaptive_budget_misses_total",
             "adaptive_early_exit_total", "adaptive_queue_wait_seconds_bucket",
             "adaptive_cpu_utilization_ratio", "adaptive_gpu_utilization_ratio",
-            "adaptive_event_loop_busy_ratio", "adaptive_variant_late_ratio"} <= by_metric
+            "adaptive_event_loop_busy_ratio", "adaptive_variant_late_ratio",
+            "adaptive_refused_total"} <= by_metric
 
 
 def test_queries_name_only_series_the_registry_exports() -> None:
