@@ -13,7 +13,10 @@ flags; ``--client-throttle`` ramps the default-flags server once more with the l
 throttling itself as `AdaptiveClient` does by default (`client/throttle.py`), or once per
 ``--throttle 'threshold=0.9'`` (other settings of the throttle, in the same run); ``--server-cpus 0
 --client-cpus 1`` pins the server and the load generator apart (on a small host the clients would
-otherwise take the server's cores).
+otherwise take the server's cores). The configurations ramp one after another, or with
+``--interleave`` side by side: every server started first, each rate then offered to them in a
+rotating order, each step once the server before it has drained what its step left unread (on a
+host whose speed drifts by ±10 % within minutes, the sequential ramps were not comparable).
 
 About 2 minutes with the defaults on 16 cores; nothing but 127.0.0.1. Shares `bench/gpu.py`'s
 spawned client pool, server start-up and JSON-per-phase plumbing.
@@ -25,15 +28,19 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 # Siblings under bench/ (a script's own folder is on sys.path), not a package.
-from gpu import Clients, Run, open_figures, placement_images, start_server
+from gpu import Clients, Run, Served, open_figures, placement_images, start_server
 
 from client.budgets import BudgetSpec
-from client.loadgen import RunConfig
+from client.loadgen import RunConfig, TestData
 from client.process import cpu_set, spawning_on
 from client.results import host_info
 from client.throttle import ThrottleConfig
@@ -56,50 +63,87 @@ def throttle_config(setting: str) -> ThrottleConfig:
     return ThrottleConfig(**values)
 
 
-def ramp(run: Run, clients: Clients, family: Path, workers: int, flags: list[str],
-         rates: list[float], seconds: float, logs: Path, server_cpus: set[int] | None,
-         throttle: ThrottleConfig | None = None) -> dict[str, Any]:
-    """One server, one open loop per rate; the figures and the goodput summary. ``throttle``:
-    the load generator throttles itself as `AdaptiveClient` does (`client.throttle`)."""
-    fam = load_family(family)
-    data = placement_images(family, fam.input_shape)
-    out: dict[str, Any] = {"workers": workers, "flags": shlex.join(flags),
-                           "client_throttle": throttle is not None,
-                           "throttle": dataclasses.asdict(throttle) if throttle else None,
-                           "steps": []}
-    with contextlib.ExitStack() as stack:
-        label = "-".join([f"w{workers}", *(f.strip("-") for f in flags),
-                          *(["throttle"] if throttle else [])])
+@dataclasses.dataclass
+class Ramp:
+    """One configuration's ramp — a server (``workers``, ``flags``) loaded open-loop at each rate,
+    the load generator throttling itself as `AdaptiveClient` does when ``throttle`` is given
+    (`client.throttle`) — and its figures: the steps, the peak goodput, the goodput at twice the
+    peak's rate."""
+
+    name: str
+    workers: int
+    flags: list[str]
+    throttle: ThrottleConfig | None
+    server: Served | None = None
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def start(self, stack: contextlib.ExitStack, run: Run, family: Path, logs: Path,
+              server_cpus: set[int] | None) -> None:
+        # Unique per ramp (interleaved, every server is alive at once): its log's name.
+        label = "w" + re.sub(r"[^A-Za-z0-9=.]+", "-", self.name).strip("-")
         with spawning_on(server_cpus):
-            server = start_server(stack, run, family, ["--device", "cpu", *flags], label=label,
-                                  workers=workers, logs=logs, timeout=240.0)
-        for i, rate in enumerate(rates):
-            cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET),
-                            images=IMAGES, seed=10 + i, deadline_is_budget=True,
-                            throttle=throttle)
-            fig = open_figures(clients, server, fam.name, data, cfg, sample_gpu=False)
-            step = {"offered_rps": rate, "attainment": fig["attainment"],
-                    "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
-                    "client_throttled": fig["client_throttled"],
-                    "answered": fig["answered"], "errors": fig["errors"],
-                    "errors_by_code": fig["errors_by_code"], "latency_ms": fig["latency_ms"],
-                    "accuracy": fig.get("accuracy"), "send_lag_p99_ms": fig["send_lag_ms"]["p99"]}
-            out["steps"].append(step)
-            run.say(f"  workers {workers} at {rate:.0f}/s: in budget "
-                    f"{100 * (fig['attainment'] or 0):.1f}%, goodput {step['goodput_rps']:.0f}/s")
-            run.write()
-    steps = out["steps"]
-    if not steps:
+            self.server = start_server(stack, run, family, ["--device", "cpu", *self.flags],
+                                       label=label, workers=self.workers, logs=logs,
+                                       timeout=240.0)
+
+    def step(self, run: Run, clients: Clients, model: str, data: TestData, index: int,
+             rate: float, seconds: float) -> None:
+        """One open loop at ``rate`` (seeded by its ``index``: every configuration is offered the
+        same arrivals, budgets and images at a rate)."""
+        assert self.server is not None, "start() first"
+        cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET), images=IMAGES,
+                        seed=10 + index, deadline_is_budget=True, throttle=self.throttle)
+        fig = open_figures(clients, self.server, model, data, cfg, sample_gpu=False)
+        step = {"offered_rps": rate, "attainment": fig["attainment"],
+                "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
+                "client_throttled": fig["client_throttled"], "answered": fig["answered"],
+                "errors": fig["errors"], "errors_by_code": fig["errors_by_code"],
+                "latency_ms": fig["latency_ms"], "accuracy": fig.get("accuracy"),
+                "send_lag_p99_ms": fig["send_lag_ms"]["p99"]}
+        self.steps.append(step)
+        run.say(f"  {self.name} at {rate:.0f}/s: in budget {100 * (fig['attainment'] or 0):.1f}%, "
+                f"goodput {step['goodput_rps']:.0f}/s")
+        run.write()
+
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"workers": self.workers, "flags": shlex.join(self.flags),
+                               "client_throttle": self.throttle is not None,
+                               "throttle": dataclasses.asdict(self.throttle) if self.throttle
+                               else None, "steps": self.steps}
+        if not self.steps:
+            return out
+        peak = max(self.steps, key=lambda s: s["goodput_rps"])
+        out["peak_goodput_rps"] = peak["goodput_rps"]
+        out["peak_at_rps"] = peak["offered_rps"]
+        past = [s for s in self.steps if s["offered_rps"] >= 2 * peak["offered_rps"]]
+        if past:
+            out["goodput_at_2x_peak_rate_rps"] = past[0]["goodput_rps"]
+            out["goodput_at_2x_share_of_peak"] = round(past[0]["goodput_rps"]
+                                                       / max(peak["goodput_rps"], 1e-9), 3)
         return out
-    peak = max(steps, key=lambda s: s["goodput_rps"])
-    out["peak_goodput_rps"] = peak["goodput_rps"]
-    out["peak_at_rps"] = peak["offered_rps"]
-    past = [s for s in steps if s["offered_rps"] >= 2 * peak["offered_rps"]]
-    if past:
-        out["goodput_at_2x_peak_rate_rps"] = past[0]["goodput_rps"]
-        out["goodput_at_2x_share_of_peak"] = round(past[0]["goodput_rps"]
-                                                   / max(peak["goodput_rps"], 1e-9), 3)
-    return out
+
+
+def settle(server: Served, *, idle_share: float = 0.1, most_s: float = 10.0) -> float:
+    """Wait until ``server``'s processes use less than ``idle_share`` of a core (it has drained
+    the calls a past step left unread), at most ``most_s``; the seconds waited."""
+    procs = [psutil.Process(server.proc.proc.pid)]
+    procs += procs[0].children(recursive=True)
+
+    def cpu() -> float:
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    began = time.monotonic()
+    while time.monotonic() - began < most_s:
+        c0 = cpu()
+        time.sleep(0.2)
+        if cpu() - c0 < idle_share * 0.2:
+            break
+    return time.monotonic() - began
 
 
 def main() -> None:
@@ -121,6 +165,10 @@ def main() -> None:
                     help="with --client-throttle: ramp once per throttle setting instead of "
                          "ThrottleConfig's defaults, e.g. 'threshold=0.9,window_s=10' "
                          "(repeatable; 'default': the defaults, beside other settings)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="start every configuration's server first, then visit them in a "
+                         "rotating order at each rate, each once the one before has drained: "
+                         "a drift of the host then moves all of them alike")
     ap.add_argument("--server-cpus", help="pin the server's processes to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
                                           "(on a small host: the load generator then does not "
@@ -152,27 +200,44 @@ def main() -> None:
         os.sched_setaffinity(0, client_cpus)  # the client processes spawned next inherit it
     run.data["cpus"] = {"server": sorted(server_cpus) if server_cpus else "any",
                         "clients": sorted(client_cpus) if client_cpus else "any"}
+    ramps: list[Ramp] = []
+    for w in workers:
+        for flags in flag_sets:
+            # The key of a server with default flags stays its worker count.
+            key = " ".join([str(w), *flags])
+            # The product's defaults, both ends: the server's flags and AdaptiveClient's
+            # throttle (only the default-flags server is ramped a second time).
+            for throttle in [None, *(configs if args.client_throttle and not flags else [])]:
+                label = labels.get(throttle, "default") if throttle else "default"
+                ramps.append(Ramp(key + (" +client-throttle" if throttle else "") + (
+                    "" if label == "default" else f" {label}"), w, flags, throttle))
+    run.data["interleaved"] = args.interleave
     results: dict[str, Any] = run.data.setdefault("servers_ramp", {})
+    fam = load_family(args.family)
+    data = placement_images(args.family, fam.input_shape)
     with contextlib.ExitStack() as stack:
         clients = Clients(stack, args.clients)
-        for w in workers:
-            for flags in flag_sets:
-                # The key of a server with default flags stays its worker count.
-                key = " ".join([str(w), *flags])
-
-                # The product's defaults, both ends: the server's flags and AdaptiveClient's
-                # throttle (only the default-flags server is ramped a second time).
-                throttles = [None, *(configs if args.client_throttle and not flags else [])]
-                for throttle in throttles:
-                    label = labels.get(throttle, "default") if throttle else "default"
-                    name = key + (" +client-throttle" if throttle else "") + (
-                        "" if label == "default" else f" {label}")
-
-                    def phase(w: int = w, flags: list[str] = flags, name: str = name,
-                              throttle: ThrottleConfig | None = throttle) -> None:
-                        results[name] = ramp(run, clients, args.family, w, flags, rates,
-                                             args.seconds, logs, server_cpus, throttle)
-                    run.phase(f"workers-{name}", len(rates) * (args.seconds + 3) + 20, phase)
+        if args.interleave:
+            def interleaved() -> None:
+                for r in ramps:
+                    r.start(stack, run, args.family, logs, server_cpus)
+                for i, rate in enumerate(rates):
+                    for r in ramps[i % len(ramps):] + ramps[:i % len(ramps)]:
+                        assert r.server is not None
+                        settle(r.server)
+                        r.step(run, clients, fam.name, data, i, rate, args.seconds)
+                        results[r.name] = r.figures()
+            run.phase("interleaved", len(ramps) * (len(rates) * (args.seconds + 5) + 30),
+                      interleaved)
+        else:
+            for r in ramps:
+                def phase(r: Ramp = r) -> None:
+                    with contextlib.ExitStack() as own:
+                        r.start(own, run, args.family, logs, server_cpus)
+                        for i, rate in enumerate(rates):
+                            r.step(run, clients, fam.name, data, i, rate, args.seconds)
+                            results[r.name] = r.figures()
+                run.phase(f"workers-{r.name}", len(rates) * (args.seconds + 3) + 20, phase)
     for key, r in results.items():
         run.say(f"workers {key}: peak goodput {r.get('peak_goodput_rps')}/s at "
                 f"{r.get('peak_at_rps')}/s offered; at 2x: "
