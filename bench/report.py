@@ -504,6 +504,10 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
         pinned = ("" if not cpus or cpus.get("server") == "any" else
                   f" The server ran on CPU {_cpus(cpus['server'])}, the clients on CPU "
                   f"{_cpus(cpus['clients'])}.")
+        if run.get("interleaved"):
+            pinned += (" The configurations were interleaved (`--interleave`): every server "
+                       "started first, each rate offered to them in a rotating order, each step "
+                       "once every server was idle.")
         text.append(
             f"**Goodput past saturation** (`bench/scaleout.py`, {_machine(run.get('host'))}): "
             "`serve --device cpu --workers N`, routed, budgets uniform 5–20 ms, 8 test images per "

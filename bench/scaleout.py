@@ -15,8 +15,9 @@ throttling itself as `AdaptiveClient` does by default (`client/throttle.py`), or
 --client-cpus 1`` pins the server and the load generator apart (on a small host the clients would
 otherwise take the server's cores). The configurations ramp one after another, or with
 ``--interleave`` side by side: every server started first, each rate then offered to them in a
-rotating order, each step once the server before it has drained what its step left unread (on a
-host whose speed drifts by ±10 % within minutes, the sequential ramps were not comparable).
+rotating order, each step once every server is idle (the last one drains what its step left
+unread: on the shared CPUs it would slow the next); on a host whose speed drifts by ±10 % within
+minutes, the sequential ramps were not comparable.
 
 About 2 minutes with the defaults on 16 cores; nothing but 127.0.0.1. Shares `bench/gpu.py`'s
 spawned client pool, server start-up and JSON-per-phase plumbing.
@@ -167,7 +168,7 @@ def main() -> None:
                          "(repeatable; 'default': the defaults, beside other settings)")
     ap.add_argument("--interleave", action="store_true",
                     help="start every configuration's server first, then visit them in a "
-                         "rotating order at each rate, each once the one before has drained: "
+                         "rotating order at each rate, each step once every server is idle: "
                          "a drift of the host then moves all of them alike")
     ap.add_argument("--server-cpus", help="pin the server's processes to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 1 "
@@ -221,10 +222,11 @@ def main() -> None:
             def interleaved() -> None:
                 for r in ramps:
                     r.start(stack, run, args.family, logs, server_cpus)
+                servers = [r.server for r in ramps if r.server is not None]
                 for i, rate in enumerate(rates):
                     for r in ramps[i % len(ramps):] + ramps[:i % len(ramps)]:
-                        assert r.server is not None
-                        settle(r.server)
+                        for server in servers:  # the last step's server above all
+                            settle(server)
                         r.step(run, clients, fam.name, data, i, rate, args.seconds)
                         results[r.name] = r.figures()
             run.phase("interleaved", len(ramps) * (len(rates) * (args.seconds + 5) + 30),
