@@ -8,16 +8,16 @@ letting every request miss).
 
     python3 bench/scaleout.py --family families/mnist5k --workers-list 1,8 --json OUT.json
 
-``--flags '--backlog 8'`` (repeatable) ramps one more server per worker count with those serve
-flags; ``--client-throttle`` ramps the default-flags server once more with the load generator
-throttling itself as `AdaptiveClient` does by default (`client/throttle.py`), or once per
-``--throttle 'threshold=0.9'`` (other settings of the throttle, in the same run); ``--server-cpus 0
---client-cpus 1`` pins the server and the load generator apart (on a small host the clients would
-otherwise take the server's cores). The configurations ramp one after another, or with
-``--interleave`` side by side: every server started first, each rate then offered to them in a
-rotating order, each step once every server is idle (the last one drains what its step left
-unread: on the shared CPUs it would slow the next); on a host whose speed drifts by ±10 % within
-minutes, the sequential ramps were not comparable.
+``--flags '--backlog 8'`` (repeatable; ``--flags ''`` for the defaults beside it) ramps a server
+per worker count with those serve flags; ``--client-throttle`` ramps the default-flags server once
+more with the load generator throttling itself as `AdaptiveClient` does by default
+(`client/throttle.py`), or once per ``--throttle 'threshold=0.9'`` (other settings of the
+throttle, in the same run); ``--server-cpus 0 --client-cpus 1`` pins the server and the load
+generator apart (on a small host the clients would otherwise take the server's cores). The
+configurations ramp one after another, or with ``--interleave`` side by side: every server started
+first, each rate then offered to them in a rotating order, each step once every server is idle
+(the last one drains what its step left unread: on the shared CPUs it would slow the next); on a
+host whose speed drifts by ±10 % within minutes, the sequential ramps were not comparable.
 
 About 2 minutes with the defaults on 16 cores; nothing but 127.0.0.1. Shares `bench/gpu.py`'s
 spawned client pool, server start-up and JSON-per-phase plumbing.
@@ -156,8 +156,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="per rate (default 4)")
     ap.add_argument("--clients", type=int, default=8, help="client processes (default 8)")
     ap.add_argument("--flags", action="append",
-                    help="serve flags of one more server per --workers count, e.g. "
-                         "'--backlog 8' (repeatable; default: default flags only)")
+                    help="serve flags of a server per --workers count, e.g. '--backlog 8' "
+                         "(repeatable, in place of the default-flags server: add --flags '' to "
+                         "keep it; default: default flags only)")
     ap.add_argument("--client-throttle", action="store_true",
                     help="ramp the default-flags server a second time with the load generator "
                          "throttling itself as AdaptiveClient does by default "
