@@ -107,6 +107,7 @@ class Ramp:
         run.write()
 
     def figures(self) -> dict[str, Any]:
+        """The ramp as the JSON records it (`bench/report.py` reads it): steps and summary."""
         out: dict[str, Any] = {"workers": self.workers, "flags": shlex.join(self.flags),
                                "client_throttle": self.throttle is not None,
                                "throttle": dataclasses.asdict(self.throttle) if self.throttle
