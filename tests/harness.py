@@ -63,6 +63,10 @@ class RunningServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
+    def handled(self) -> float:
+        """Inference requests its handler has counted, whatever their status."""
+        return scraped_total(self.server.metrics_port, "adaptive_requests_total")
+
     def call(self, coro: Any, timeout: float | None = 30) -> Any:
         """Run a coroutine on the server's loop from another thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -21,7 +21,7 @@ from client import AdaptiveClient
 from client.process import SERVING, ServerProcess
 from client.synthetic import SHAPE
 from server import grpc_io
-from tests.harness import RunningServer, scraped_total
+from tests.harness import RunningServer
 
 CALLS = 300
 
@@ -91,16 +91,13 @@ def test_the_load_generator_reads_its_connections_on_the_poller_thread_by_defaul
          "--out", str(tmp_path), "-q", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def answered() -> float:
-            return scraped_total(server.server.metrics_port, "adaptive_requests_total")
-
-        start, deadline = answered(), time.monotonic() + 60
-        while answered() < start + 50:  # sending: started up and connected
+        start, deadline = server.handled(), time.monotonic() + 60
+        while server.handled() < start + 50:  # sending: started up and connected
             assert bench.poll() is None and time.monotonic() < deadline, "bench never sent"
             time.sleep(0.1)
-        before, n0 = _pool_switches(bench.pid), answered()
+        before, n0 = _pool_switches(bench.pid), server.handled()
         time.sleep(2.0)
-        per_request = (_pool_switches(bench.pid) - before) / max(answered() - n0, 1)
+        per_request = (_pool_switches(bench.pid) - before) / max(server.handled() - n0, 1)
     finally:
         bench.kill()
         bench.wait(timeout=30)

@@ -26,11 +26,6 @@ CALLS = 400
 TOO_TIGHT_MS = 0.001  # no candidate fits: the router sheds every request at once
 
 
-def _handled(server: RunningServer) -> float:
-    """Requests the server's handler has counted, whatever their status."""
-    return scraped_total(server.server.metrics_port, "adaptive_requests_total")
-
-
 def _refused(server: RunningServer, reason: str) -> float:
     """Requests the server refused for ``reason`` (its adaptive_refused_total)."""
     return scraped_total(server.server.metrics_port, "adaptive_refused_total", reason=reason)
@@ -61,11 +56,11 @@ def test_a_budget_no_server_could_meet_is_refused_as_such_and_never_throttled(
     other requests may well fit, and sending less would not make these."""
     x = np.zeros((1, *SHAPE), np.float32)
     with serve_in_thread(serving_family) as server:
-        before = _handled(server)
+        before = server.handled()
         with AdaptiveClient(server.target) as client:
             outcomes = _send(client, x, TOO_TIGHT_MS)
             answer = client.infer(x, budget_ms=1000)
-        after = _handled(server)
+        after = server.handled()
         refused = {reason: _refused(server, reason) for reason in ("budget", "load")}
         assert client.throttle is not None and client.throttle.rejected == 0
     assert outcomes == {"refused for budget": CALLS}
@@ -86,7 +81,7 @@ def test_requests_the_server_refuses_for_load_stop_reaching_it(serving_family: P
     handled: dict[bool, float] = {}
     with serve_in_thread(serving_family, options=opts) as server:
         for throttled in (True, False):
-            before = _handled(server)
+            before = server.handled()
             with AdaptiveClient(server.target, throttle=ThrottleConfig() if throttled else None
                                 ) as client:
                 client.wait_ready(timeout=30)
@@ -105,7 +100,7 @@ def test_requests_the_server_refuses_for_load_stop_reaching_it(serving_family: P
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
                     counts[throttled] = sum(pool.map(lambda _: pinned(), range(8)),
                                             collections.Counter())
-            handled[throttled] = _handled(server) - before
+            handled[throttled] = server.handled() - before
         refused_for_load = _refused(server, "load")
     on, off = counts[True], counts[False]
     assert refused_for_load == on["refused for load"] + off["refused for load"]
