@@ -261,13 +261,8 @@ def _top(args: argparse.Namespace) -> int:
                    client_kwargs=_client_security(args))
 
 
-def _loads(text: str) -> list[float]:
-    from client.budgets import parse_rates
-
-    return parse_rates(text)  # the same rules: positive numbers, comma-separated
-
-
 def _rates(text: str) -> list[float]:
+    """``--rate`` and ``--loads``: positive numbers, comma-separated."""
     from client.budgets import parse_rates
 
     return parse_rates(text)
@@ -517,7 +512,7 @@ def parser(port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
                     "adaptive-inference demo --loads 1,2,4,8 --seconds 5 --out /tmp/demo"))
     d.add_argument("--family", default="families/demo", help="where the demo family lives")
     d.add_argument("--config", default="configs/demo.toml", help="config to build it from")
-    d.add_argument("--loads", type=_arg_type(_loads), default=[0.5, 1.0, 2.0, 3.0],
+    d.add_argument("--loads", type=_arg_type(_rates), default=[0.5, 1.0, 2.0, 3.0],
                    help="the ramp, in multiples of full's capacity (default 0.5,1,2,3)")
     d.add_argument("--seconds", type=_seconds_arg(), default=4.0, help="seconds per load (default 4)")
     d.add_argument("--reference", default="full",
