@@ -377,18 +377,21 @@ def main() -> None:
                          "repeatable")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
+    def split(option: str, text: str, what: str) -> tuple[str, str]:
+        label, sep, value = text.partition("=")
+        if not sep or not label:
+            ap.error(f"{option} {text!r}: expected LABEL={what}")
+        return label, value
+
     compares: list[Compare | None] = [None]
-    for option, items in (("--compare", args.compare), ("--compare-tree", args.compare_tree)):
-        for c in items:
-            label, sep, value = c.partition("=")
-            if not sep or not label:
-                ap.error(f"{option} {c!r}: expected LABEL={'FLAGS' if option == '--compare' else 'PATH'}")
-            if option == "--compare":
-                compares.append(Compare(label, tuple(shlex.split(value))))
-            elif not (Path(value) / "client" / "cli.py").is_file():
-                ap.error(f"--compare-tree {c!r}: {value!r} is not a checkout of this project")
-            else:
-                compares.append(Compare(label, tree=Path(value).resolve()))
+    for c in args.compare:
+        label, flags = split("--compare", c, "FLAGS")
+        compares.append(Compare(label, tuple(shlex.split(flags))))
+    for c in args.compare_tree:
+        label, tree = split("--compare-tree", c, "PATH")
+        if not (Path(tree) / "client" / "cli.py").is_file():
+            ap.error(f"--compare-tree {c!r}: {tree!r} is not a checkout of this project")
+        compares.append(Compare(label, tree=Path(tree).resolve()))
     family_dir = Path(args.family) if Path(args.family).is_absolute() else ROOT / args.family
     if not (family_dir / "manifest.json").is_file():
         raise SystemExit(f"no family in {family_dir} (build it: make family)")

@@ -45,7 +45,7 @@ class _Context:
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         pass
 
-    async def abort(self, code: Any, details: str) -> None:
+    async def abort(self, code: Any, details: str, trailing_metadata: Any = ()) -> None:
         raise RuntimeError(f"{code}: {details}")
 
 
