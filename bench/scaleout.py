@@ -125,9 +125,9 @@ class Ramp:
         return out
 
 
-def settle(server: Served, *, idle_share: float = 0.1, most_s: float = 10.0) -> float:
+def settle(server: Served, *, idle_share: float = 0.1, most_s: float = 10.0) -> None:
     """Wait until ``server``'s processes use less than ``idle_share`` of a core (it has drained
-    the calls a past step left unread), at most ``most_s``; the seconds waited."""
+    the calls a past step left unread), at most ``most_s``."""
     procs = [psutil.Process(server.proc.proc.pid)]
     procs += procs[0].children(recursive=True)
 
@@ -145,7 +145,6 @@ def settle(server: Served, *, idle_share: float = 0.1, most_s: float = 10.0) -> 
         time.sleep(0.2)
         if cpu() - c0 < idle_share * 0.2:
             break
-    return time.monotonic() - began
 
 
 def main() -> None:
