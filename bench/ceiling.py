@@ -65,7 +65,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import psutil
 
 # Siblings under bench/ (a script's own folder is on sys.path), not a package.
 from echo_server import METHOD as ECHO_METHOD
@@ -73,7 +72,7 @@ from overhead import start_echo
 
 from client.client import build_request
 from client.loadgen import CONNECTIONS
-from client.process import LISTENING, SERVING, WORKERS, ServerProcess, cpu_set, spawning_on
+from client.process import LISTENING, SERVING, WORKERS, ServerProcess, cpu_set, spawning_on, tree_cpu
 from client.results import host_info
 from compression.core.family import load_family
 from protos import wire
@@ -291,17 +290,6 @@ def echo(response_bytes: int, stack: contextlib.ExitStack, io: str | None = None
     stack.callback(stop)
     label = ECHO if io is None else f"{ECHO}, --grpc-io {io}"
     return Server(label, proc.pid, f"127.0.0.1:{port}", ECHO_METHOD, 1)
-
-
-def tree_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of ``pid`` and each of its live descendants, by pid."""
-    root = psutil.Process(pid)
-    out: dict[int, float] = {}
-    for p in (root, *root.children(recursive=True)):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            out[p.pid] = t.user + t.system
-    return out
 
 
 # --- one measurement ----------------------------------------------------------------------------

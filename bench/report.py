@@ -487,17 +487,12 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
                              rows) + "\n")
     for run in scaleouts:
         rows = []
-        for key, r in sorted(run.get("servers_ramp", {}).items(),
-                             key=lambda kv: (int(kv[0].split()[0]), kv[0])):
+        for key, r in _ramps(run):
             steps = " · ".join(f"{s['offered_rps']:g}/s → {100 * (s['attainment'] or 0):.0f}% "
                                f"({s['goodput_rps']:.0f}/s)" for s in r.get("steps", []))
             share = r.get("goodput_at_2x_share_of_peak")
-            label = key.partition("+client-throttle")[2].strip()  # scaleout.py --throttle
-            client = (f"throttled, `{label}`" if label else
-                      "throttled (`AdaptiveClient`'s default)" if r.get("client_throttle")
-                      else "sends every request")
             rows.append([str(r.get("workers", key)), f"`{r['flags']}`" if r.get("flags") else
-                         "defaults", client,
+                         "defaults", _client(key, r),
                          f"{r.get('peak_goodput_rps', 0):,.0f}/s at {r.get('peak_at_rps', 0):g}/s",
                          "not reached" if share is None else f"{share:.0%}", steps])
         cpus = run.get("cpus")
@@ -522,7 +517,58 @@ def throughput_section(ceilings: Sequence[dict[str, Any]],
             f"{pinned}\n\n"
             + markdown_table(["workers", "flags", "client", "peak goodput", "goodput at 2x ÷ peak",
                               "offered → in budget (goodput)"], rows) + "\n")
+        if (went := _where_it_went(run)) is not None:
+            text.append(went)
     return "\n".join(text)
+
+
+def _ramps(run: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A scaleout run's ramps by worker count, then name."""
+    return sorted(run.get("servers_ramp", {}).items(),
+                  key=lambda kv: (int(kv[0].split()[0]), kv[0]))
+
+
+def _client(key: str, ramp: dict[str, Any]) -> str:
+    label = key.partition("+client-throttle")[2].strip()  # scaleout.py --throttle
+    return (f"throttled, `{label}`" if label else
+            "throttled (`AdaptiveClient`'s default)" if ramp.get("client_throttle")
+            else "sends every request")
+
+
+def _where_it_went(run: dict[str, Any]) -> str | None:
+    """Per ramp, at its peak and at twice the peak's rate: what the clients sent and kept back,
+    what the server answered, refused and never read, and the cores it used (runs whose steps
+    carry the server's side, `bench/scaleout.py`'s ``server``; None for older ones)."""
+    rows = []
+    for key, r in _ramps(run):
+        steps = [s for s in r.get("steps", []) if "unread" in s.get("server", {})]
+        if not steps or r.get("peak_at_rps") is None:
+            continue
+        peak = r["peak_at_rps"]
+        at = [s for s in steps if s["offered_rps"] == peak]
+        at += [s for s in steps if s["offered_rps"] >= 2 * peak][:1]
+        for s in at:
+            srv, secs = s["server"], s["seconds"]
+
+            def per_s(n: float, secs: float = secs) -> str:
+                return f"{n / secs:,.0f}"
+
+            rows.append([f"{r.get('workers', key)}, {_client(key, r)}", f"{s['offered_rps']:g}",
+                         per_s(s["answered"] + s["errors"]), per_s(s["client_throttled"]),
+                         per_s(srv["status"].get("OK", 0)),
+                         per_s(srv["refused"].get("load", 0)), per_s(srv["unread"]),
+                         per_s(srv["late"]), f"{srv['cores']:.2f}", f"{s['goodput_rps']:,.0f}"])
+    if not rows:
+        return None
+    return ("Where the load went, at each ramp's peak and at twice its rate (per second; *answered*: "
+            "by the server, on time or not; *refused*: by the server for load, "
+            "`adaptive_refused_total`; *unread*: sent, but the deadline passed while the call "
+            "waited in gRPC's core before any handler saw it; *late*: answered after the budget, "
+            "`adaptive_budget_misses_total`; *cores*: the server's CPU over the step's wall "
+            "time):\n\n"
+            + markdown_table(["server, client", "offered", "sent", "kept back by the client",
+                              "answered", "refused", "unread", "late", "server cores",
+                              "goodput"], rows) + "\n")
 
 
 # --- GPU serving: bench/gpu.py's JSON (issue 13) -------------------------------------------------

@@ -26,23 +26,23 @@ spawned client pool, server start-up and JSON-per-phase plumbing.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import os
 import re
 import shlex
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 # Siblings under bench/ (a script's own folder is on sys.path), not a package.
 from gpu import Clients, Run, Served, open_figures, placement_images, start_server
 
 from client.budgets import BudgetSpec
 from client.loadgen import RunConfig, TestData
-from client.process import cpu_set, spawning_on
+from client.process import cpu_set, spawning_on, tree_cpu
 from client.results import host_info
 from client.throttle import ThrottleConfig
 from compression.core.family import load_family
@@ -85,7 +85,7 @@ class Ramp:
         with spawning_on(server_cpus):
             self.server = start_server(stack, run, family, ["--device", "cpu", *self.flags],
                                        label=label, workers=self.workers, logs=logs,
-                                       timeout=240.0)
+                                       timeout=240.0, metrics=True)
 
     def step(self, run: Run, clients: Clients, model: str, data: TestData, index: int,
              rate: float, seconds: float) -> None:
@@ -94,16 +94,28 @@ class Ramp:
         assert self.server is not None, "start() first"
         cfg = RunConfig(rate=rate, seconds=seconds, budget=BudgetSpec.parse(BUDGET), images=IMAGES,
                         seed=10 + index, deadline_is_budget=True, throttle=self.throttle)
+        before = server_counts(self.server)
         fig = open_figures(clients, self.server, model, data, cfg, sample_gpu=False)
-        step = {"offered_rps": rate, "attainment": fig["attainment"],
+        # Per second of the load's own wall time (sending to the last outcome): the server idles
+        # while the clients connect and between steps.
+        served = server_step(before, server_counts(self.server), fig["wall_s"])
+        # Sent (not kept back by the client's throttle) and never seen by a handler: the deadline
+        # passed while the call waited unread in gRPC's core.
+        served["unread"] = max(fig["answered"] + fig["errors"] - sum(served["status"].values()), 0)
+        step = {"offered_rps": rate, "seconds": seconds, "attainment": fig["attainment"],
                 "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
                 "client_throttled": fig["client_throttled"], "answered": fig["answered"],
                 "errors": fig["errors"], "errors_by_code": fig["errors_by_code"],
                 "latency_ms": fig["latency_ms"], "accuracy": fig.get("accuracy"),
-                "send_lag_p99_ms": fig["send_lag_ms"]["p99"]}
+                "send_lag_p99_ms": fig["send_lag_ms"]["p99"], "server": served}
         self.steps.append(step)
+        refused = served["refused"]
         run.say(f"  {self.name} at {rate:.0f}/s: in budget {100 * (fig['attainment'] or 0):.1f}%, "
-                f"goodput {step['goodput_rps']:.0f}/s")
+                f"goodput {step['goodput_rps']:.0f}/s; server {served['cores']:.2f} cores, "
+                f"answered {sum(served['answered'].values())}, refused "
+                f"{refused.get('load', 0)} for load and {refused.get('budget', 0)} for budget, "
+                f"{served['unread']} unread, {served['late']} late, "
+                f"{served['mean_batch_samples']} samples per batch")
         run.write()
 
     def figures(self) -> dict[str, Any]:
@@ -125,19 +137,54 @@ class Ramp:
         return out
 
 
+def server_counts(server: Served) -> collections.Counter[str]:
+    """What the server has done so far, from its /metrics and its processes' CPU: requests by
+    status and answers by variant, refusals by cause, late answers, batches and their samples,
+    CPU seconds; a step's figures are the differences of two (`server_step`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert server.metrics_url is not None, "started with metrics=True"
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    out: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "adaptive_requests_total":
+                out[f"status {s.labels['status']}"] += s.value
+                if s.labels["status"] == "OK":
+                    out[f"answered {s.labels['variant']}"] += s.value
+            elif s.name == "adaptive_refused_total":
+                out[f"refused {s.labels['reason']}"] += s.value
+            elif s.name == "adaptive_budget_misses_total":
+                out["late"] += s.value
+            elif s.name == "adaptive_batch_size_count":
+                out["batches"] += s.value
+            elif s.name == "adaptive_batch_size_sum":
+                out["batch samples"] += s.value
+    out["cpu_s"] = sum(tree_cpu(server.proc.proc.pid).values())
+    return out
+
+
+def server_step(before: collections.Counter[str], after: collections.Counter[str],
+                seconds: float) -> dict[str, Any]:
+    """Where a step's load went on the server's side: the cores it used, its requests by status,
+    answers by variant, refusals by cause (`protos.wire`'s load or budget), answers after their
+    budget, and the mean samples per batch."""
+    d = after - before  # counters only grow: what is left is this step's
+
+    def part(prefix: str) -> dict[str, int]:
+        return {k.removeprefix(prefix): int(v) for k, v in sorted(d.items()) if k.startswith(prefix)}
+
+    return {"cores": round(d["cpu_s"] / max(seconds, 1e-9), 3), "status": part("status "),
+            "answered": part("answered "), "refused": part("refused "), "late": int(d["late"]),
+            "mean_batch_samples": round(d["batch samples"] / d["batches"], 2) if d["batches"]
+            else None}
+
+
 def settle(server: Served, *, idle_share: float = 0.1, most_s: float = 10.0) -> None:
     """Wait until ``server``'s processes use less than ``idle_share`` of a core (it has drained
     the calls a past step left unread), at most ``most_s``."""
-    procs = [psutil.Process(server.proc.proc.pid)]
-    procs += procs[0].children(recursive=True)
-
     def cpu() -> float:
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
+        return sum(tree_cpu(server.proc.proc.pid).values())
 
     began = time.monotonic()
     while time.monotonic() - began < most_s:

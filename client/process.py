@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from server.errors import Unavailable
 
 LISTENING = r"listening on \S+ \(port (\d+)\)"
@@ -149,3 +151,14 @@ def cpu_set(text: str | None) -> set[int] | None:
         raise ValueError(f"CPU list {text!r}: expected numbers and ranges, e.g. 0 or 0,2-3") \
             from None
     return cpus
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of ``pid`` and each of its live descendants, by pid."""
+    root = psutil.Process(pid)
+    out: dict[int, float] = {}
+    for p in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+    return out
