@@ -536,17 +536,20 @@ def _client(key: str, ramp: dict[str, Any]) -> str:
 
 
 def _where_it_went(run: dict[str, Any]) -> str | None:
-    """Per ramp, at its peak and at twice the peak's rate: what the clients sent and kept back,
-    what the server answered, refused and never read, and the cores it used (runs whose steps
-    carry the server's side, `bench/scaleout.py`'s ``server``; None for older ones)."""
+    """Per ramp, at saturation (the lowest rate at which a ramp peaked) and at twice that rate:
+    what the clients sent and kept back, what the server answered, refused and never read, and
+    the cores it used (runs whose steps carry the server's side, `bench/scaleout.py`'s
+    ``server``; None for older ones)."""
+    ramps = [(key, r) for key, r in _ramps(run) if r.get("peak_at_rps") is not None
+             and any("unread" in s.get("server", {}) for s in r.get("steps", []))]
+    if not ramps:
+        return None
+    saturation = min(r["peak_at_rps"] for _, r in ramps)
     rows = []
-    for key, r in _ramps(run):
-        steps = [s for s in r.get("steps", []) if "unread" in s.get("server", {})]
-        if not steps or r.get("peak_at_rps") is None:
-            continue
-        peak = r["peak_at_rps"]
-        at = [s for s in steps if s["offered_rps"] == peak]
-        at += [s for s in steps if s["offered_rps"] >= 2 * peak][:1]
+    for key, r in ramps:
+        steps = [s for s in r["steps"] if "unread" in s.get("server", {})]
+        at = [s for s in steps if s["offered_rps"] == saturation]
+        at += [s for s in steps if s["offered_rps"] >= 2 * saturation][:1]
         for s in at:
             srv, secs = s["server"], s["seconds"]
 
@@ -558,9 +561,8 @@ def _where_it_went(run: dict[str, Any]) -> str | None:
                          per_s(srv["status"].get("OK", 0)),
                          per_s(srv["refused"].get("load", 0)), per_s(srv["unread"]),
                          per_s(srv["late"]), f"{srv['cores']:.2f}", f"{s['goodput_rps']:,.0f}"])
-    if not rows:
-        return None
-    return ("Where the load went, at each ramp's peak and at twice its rate (per second; *answered*: "
+    return (f"Where the load went, at {saturation:g} requests/s (the lowest rate at which a ramp peaked) "
+            f"and at twice that (per second; *answered*: "
             "by the server, on time or not; *refused*: by the server for load, "
             "`adaptive_refused_total`; *unread*: sent, but the deadline passed while the call "
             "waited in gRPC's core before any handler saw it; *late*: answered after the budget, "
