@@ -1,7 +1,10 @@
 """Goodput as the offered load passes saturation, one server process against ``--workers N``
 (issue 12): the routed server with default flags (CPU lanes only), budgets uniform 5-20 ms,
 8 test images per request, open-loop Poisson arrivals from several client processes, the rate
-doubling per step. Per step: in-budget share and goodput (answers inside their budget per second).
+doubling per step. Per step: in-budget share and goodput (answers inside their budget per second),
+and the server's side from its /metrics and its CPU: the cores it used, its answers by variant,
+refusals by cause, calls sent that no handler saw (their deadline passed unread in gRPC's core),
+late answers, samples per batch.
 Per server: the peak goodput, the rate it came at, and the goodput at twice that rate as a share of
 the peak (the target: ≥ 90 %: past saturation the router sheds what cannot make it instead of
 letting every request miss).
