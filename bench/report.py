@@ -564,8 +564,9 @@ def _where_it_went(run: dict[str, Any]) -> str | None:
     return (f"Where the load went, at {saturation:g} requests/s (the lowest rate at which a ramp peaked) "
             f"and at twice that (per second; *answered*: "
             "by the server, on time or not; *refused*: by the server for load, "
-            "`adaptive_refused_total`; *unread*: sent, but the deadline passed while the call "
-            "waited in gRPC's core before any handler saw it; *late*: answered after the budget, "
+            "`adaptive_refused_total`; *unread*: sent, but no handler saw it: its deadline "
+            "passed while it waited in gRPC's core, or `--backlog` refused it there; *late*: "
+            "answered after the budget, "
             "`adaptive_budget_misses_total`; *cores*: the server's CPU over the step's wall "
             "time):\n\n"
             + markdown_table(["server, client", "offered", "sent", "kept back by the client",

@@ -3,8 +3,8 @@
 8 test images per request, open-loop Poisson arrivals from several client processes, the rate
 doubling per step. Per step: in-budget share and goodput (answers inside their budget per second),
 and the server's side from its /metrics and its CPU: the cores it used, its answers by variant,
-refusals by cause, calls sent that no handler saw (their deadline passed unread in gRPC's core),
-late answers, samples per batch.
+refusals by cause, calls sent that no handler saw (their deadline passed while they waited
+unread in gRPC's core, or `--backlog` refused them there), late answers, samples per batch.
 Per server: the peak goodput, the rate it came at, and the goodput at twice that rate as a share of
 the peak (the target: ≥ 90 %: past saturation the router sheds what cannot make it instead of
 letting every request miss).
@@ -103,7 +103,7 @@ class Ramp:
         # while the clients connect and between steps.
         served = server_step(before, server_counts(self.server), fig["wall_s"])
         # Sent (not kept back by the client's throttle) and never seen by a handler: the deadline
-        # passed while the call waited unread in gRPC's core.
+        # passed while the call waited unread in gRPC's core, or `--backlog` refused it there.
         served["unread"] = max(fig["answered"] + fig["errors"] - sum(served["status"].values()), 0)
         step = {"offered_rps": rate, "seconds": seconds, "attainment": fig["attainment"],
                 "goodput_rps": fig["goodput_rps"], "client_dropped": fig["client_dropped"],
