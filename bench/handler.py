@@ -58,6 +58,7 @@ from server.servicer import InferenceServicer
 from server.settings import ServeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
+ORT_RUN = "ORT run, batch 1 (the fastest variant)"
 
 
 class _Context:
@@ -131,7 +132,7 @@ async def measure(family_dir: Path, calls: int) -> dict[str, Any]:
                                                                   load=load, pin=fastest),
             "Router.choose, 20 ms budget": lambda: engine.router.choose(
                 deadline=engine.clock() + 0.02, batch=1, load=load),
-            f"{fastest} on ORT, batch 1": lambda: runner(call.x),
+            ORT_RUN: lambda: runner(call.x),
             "graph executor (ORT + checks)": lambda: execute(items),
             "Engine.batch_done": lambda: engine.batch_done(fastest, items, 0.0, out),
             "encode_infer": lambda: encode_infer(pinned, spec, outcome),
@@ -204,12 +205,13 @@ def timer_us(calls: int = 200_000) -> float:
     return max(timed - bare, 0.0) / calls * 1e6
 
 
-# Where each part is looked up at call time, so patching there reaches the running server.
+# Where each part is looked up at call time, so patching there reaches the running server; the
+# labels are `measure`'s for the same parts alone.
 PARTS: tuple[tuple[Any, str, str], ...] = (
     (server.servicer, "decode_infer", "decode_infer"),
     (Engine, "load", "Engine.load"),
     (Router, "choose", "Router.choose, pinned"),
-    (OrtRunner, "__call__", "ORT run, batch 1"),
+    (OrtRunner, "__call__", ORT_RUN),
     (Engine, "batch_done", "Engine.batch_done"),
     (server.servicer, "encode_infer", "encode_infer"),
 )
@@ -232,7 +234,7 @@ async def under_load(family_dir: Path, *, clients: int, seconds: float) -> dict[
         for owner, name, label in PARTS:
             probe.wrap(owner, name, label)
         probe.wrap(InferenceServicer, "_infer", WHOLE)
-        start_at = time.time() + 1.5  # a second of load before the window
+        start_at = time.time() + 1.5  # 0.5 s to connect, then a second of load unmeasured
         pool.start(Job(f"127.0.0.1:{port}", INFER_METHOD, payload, 16, CONNECTIONS, start_at,
                        start_at + seconds, fastest), clients)
         await asyncio.sleep(max(start_at - time.time(), 0.0))
@@ -302,15 +304,14 @@ def main() -> None:
     if "under_load" in fig:
         load = fig["under_load"]
         alone = {**fig["parts_us"], WHOLE: next(iter(fig["path_us"].values()))}
-        alone[PARTS[3][2]] = fig["parts_us"][f"{fig['variant']} on ORT, batch 1"]
         print(f"under load: {load['clients']} client processes × 16 calls in flight, "
               f"{load['answers_per_s']:,.0f} answers/s, {load['process_cpu_ms_per_answer']:.3f} ms "
               f"of this process's CPU per answer; timer {load['timer_us']:.2f} µs taken off")
-        print(f"{'part (CPU per call)':40s} {'alone µs':>9s} {'loaded µs':>10s} {'ratio':>6s}")
+        print(f"{'part (CPU per call)':44s} {'alone µs':>9s} {'loaded µs':>10s} {'ratio':>6s}")
         for label, us in load["parts_cpu_us"].items():
             base = alone.get(label)
             ratio = f"{us / base:5.1f}x" if base else ""
-            print(f"{label:40s} {base if base is not None else float('nan'):9.2f} {us:10.2f} "
+            print(f"{label:44s} {base if base is not None else float('nan'):9.2f} {us:10.2f} "
                   f"{ratio:>6s}")
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2) + "\n")
