@@ -540,27 +540,27 @@ def _where_it_went(run: dict[str, Any]) -> str | None:
     what the clients sent and kept back, what the server answered, refused and never read, and
     the cores it used (runs whose steps carry the server's side, `bench/scaleout.py`'s
     ``server``; None for older ones)."""
-    ramps = [(key, r) for key, r in _ramps(run) if r.get("peak_at_rps") is not None
-             and any("unread" in s.get("server", {}) for s in r.get("steps", []))]
+    def with_server(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s for s in steps if "unread" in s.get("server", {})]
+
+    ramps = [(key, r) for key, r in _ramps(run)
+             if r.get("peak_at_rps") is not None and with_server(r.get("steps", []))]
     if not ramps:
         return None
     saturation = min(r["peak_at_rps"] for _, r in ramps)
     rows = []
     for key, r in ramps:
-        steps = [s for s in r["steps"] if "unread" in s.get("server", {})]
+        steps = with_server(r["steps"])
         at = [s for s in steps if s["offered_rps"] == saturation]
         at += [s for s in steps if s["offered_rps"] >= 2 * saturation][:1]
         for s in at:
-            srv, secs = s["server"], s["seconds"]
-
-            def per_s(n: float, secs: float = secs) -> str:
-                return f"{n / secs:,.0f}"
-
+            srv = s["server"]
+            counts = (s["answered"] + s["errors"], s["client_throttled"],
+                      srv["status"].get("OK", 0), srv["refused"].get("load", 0), srv["unread"],
+                      srv["late"])
             rows.append([f"{r.get('workers', key)}, {_client(key, r)}", f"{s['offered_rps']:g}",
-                         per_s(s["answered"] + s["errors"]), per_s(s["client_throttled"]),
-                         per_s(srv["status"].get("OK", 0)),
-                         per_s(srv["refused"].get("load", 0)), per_s(srv["unread"]),
-                         per_s(srv["late"]), f"{srv['cores']:.2f}", f"{s['goodput_rps']:,.0f}"])
+                         *(f"{n / s['seconds']:,.0f}" for n in counts), f"{srv['cores']:.2f}",
+                         f"{s['goodput_rps']:,.0f}"])
     return (f"Where the load went, at {saturation:g} requests/s (the lowest rate at which a ramp peaked) "
             f"and at twice that (per second; *answered*: "
             "by the server, on time or not; *refused*: by the server for load, "

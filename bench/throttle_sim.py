@@ -35,8 +35,8 @@ def simulate(offered: float, config: ThrottleConfig | None, *, seconds: float, c
     throttles = [None if config is None else
                  AdaptiveThrottle(config, clock=lambda: now[0], rng=random.Random(seed + 1 + c))
                  for c in range(clients)]
-    # (time, kind, client, budget or (answered, deadline, sent at)); kind 0: an arrival at a
-    # client, 1: an outcome back at it.
+    # (time, kind, client, budget or (answered, sent at)); kind 0: an arrival at a client, 1: an
+    # outcome back at it.
     events: list[tuple[float, int, int, object]] = []
     for c in range(clients):
         t = rng.expovariate(offered / clients)
