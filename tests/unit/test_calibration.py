@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
-from server.calibration import Calibration, CpuShare
+from server.calibration import Calibration, CpuShare, upper_quantile
 from server.monitor import HostSample
 
 
@@ -202,3 +203,12 @@ def test_sibling_workers_are_not_other_load() -> None:
     host = HostSample(cores=4, cpu_system=0.9, cpu_process=0.3, cpu_siblings=0.4)
     assert host.cpu_other == pytest.approx(0.2)  # the host's 0.9 less this server's 0.7
     assert HostSample(cores=4, cpu_system=0.9, cpu_process=0.3).cpu_other == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 32, 33, 500, 2048])
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.995, 1.0])
+def test_upper_quantile_is_numpys_linear_quantile(n: int, q: float) -> None:
+    rng = np.random.default_rng(n)
+    rows = rng.normal(size=(n, 2))
+    rows[: n // 3, 1] = 1.0  # ties
+    assert np.allclose(upper_quantile(rows, q), np.quantile(rows, q, axis=0), rtol=0, atol=1e-12)

@@ -430,3 +430,47 @@ def test_a_gpu_lane_queue_holds_as_many_batches_as_a_cpu_lane(clock: FakeClock) 
     gpu_full = {**full, **{f"cuda:{n}": QueueState(queued=510) for n in ("slow", "mid", "fast")}}
     with pytest.raises(Overloaded, match="full"):
         r.choose(deadline=None, batch=8, load=Load(cores=4, threads=4, queues=gpu_full))
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_choice_is_the_policy_whatever_the_share_queues_and_budget(seed: int) -> None:
+    """The policy as the module says it, checked against `Router.predictions` on random
+    families, queues, CPU shares and budgets: the most accurate candidate that fits within the
+    share; else the cheapest that fits; else the fastest (by its prediction without margin), or
+    a shed. `choose` computes the same predictions inline, in one pass that stops at the first
+    answer: whatever shortcut it takes, the answer must be this one."""
+    import random
+
+    rng = random.Random(seed)
+    clock = FakeClock()
+    variants = [_variant(f"v{i}", rng.choice([0.9, 0.93, 0.95, 0.97, 0.99]), rng.uniform(0.2, 8.0))
+                for i in range(rng.randint(1, 6))]
+    r = _router(variants, clock, max_batch=8)
+    r.reset_calibration(rng.choice([1.0, 1.2, 1.5]))
+    share = rng.choice([0.05, 0.5, 2.0, 5.0, float("inf")])
+    r.cpu.share_ms = lambda now: share  # type: ignore[method-assign]
+    load = Load(cores=2, threads=rng.randint(1, 2), queues={
+        v.name: QueueState(queued=rng.choice([0, 0, 3, 12]), running=rng.choice([0, 0, 8]))
+        for v in variants})
+    batch = rng.choice([1, 4])
+    budget = rng.uniform(0.5, 40.0)
+
+    predicted = {d.candidate.name: d for d in r.predictions(r._ranked, batch, load)}
+    cost = {c.name: r.latency.sum_ms(c.units, batch)[0] for c in r._ranked}
+    fitting = [c for c in r._ranked
+               if predicted[c.name].predicted_ms + predicted[c.name].margin_ms <= budget]
+    within = [c for c in fitting if cost[c.name] <= share]
+    try:
+        got = r.choose(deadline=clock.deadline_in(budget), batch=batch, load=load)
+    except Shed:
+        got = None
+    if within:
+        assert got is not None and got.candidate == within[0] and got.fits
+    elif fitting:
+        assert got is not None and got.candidate == min(fitting, key=lambda c: cost[c.name])
+    else:
+        fastest = min(r._ranked, key=lambda c: predicted[c.name].predicted_ms)
+        if predicted[fastest.name].predicted_ms <= budget:
+            assert got is not None and got.candidate == fastest and not got.fits
+        else:
+            assert got is None
