@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -439,8 +440,6 @@ def test_the_choice_is_the_policy_whatever_the_share_queues_and_budget(seed: int
     share; else the cheapest that fits; else the fastest (by its prediction without margin), or
     a shed. `choose` computes the same predictions inline, in one pass that stops at the first
     answer: whatever shortcut it takes, the answer must be this one."""
-    import random
-
     rng = random.Random(seed)
     clock = FakeClock()
     variants = [_variant(f"v{i}", rng.choice([0.9, 0.93, 0.95, 0.97, 0.99]), rng.uniform(0.2, 8.0))
