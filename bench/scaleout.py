@@ -163,8 +163,13 @@ def server_counts(server: Served) -> collections.Counter[str]:
                 out["batches"] += s.value
             elif s.name == "adaptive_batch_size_sum":
                 out["batch samples"] += s.value
-    out["cpu_s"] = sum(tree_cpu(server.proc.proc.pid).values())
+    out["cpu_s"] = cpu_s(server)
     return out
+
+
+def cpu_s(server: Served) -> float:
+    """CPU seconds the server's processes (the parent and its workers) have used so far."""
+    return sum(tree_cpu(server.proc.proc.pid).values())
 
 
 def server_step(before: collections.Counter[str], after: collections.Counter[str],
@@ -186,14 +191,11 @@ def server_step(before: collections.Counter[str], after: collections.Counter[str
 def settle(server: Served, *, idle_share: float = 0.1, most_s: float = 10.0) -> None:
     """Wait until ``server``'s processes use less than ``idle_share`` of a core (it has drained
     the calls a past step left unread), at most ``most_s``."""
-    def cpu() -> float:
-        return sum(tree_cpu(server.proc.proc.pid).values())
-
     began = time.monotonic()
     while time.monotonic() - began < most_s:
-        c0 = cpu()
+        c0 = cpu_s(server)
         time.sleep(0.2)
-        if cpu() - c0 < idle_share * 0.2:
+        if cpu_s(server) - c0 < idle_share * 0.2:
             break
 
 
